@@ -1,0 +1,48 @@
+# The README's two commands: `make run` (the whole system with example pipelines) and
+# `make test` (the whole suite). Both install what they need into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PORT ?= 8000
+ADMIN_USER ?= admin
+ADMIN_PASSWORD ?= admin
+
+.PHONY: install run test lint bench lock demo clean
+
+$(BIN)/.installed: requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.lock
+	touch $@
+
+install: $(BIN)/.installed
+
+# Prepare the database and start web, controller, beat and two agents (deploy/Procfile).
+run: install
+	$(BIN)/python manage.py checkservices --create-database
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py collectstatic --noinput -v0
+	$(BIN)/python manage.py ensureadmin --username "$(ADMIN_USER)" --password "$(ADMIN_PASSWORD)"
+	for f in examples/*.yaml; do $(BIN)/python manage.py loadpipeline "$$(basename $$f .yaml)" "$$f"; done
+	@echo "ciproject: http://127.0.0.1:$(PORT)/admin/ (user $(ADMIN_USER), password $(ADMIN_PASSWORD))"
+	mkdir -p var
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho -d . -f deploy/Procfile start --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/bench -s -q
+
+# Re-pin every dependency after editing pyproject.toml.
+lock:
+	$(BIN)/pip install --quiet pip-tools
+	$(BIN)/pip-compile --quiet --extra dev --strip-extras --no-emit-index-url \
+		--no-emit-find-links -o requirements.lock pyproject.toml
+
+clean:
+	rm -rf $(VENV) var

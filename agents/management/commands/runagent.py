@@ -1,0 +1,34 @@
+import re
+import socket
+
+from django.core.management.base import BaseCommand, CommandError
+
+from agents.worker import run_agent
+from builds.definition import LABEL_PATTERN
+from ciproject.services_check import require_services
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+class Command(BaseCommand):
+    help = "Run this machine as a build agent: a Celery worker for the given labels."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--name", default=socket.gethostname().split(".")[0])
+        parser.add_argument(
+            "--labels", default="default", help="comma separated, e.g. linux,default"
+        )
+        parser.add_argument("--capacity", type=int, default=1, help="jobs run at once")
+        parser.add_argument("--loglevel", default="INFO")
+
+    def handle(self, *args, name, labels, capacity, loglevel, **options):
+        if not NAME_RE.fullmatch(name):
+            raise CommandError(f"--name {name!r}: letters, digits, '.', '_' or '-'")
+        label_list = [label.strip() for label in labels.split(",") if label.strip()]
+        bad = [label for label in label_list if not re.fullmatch(LABEL_PATTERN, label)]
+        if not label_list or bad:
+            raise CommandError(f"--labels: invalid label(s) {bad or labels!r}")
+        if not 1 <= capacity <= 64:
+            raise CommandError("--capacity: from 1 to 64")
+        require_services()
+        run_agent(name, label_list, capacity, loglevel)

@@ -1,0 +1,15 @@
+from celery import shared_task
+
+from agents import services
+from agents.executor import execute_job
+from agents.worker import current_agent
+
+
+@shared_task(ignore_result=False)
+def run_job(job_id: int, attempt: int) -> str | None:
+    return execute_job(job_id, attempt, current_agent())
+
+
+@shared_task(ignore_result=True)
+def mark_lost_agents() -> list[str]:
+    return services.mark_lost_agents()

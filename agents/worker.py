@@ -1,0 +1,66 @@
+"""The agent process: a Celery worker that registers itself, heartbeats, and marks itself
+offline when it stops. `manage.py runagent` starts it."""
+
+import logging
+import socket
+import threading
+
+from django.conf import settings
+from django.db import close_old_connections, connection
+
+from agents import services
+from ciproject.celery import agent_queue, app, job_queue
+
+log = logging.getLogger(__name__)
+
+_agent_name: str | None = None
+
+
+def current_agent() -> str:
+    if _agent_name is None:
+        raise RuntimeError("this worker is not an agent: start it with `manage.py runagent`")
+    return _agent_name
+
+
+def _heartbeat_loop(register, name: str, stop: threading.Event) -> None:
+    while not stop.wait(settings.AGENT_HEARTBEAT_SECONDS):
+        try:
+            close_old_connections()
+            if not services.heartbeat(name):
+                register()  # the row was removed under us: put it back
+        except Exception:  # the database may be restarting: the next beat tries again
+            log.warning("agent %s: heartbeat failed", name, exc_info=True)
+    connection.close()
+
+
+def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO") -> None:
+    global _agent_name
+    _agent_name = name
+    from ciproject import __version__
+
+    def register():
+        services.register_agent(name, socket.gethostname(), labels, capacity, __version__)
+
+    register()
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat_loop, args=(register, name, stop), daemon=True)
+    beat.start()
+    queues = [job_queue(label) for label in labels] + [agent_queue(name)]
+    log.info("agent %s consumes %s", name, ", ".join(queues))
+    try:
+        app.worker_main(
+            [
+                "worker",
+                f"--hostname={name}@%h",
+                f"--queues={','.join(queues)}",
+                "--pool=threads",
+                f"--concurrency={capacity}",
+                f"--loglevel={loglevel}",
+                "--without-gossip",
+                "--without-mingle",
+            ]
+        )
+    finally:
+        stop.set()
+        close_old_connections()
+        services.mark_offline(name)

@@ -1,0 +1,270 @@
+"""Admin for pipelines (edited through the services, like the API) and builds (read-only
+history, with the stage/job/step tree and the step logs)."""
+
+from urllib.parse import urlencode
+
+from django import forms
+from django.contrib import admin
+from django.contrib.admin.utils import display_for_value
+from django.core.exceptions import PermissionDenied
+from django.db.models import F, Prefetch
+from django.http import Http404
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+
+from builds import services
+from builds.definition import parse_definition
+from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
+from builds.statuses import stage_status
+from ciproject.errors import CIError
+
+LOG_TAIL_LINES = 200
+
+
+def _ci_error(exc: CIError) -> forms.ValidationError:
+    return forms.ValidationError(f"{exc.code}: {exc.detail}", code=exc.code)
+
+
+def _human_duration(delta) -> str:
+    seconds = int(delta.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h {minutes:02}m {seconds:02}s"
+    return f"{minutes}m {seconds:02}s" if minutes else f"{seconds}s"
+
+
+class PipelineForm(forms.ModelForm):
+    class Meta:
+        model = Pipeline
+        fields = ["name", "definition"]
+        widgets = {
+            "definition": forms.Textarea(
+                attrs={
+                    "rows": 30,
+                    "spellcheck": "false",
+                    "style": "font-family: monospace; width: 100%; box-sizing: border-box;",
+                }
+            )
+        }
+
+    # The same functions the API goes through (via save_pipeline) decide what is valid.
+    def clean_name(self):
+        try:
+            return services.validate_pipeline_name(self.cleaned_data["name"])
+        except CIError as exc:
+            raise _ci_error(exc) from None
+
+    def clean_definition(self):
+        # Browsers submit textareas with CRLF line ends; store what the author typed.
+        definition = self.cleaned_data["definition"].replace("\r\n", "\n")
+        try:
+            parse_definition(definition)
+        except CIError as exc:
+            raise _ci_error(exc) from None
+        return definition
+
+
+@admin.register(Pipeline)
+class PipelineAdmin(admin.ModelAdmin):
+    form = PipelineForm
+    list_display = ["name", "last_build_number", "updated_at", "builds_link"]
+    search_fields = ["name"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["last_build_number", "builds_count", "created_at", "updated_at"] if obj else []
+
+    def _builds_url(self, obj):
+        url = reverse(f"{self.admin_site.name}:builds_build_changelist")
+        return f"{url}?{urlencode({'pipeline__id__exact': obj.pk})}"
+
+    @admin.display(description="builds")
+    def builds_link(self, obj):
+        return format_html('<a href="{}">builds</a>', self._builds_url(obj))
+
+    # Counted on the change page only: a count per changelist row would be N queries.
+    @admin.display(description="builds")
+    def builds_count(self, obj):
+        return format_html('<a href="{}">{} builds</a>', self._builds_url(obj), obj.builds.count())
+
+    def save_model(self, request, obj, form, change):
+        # save_pipeline sets `spec` and saves `obj` itself, so the admin's log entry and
+        # redirect see the saved row. The form has already validated the same input.
+        services.save_pipeline(
+            form.cleaned_data["name"], form.cleaned_data["definition"], pipeline=obj
+        )
+
+
+@admin.register(Build)
+class BuildAdmin(admin.ModelAdmin):
+    list_display = ["pipeline", "number", "status", "attempt", "triggered_by", "created_at"]
+    list_display += ["duration_display"]
+    list_filter = ["status", "pipeline", "created_at"]
+    list_select_related = ["pipeline", "triggered_by"]
+    search_fields = ["pipeline__name"]
+    date_hierarchy = "created_at"
+    fields = readonly_fields = [
+        "pipeline",
+        "number",
+        "status",
+        "attempt",
+        "triggered_by",
+        "reason",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "duration_display",
+        "variables_table",
+        "jobs_tree",
+    ]
+
+    # History: builds change only through the services (trigger, retry, cancel).
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def get_queryset(self, request):
+        # Annotated so the duration column can be sorted on.
+        return super().get_queryset(request).annotate(run_time=F("finished_at") - F("started_at"))
+
+    @admin.display(description="duration", ordering="run_time")
+    def duration_display(self, obj):
+        return _human_duration(obj.duration) if obj.duration is not None else None
+
+    @admin.display(description="variables")
+    def variables_table(self, obj):
+        # build_created_at is part of the key so the lookup is pruned to one partition.
+        rows = BuildVariable.objects.filter(build_created_at=obj.created_at, build=obj)
+        rows = rows.order_by("name").values_list("name", "value", "source")
+        if not rows:
+            return None
+        return format_html(
+            "<table><thead><tr><th>name</th><th>value</th><th>source</th></tr></thead>"
+            "<tbody>{}</tbody></table>",
+            format_html_join(
+                "",
+                '<tr><td><code>{}</code></td><td style="white-space: pre-wrap">{}</td>'
+                "<td>{}</td></tr>",
+                rows,
+            ),
+        )
+
+    @admin.display(description="stages, jobs and steps")
+    def jobs_tree(self, obj):
+        steps = StepRun.objects.order_by("index")
+        jobs = list(
+            JobRun.objects.filter(build=obj)
+            .order_by("stage_index", "id")
+            .prefetch_related(Prefetch("steps", steps))
+        )
+        if not jobs:
+            return None
+        rows = []
+        for stage_index in sorted({job.stage_index for job in jobs}):
+            stage_jobs = [job for job in jobs if job.stage_index == stage_index]
+            rows.append(
+                format_html(
+                    '<tr><th colspan="8">stage {}: {} — {}</th></tr>',
+                    stage_index + 1,
+                    stage_jobs[0].stage_name,
+                    stage_status([job.status for job in stage_jobs]),
+                )
+            )
+            for job in stage_jobs:
+                rows.append(self._job_row(job))
+                rows.extend(self._step_row(obj, step) for step in job.steps.all())
+        return format_html(
+            "<table><thead><tr><th>job / step</th><th>status</th><th>attempt</th>"
+            "<th>agent</th><th>exit code</th><th>started</th><th>finished</th>"
+            "<th>reason / log</th></tr></thead><tbody>{}</tbody></table>",
+            format_html_join("", "{}", zip(rows)),
+        )
+
+    def _job_row(self, job):
+        return format_html(
+            "<tr><td><strong>{}</strong> <small>(runs-on {})</small></td><td>{}</td><td>{}</td>"
+            '<td>{}</td><td></td><td>{}</td><td>{}</td><td style="white-space: pre-wrap">{}</td>'
+            "</tr>",
+            job.key,
+            job.runs_on,
+            job.status,
+            job.attempt,
+            job.agent or "-",
+            _when(job.started_at),
+            _when(job.finished_at),
+            job.reason,
+        )
+
+    def _step_row(self, build, step):
+        log_url = reverse(f"{self.admin_site.name}:builds_build_step_log", args=(build.pk, step.pk))
+        return format_html(
+            '<tr><td style="padding-left: 2em">{}<details><summary>command</summary>'
+            "<pre>{}</pre></details></td><td>{}</td><td>{}</td><td></td><td>{}</td><td>{}</td>"
+            '<td>{}</td><td><a href="{}">log</a></td></tr>',
+            step.name,
+            step.command,
+            step.status,
+            step.attempt,
+            "-" if step.exit_code is None else step.exit_code,
+            _when(step.started_at),
+            _when(step.finished_at),
+            log_url,
+        )
+
+    def get_urls(self):
+        # Before the defaults: their "<path:object_id>/" would swallow this URL.
+        return [
+            path(
+                "<int:build_id>/steps/<int:step_id>/log/",
+                self.admin_site.admin_view(self.step_log_view),
+                name="builds_build_step_log",
+            ),
+            *super().get_urls(),
+        ]
+
+    def step_log_view(self, request, build_id, step_id):
+        # Checked before the lookup, so a 404 tells nothing to who may not see builds.
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        step = get_object_or_404(
+            StepRun.objects.select_related("job__build__pipeline"),
+            pk=step_id,
+            job__build_id=build_id,
+        )
+        build = step.job.build
+        attempt = request.GET.get("attempt", str(step.attempt))
+        if not attempt.isdecimal() or not 1 <= int(attempt) <= step.attempt:
+            raise Http404(f"step {step.pk} has attempts 1 to {step.attempt}")
+        attempt = int(attempt)
+        full = request.GET.get("full") == "1"
+        text = services.step_log(step, attempt)
+        # A log may be 1 MiB: by default show its tail only.
+        lines = text.splitlines(keepends=True)
+        hidden = 0 if full else max(0, len(lines) - LOG_TAIL_LINES)
+        if hidden:
+            text = "".join(lines[hidden:])
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"{build} / {step.job.key} / {step.name}: log, attempt {attempt}",
+            "build": build,
+            "step": step,
+            "attempt": attempt,
+            "attempts": [(n, "?" + urlencode({"attempt": n})) for n in range(1, step.attempt + 1)],
+            "log": text,
+            "hidden_lines": hidden,
+            "full_url": "?" + urlencode({"attempt": attempt, "full": 1}),
+            "build_url": reverse(f"{self.admin_site.name}:builds_build_change", args=(build.pk,)),
+        }
+        return TemplateResponse(request, "admin/builds/build/step_log.html", context)
+
+
+def _when(value):
+    return display_for_value(value, "-")

@@ -1,0 +1,158 @@
+from django.db.models import Prefetch
+from django.http import HttpResponse
+from django.shortcuts import get_object_or_404
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from builds import services
+from builds.models import Build, JobRun, Pipeline, StepRun
+from builds.statuses import stage_status
+from ciproject.api import router
+from ciproject.permissions import requires
+
+
+class PipelineSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Pipeline
+        fields = ["id", "name", "definition", "last_build_number", "created_at", "updated_at"]
+        read_only_fields = ["last_build_number", "created_at", "updated_at"]
+        # The service validates (and refuses a taken name with its own code).
+        extra_kwargs = {"definition": {"trim_whitespace": False}, "name": {"validators": []}}
+
+    def create(self, validated_data):
+        return services.save_pipeline(validated_data["name"], validated_data["definition"])
+
+    def update(self, instance, validated_data):
+        return services.save_pipeline(
+            validated_data.get("name", instance.name),
+            validated_data.get("definition", instance.definition),
+            pipeline=instance,
+        )
+
+
+class TriggerSerializer(serializers.Serializer):
+    variables = serializers.DictField(required=False, default=dict)
+
+
+class StepSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = StepRun
+        fields = ["id", "name", "status", "attempt", "exit_code", "started_at", "finished_at"]
+
+
+class JobSerializer(serializers.ModelSerializer):
+    steps = StepSerializer(many=True)
+
+    class Meta:
+        model = JobRun
+        fields = ["id", "key", "status", "attempt", "agent", "reason", "started_at", "finished_at"]
+        fields += ["steps"]
+
+
+class StageSerializer(serializers.Serializer):
+    name = serializers.CharField()
+    status = serializers.CharField()
+    jobs = JobSerializer(many=True)
+
+
+class BuildSummarySerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Build
+        fields = ["id", "number", "pipeline", "status", "attempt", "created_at", "started_at"]
+        fields += ["finished_at"]
+
+
+class BuildSerializer(BuildSummarySerializer):
+    variables = serializers.SerializerMethodField()
+    stages = serializers.SerializerMethodField()
+
+    class Meta(BuildSummarySerializer.Meta):
+        fields = [*BuildSummarySerializer.Meta.fields, "reason", "variables", "stages"]
+
+    @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
+    def get_variables(self, build) -> dict:
+        return {v.name: v.value for v in build.variables.all()}
+
+    @extend_schema_field(StageSerializer(many=True))
+    def get_stages(self, build) -> list:
+        stages: dict[int, dict] = {}
+        for job in build.jobs.all():
+            stage = stages.setdefault(job.stage_index, {"name": job.stage_name, "jobs": []})
+            stage["jobs"].append(job)
+        for stage in stages.values():
+            stage["status"] = stage_status([job.status for job in stage["jobs"]])
+        return StageSerializer([stages[i] for i in sorted(stages)], many=True).data
+
+
+class PipelineViewSet(
+    mixins.CreateModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    mixins.ListModelMixin,
+    viewsets.GenericViewSet,
+):
+    queryset = Pipeline.objects.all()
+    serializer_class = PipelineSerializer
+
+    def get_permissions(self):
+        if self.action == "builds" and self.request.method == "POST":
+            return [requires("builds.add_build")()]
+        if self.action == "builds":
+            return [requires("builds.view_build")()]
+        return super().get_permissions()
+
+    @extend_schema(
+        methods=["POST"],
+        request=TriggerSerializer,
+        responses={201: BuildSummarySerializer},
+        summary="Trigger a build",
+    )
+    @extend_schema(methods=["GET"], responses=BuildSummarySerializer(many=True))
+    @action(detail=True, methods=["get", "post"])
+    def builds(self, request, pk=None):
+        pipeline = self.get_object()
+        if request.method == "GET":
+            page = self.paginate_queryset(pipeline.builds.all())
+            return self.get_paginated_response(BuildSummarySerializer(page, many=True).data)
+        trigger = TriggerSerializer(data=request.data)
+        trigger.is_valid(raise_exception=True)
+        build = services.trigger_build(pipeline, trigger.validated_data["variables"], request.user)
+        return Response(BuildSummarySerializer(build).data, status=status.HTTP_201_CREATED)
+
+
+class BuildViewSet(viewsets.ReadOnlyModelViewSet):
+    queryset = Build.objects.select_related("pipeline")
+
+    def get_serializer_class(self):
+        return BuildSerializer if self.action == "retrieve" else BuildSummarySerializer
+
+    def get_queryset(self):
+        queryset = super().get_queryset()
+        if self.action == "retrieve":
+            jobs = JobRun.objects.order_by("stage_index", "id").prefetch_related("steps")
+            queryset = queryset.prefetch_related(Prefetch("jobs", jobs), "variables")
+        return queryset
+
+    def get_permissions(self):
+        if self.action == "log":
+            return [requires("builds.view_build")()]
+        return super().get_permissions()
+
+    @extend_schema(
+        parameters=[OpenApiParameter("attempt", int, description="default: the latest")],
+        responses={(200, "text/plain"): OpenApiTypes.STR},
+    )
+    @action(detail=True, url_path=r"steps/(?P<step_id>\d+)/log")
+    def log(self, request, pk=None, step_id=None):
+        step = get_object_or_404(StepRun, pk=step_id, job__build_id=pk)
+        attempt = request.query_params.get("attempt")
+        attempt = int(attempt) if attempt and attempt.isdigit() else None
+        text = services.step_log(step, attempt)
+        return HttpResponse(text, content_type="text/plain; charset=utf-8")
+
+
+router.register("pipelines", PipelineViewSet)
+router.register("builds", BuildViewSet)

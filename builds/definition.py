@@ -1,0 +1,212 @@
+"""The pipeline definition: YAML in, a validated, normalized dict out.
+
+Anything wrong is an InvalidPipeline naming the place (`stages[0].jobs[1].steps[0].timeout`);
+nothing else escapes, whatever the input.
+"""
+
+import re
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from builds.errors import InvalidPipeline, InvalidVariables
+
+MAX_DEFINITION_BYTES = 256 * 1024
+MAX_STAGES = 50
+MAX_JOBS = 500
+MAX_STEPS_PER_JOB = 100
+MAX_VARIABLES = 200
+MAX_VARIABLE_NAME = 128
+MAX_VARIABLE_VALUE = 32 * 1024
+MAX_VARIABLES_TOTAL = 256 * 1024
+RESERVED_PREFIX = "CI_"
+
+VARIABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+JOB_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$"
+LABEL_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"
+
+Scalar = str | int | float | bool
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+
+
+class StepSpec(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    run: Annotated[str, Field(min_length=1, max_length=64 * 1024)]
+    timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
+    retry: Annotated[int, Field(ge=0, le=10)] = 0
+    continue_on_error: bool = Field(default=False, alias="continue-on-error")
+
+
+class JobSpec(_Strict):
+    id: Annotated[str, Field(pattern=JOB_ID_PATTERN)]
+    runs_on: Annotated[str, Field(pattern=LABEL_PATTERN)] = Field(
+        default="default", alias="runs-on"
+    )
+    steps: Annotated[list[StepSpec], Field(min_length=1, max_length=MAX_STEPS_PER_JOB)]
+
+
+class StageSpec(_Strict):
+    name: Annotated[str, Field(min_length=1, max_length=100)]
+    jobs: Annotated[list[JobSpec], Field(min_length=1, max_length=MAX_JOBS)]
+
+
+class PipelineSpec(_Strict):
+    variables: dict[str, Scalar] = Field(default_factory=dict)
+    stages: Annotated[list[StageSpec], Field(min_length=1, max_length=MAX_STAGES)]
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, value: dict[str, Scalar]) -> dict[str, str]:
+        try:
+            return normalize_variables(value)
+        except InvalidVariables as exc:
+            raise ValueError(exc.detail) from None
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "PipelineSpec":
+        stage_names, job_ids = set(), set()
+        for s, stage in enumerate(self.stages):
+            if stage.name in stage_names:
+                raise ValueError(f"stages[{s}].name: duplicate stage name {stage.name!r}")
+            stage_names.add(stage.name)
+            for j, job in enumerate(stage.jobs):
+                if job.id in job_ids:
+                    raise ValueError(f"stages[{s}].jobs[{j}].id: duplicate job id {job.id!r}")
+                job_ids.add(job.id)
+        if len(job_ids) > MAX_JOBS:
+            raise ValueError(f"stages: {len(job_ids)} jobs in all; at most {MAX_JOBS} are allowed")
+        return self
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses aliases (no "billion laughs") and duplicate keys."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not allowed", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "mapping keys must be scalars", key_node.start_mark
+                )
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_definition(text: Any) -> dict:
+    """Validate a YAML definition; return its normalized form (stored as Pipeline.spec)."""
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidPipeline("definition: must be a non-empty YAML document")
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_DEFINITION_BYTES:
+        raise InvalidPipeline(f"definition: larger than {MAX_DEFINITION_BYTES // 1024} KiB")
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise InvalidPipeline(f"definition: not valid YAML: {exc}") from None
+    except (ValueError, RecursionError, TypeError) as exc:
+        raise InvalidPipeline(f"definition: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidPipeline("definition: the top level must be a mapping with 'stages'")
+    try:
+        spec = PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = [_describe(e) for e in exc.errors()]
+        raise InvalidPipeline("; ".join(errors[:5]), errors=errors) from None
+    return _normalize(spec)
+
+
+def _describe(error: dict) -> str:
+    path = ""
+    for part in error["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif error["type"] == "missing":
+        message = "required"
+    if message[:7] in {"stages[", "stages:"}:  # a model-level error names its own place
+        return message
+    return f"{path or 'definition'}: {message}"
+
+
+def _normalize(spec: PipelineSpec) -> dict:
+    return {
+        "variables": spec.variables,
+        "stages": [
+            {
+                "name": stage.name,
+                "jobs": [
+                    {
+                        "id": job.id,
+                        "runs_on": job.runs_on,
+                        "steps": [
+                            {
+                                "name": step.name or f"step {n + 1}",
+                                "run": step.run,
+                                "timeout": step.timeout,
+                                "retry": step.retry,
+                                "continue_on_error": step.continue_on_error,
+                            }
+                            for n, step in enumerate(job.steps)
+                        ],
+                    }
+                    for job in stage.jobs
+                ],
+            }
+            for stage in spec.stages
+        ],
+    }
+
+
+def normalize_variables(variables: Any, where: str = "variables") -> dict[str, str]:
+    """Check names and sizes; scalars become strings. Raises InvalidVariables."""
+    if not isinstance(variables, dict):
+        raise InvalidVariables(f"{where}: must be a mapping of names to values")
+    if len(variables) > MAX_VARIABLES:
+        raise InvalidVariables(f"{where}: {len(variables)} variables; at most {MAX_VARIABLES}")
+    result, total = {}, 0
+    for name, value in variables.items():
+        if not isinstance(name, str) or not VARIABLE_NAME_RE.fullmatch(name):
+            raise InvalidVariables(
+                f"{where}: {name!r} is not a valid name"
+                " (letters, digits and _, not starting with a digit)"
+            )
+        if len(name) > MAX_VARIABLE_NAME:
+            raise InvalidVariables(f"{where}.{name[:40]}...: name longer than {MAX_VARIABLE_NAME}")
+        if name.upper().startswith(RESERVED_PREFIX):
+            raise InvalidVariables(f"{where}.{name}: names starting with CI_ are reserved")
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, int | float):
+            value = str(value)
+        elif not isinstance(value, str):
+            raise InvalidVariables(f"{where}.{name}: must be a string, number or boolean")
+        if "\x00" in value:
+            raise InvalidVariables(f"{where}.{name}: contains a NUL byte")
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidVariables(f"{where}.{name}: not valid UTF-8 text") from None
+        if size > MAX_VARIABLE_VALUE:
+            raise InvalidVariables(f"{where}.{name}: value larger than {MAX_VARIABLE_VALUE} bytes")
+        total += size + len(name)
+        result[name] = value
+    if total > MAX_VARIABLES_TOTAL:
+        raise InvalidVariables(f"{where}: {total} bytes in all; at most {MAX_VARIABLES_TOTAL}")
+    return result

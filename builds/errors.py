@@ -1,0 +1,19 @@
+from ciproject.errors import CIError
+
+
+class InvalidPipeline(CIError):
+    code = "INVALID_PIPELINE"
+
+
+class InvalidVariables(CIError):
+    code = "INVALID_VARIABLES"
+
+
+class PipelineNameTaken(CIError):
+    code = "PIPELINE_NAME_TAKEN"
+    http_status = 409
+
+
+class StepNotFound(CIError):
+    code = "STEP_NOT_FOUND"
+    http_status = 404

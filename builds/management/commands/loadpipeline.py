@@ -1,0 +1,28 @@
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from builds import services
+from builds.models import Pipeline
+from ciproject.errors import CIError
+
+
+class Command(BaseCommand):
+    help = "Create or update the pipeline NAME from a YAML file."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("file", type=Path)
+
+    def handle(self, *args, name, file, **options):
+        try:
+            definition = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"{file}: cannot be read: {exc}") from None
+        existing = Pipeline.objects.filter(name=name).first()
+        try:
+            pipeline = services.save_pipeline(name, definition, pipeline=existing)
+        except CIError as exc:
+            raise CommandError(f"{exc.code}: {exc.detail}") from None
+        verb = "updated" if existing else "created"
+        self.stdout.write(f"pipeline {pipeline.name!r} {verb} (id {pipeline.pk})")

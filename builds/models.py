@@ -1,0 +1,135 @@
+from django.conf import settings
+from django.db import models
+
+from builds.statuses import BuildStatus, RunStatus
+
+
+class Pipeline(models.Model):
+    name = models.CharField(max_length=100, unique=True)
+    definition = models.TextField(help_text="YAML: variables, stages, jobs, steps.")
+    # The validated, normalized definition; written only together with `definition`.
+    spec = models.JSONField(editable=False)
+    last_build_number = models.PositiveIntegerField(default=0, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Build(models.Model):
+    pipeline = models.ForeignKey(Pipeline, on_delete=models.PROTECT, related_name="builds")
+    number = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=BuildStatus.choices, db_index=True)
+    attempt = models.PositiveIntegerField(default=1)
+    # The pipeline's spec at trigger time: editing the pipeline never changes a build.
+    spec = models.JSONField(editable=False)
+    triggered_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(fields=["pipeline", "number"], name="build_number_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.pipeline.name} #{self.number}"
+
+    @property
+    def duration(self):
+        if self.started_at and self.finished_at:
+            return self.finished_at - self.started_at
+        return None
+
+
+class JobRun(models.Model):
+    build = models.ForeignKey(Build, on_delete=models.CASCADE, related_name="jobs")
+    stage_index = models.PositiveSmallIntegerField()
+    stage_name = models.CharField(max_length=100)
+    key = models.CharField(max_length=64, help_text="The job's id in the pipeline definition.")
+    runs_on = models.CharField(max_length=64)
+    status = models.CharField(
+        max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING, db_index=True
+    )
+    attempt = models.PositiveIntegerField(default=1)
+    agent = models.CharField(max_length=100, blank=True, default="")
+    reason = models.TextField(blank=True, default="")
+    queued_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["stage_index", "id"]
+        constraints = [models.UniqueConstraint(fields=["build", "key"], name="job_key_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.build} / {self.key}"
+
+
+class StepRun(models.Model):
+    job = models.ForeignKey(JobRun, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveSmallIntegerField()
+    name = models.CharField(max_length=100)
+    command = models.TextField()
+    timeout = models.PositiveIntegerField()
+    max_retries = models.PositiveSmallIntegerField(default=0)
+    continue_on_error = models.BooleanField(default=False)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
+    attempt = models.PositiveIntegerField(default=1)
+    exit_code = models.IntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job_id", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="step_index_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.job} / {self.name}"
+
+
+class StepLogChunk(models.Model):
+    """A piece of a step attempt's output, appended in order by the agent."""
+
+    step = models.ForeignKey(StepRun, on_delete=models.CASCADE, related_name="log_chunks")
+    attempt = models.PositiveIntegerField()
+    seq = models.PositiveIntegerField()
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["step_id", "attempt", "seq"]
+        constraints = [
+            models.UniqueConstraint(fields=["step", "attempt", "seq"], name="log_chunk_unique")
+        ]
+
+    def __str__(self) -> str:
+        return f"step {self.step_id} attempt {self.attempt} #{self.seq}"
+
+
+class BuildVariable(models.Model):
+    """A build's variables. Keyed by the build's creation time as well as the build, so the
+    table can be range-partitioned by time and one build's rows always share a partition."""
+
+    pk = models.CompositePrimaryKey("build_created_at", "build", "name")
+    build_created_at = models.DateTimeField()
+    build = models.ForeignKey(Build, on_delete=models.DO_NOTHING, related_name="variables")
+    name = models.CharField(max_length=128)
+    value = models.TextField()
+    source = models.CharField(
+        max_length=16, choices=[("pipeline", "pipeline"), ("trigger", "trigger"), ("step", "step")]
+    )
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.value[:40]}"

@@ -1,0 +1,35 @@
+"""The Celery app. Queues:
+
+- controller: server-side work (advance a build, sweeps);
+- jobs.<label>: jobs waiting for any agent with that label;
+- agent.<name>: work pinned to one agent.
+"""
+
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ciproject.settings")
+
+app = Celery("ciproject")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+CONTROLLER_QUEUE = "controller"
+
+
+def job_queue(label: str) -> str:
+    return f"jobs.{label}"
+
+
+def agent_queue(name: str) -> str:
+    return f"agent.{name}"
+
+
+app.conf.beat_schedule = {
+    "mark-lost-agents": {
+        "task": "agents.tasks.mark_lost_agents",
+        "schedule": 10.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 10},
+    },
+}

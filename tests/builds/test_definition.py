@@ -1,0 +1,133 @@
+import pytest
+
+from builds.definition import MAX_VARIABLE_VALUE, normalize_variables, parse_definition
+from builds.errors import InvalidPipeline, InvalidVariables
+
+VALID = """
+variables:
+  GREETING: hello
+  COUNT: 3
+  FLAG: true
+stages:
+  - name: build
+    jobs:
+      - id: compile
+        runs-on: linux
+        steps:
+          - name: say
+            run: echo "$GREETING"
+            timeout: 300
+            retry: 1
+            continue-on-error: false
+          - run: make
+  - name: test
+    jobs:
+      - id: unit
+        steps:
+          - run: make test
+"""
+
+
+def test_valid_definition_is_normalized():
+    spec = parse_definition(VALID)
+    assert spec["variables"] == {"GREETING": "hello", "COUNT": "3", "FLAG": "true"}
+    compile_job = spec["stages"][0]["jobs"][0]
+    assert compile_job["runs_on"] == "linux"
+    assert compile_job["steps"][0] == {
+        "name": "say",
+        "run": 'echo "$GREETING"',
+        "timeout": 300,
+        "retry": 1,
+        "continue_on_error": False,
+    }
+    assert compile_job["steps"][1]["name"] == "step 2"
+    assert compile_job["steps"][1]["timeout"] == 3600
+    unit = spec["stages"][1]["jobs"][0]
+    assert (unit["runs_on"], unit["steps"][0]["retry"]) == ("default", 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "place"),
+    [
+        ("stages: [", "not valid YAML"),
+        ("- a\n- b", "top level must be a mapping"),
+        ("", "non-empty"),
+        ("variables: {}", "stages: required"),
+        ("stages: []", "stages: List should have at least 1 item"),
+        ("stages:\n  - name: s\n    jobs: []", "stages[0].jobs"),
+        ("stages:\n  - name: s\n    jobz: []", "stages[0].jobz: unknown key"),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+            "          - run: x\n            timeout: 0",
+            "stages[0].jobs[0].steps[0].timeout",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+            "          - run: x\n            retry: 11",
+            "stages[0].jobs[0].steps[0].retry",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+            "          - run: x\n            timeout: '10'",
+            "stages[0].jobs[0].steps[0].timeout",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - id: a b\n        steps: [{run: x}]",
+            "stages[0].jobs[0].id",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - id: a\n        runs-on: 'x;rm'\n"
+            "        steps: [{run: x}]",
+            "stages[0].jobs[0].runs-on",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - {id: a, steps: [{run: x}]}\n"
+            "  - name: t\n    jobs:\n      - {id: a, steps: [{run: y}]}",
+            "stages[1].jobs[0].id: duplicate job id 'a'",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - {id: a, steps: [{run: x}]}\n"
+            "  - name: s\n    jobs:\n      - {id: b, steps: [{run: y}]}",
+            "stages[1].name: duplicate stage name 's'",
+        ),
+        ("variables:\n  1BAD: x\nstages: []", "variables"),
+        ("variables:\n  CI_BUILD_ID: x\nstages: []", "reserved"),
+        ("variables:\n  A: [1]\nstages: []", "variables.A"),
+        ("a: &x [1]\nb: *x\nstages: []", "aliases"),
+        ("stages: []\nstages: []", "duplicate key 'stages'"),
+    ],
+)
+def test_invalid_definitions_name_the_place(text, place):
+    with pytest.raises(InvalidPipeline) as err:
+        parse_definition(text)
+    assert err.value.code == "INVALID_PIPELINE"
+    assert place in err.value.detail
+
+
+def test_caps_refuse_huge_definitions():
+    jobs = "".join(f"      - {{id: j{i}, steps: [{{run: x}}]}}\n" for i in range(501))
+    with pytest.raises(InvalidPipeline, match="at most 500"):
+        parse_definition(f"stages:\n  - name: s\n    jobs:\n{jobs}")
+    with pytest.raises(InvalidPipeline, match="larger than"):
+        parse_definition("stages: []\n#" + "x" * 300_000)
+
+
+def test_non_string_definition_is_refused():
+    with pytest.raises(InvalidPipeline):
+        parse_definition(None)
+
+
+def test_variables_are_checked():
+    assert normalize_variables({"A": 1, "B": False, "C": "x"}) == {"A": "1", "B": "false", "C": "x"}
+    for bad, message in [
+        ({"a-b": "x"}, "not a valid name"),
+        ({"ci_x": "x"}, "reserved"),
+        ({"A": None}, "must be a string"),
+        ({"A": "x\x00y"}, "NUL"),
+        ({"A": "x" * (MAX_VARIABLE_VALUE + 1)}, "larger than"),
+        ({f"V{i}": "x" for i in range(201)}, "at most 200"),
+        ([("A", "x")], "must be a mapping"),
+        ({"A": "\udcff"}, "UTF-8"),
+    ]:
+        with pytest.raises(InvalidVariables, match=message):
+            normalize_variables(bad)

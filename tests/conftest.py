@@ -1,0 +1,168 @@
+"""Shared fixtures. Tests run against the real PostgreSQL and Redis; tests marked by using
+the `workers` fixture also run a real controller and real agents (`manage.py runagent`)
+as separate processes on the test database."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection
+
+from ciproject.celery import app
+from tests.support import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
+AGENTS = {"agent-1": "linux,default", "agent-2": "linux,default,big"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _services_up():
+    """Fail at once, with a clear message, when a service the suite needs is down."""
+    try:
+        redis.Redis.from_url(TEST_BROKER_URL, socket_connect_timeout=3).ping()
+    except redis.RedisError as exc:
+        pytest.exit(f"Redis at {TEST_BROKER_URL} is unreachable: {exc}", returncode=3)
+    # Everything this process publishes goes to the test broker, which starts empty.
+    app.conf.broker_url = TEST_BROKER_URL
+    redis.Redis.from_url(TEST_BROKER_URL).flushdb()
+
+
+@pytest.fixture(scope="session")
+def worker_env(django_db_setup, tmp_path_factory):
+    db = settings.DATABASES["default"]
+    user = db.get("USER") or ""
+    password = f":{db['PASSWORD']}" if db.get("PASSWORD") else ""
+    auth = f"{user}{password}@" if user else ""
+    host = db.get("HOST") or "127.0.0.1"
+    port = db.get("PORT") or 5432
+    return {
+        **os.environ,
+        "DATABASE_URL": f"postgres://{auth}{host}:{port}/{db['NAME']}",
+        "CELERY_BROKER_URL": TEST_BROKER_URL,
+        "AGENT_WORKSPACE_ROOT": str(tmp_path_factory.mktemp("workspaces")),
+        "AGENT_HEARTBEAT_SECONDS": "1",
+        "STEP_KILL_GRACE_SECONDS": "3",
+        "STEP_LOG_FLUSH_SECONDS": "0.2",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+class Workers:
+    """Real worker processes: one controller and the agents in AGENTS."""
+
+    def __init__(self, env: dict, log_dir: Path):
+        self.env, self.log_dir = env, log_dir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.procs[name] = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start_agent(self, name: str, labels: str, capacity: int = 1) -> None:
+        self.start(
+            name,
+            [
+                sys.executable,
+                "manage.py",
+                "runagent",
+                "--name",
+                name,
+                "--labels",
+                labels,
+                "--capacity",
+                str(capacity),
+            ],
+        )
+
+    def start_controller(self) -> None:
+        self.start(
+            "controller",
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "ciproject",
+                "worker",
+                "-Q",
+                "controller",
+                "-n",
+                "controller@%h",
+                "--pool=threads",
+                "--concurrency=4",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+        )
+
+    def wait_ready(self, names, timeout: float = 60) -> None:
+        wanted = {f"{n}@" for n in names}
+
+        def ready():
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    pytest.fail(f"{name} exited with {proc.returncode}; see {self.log_dir}")
+            replies = app.control.ping(timeout=0.5)
+            hosts = {host.split("@")[0] + "@" for reply in replies for host in reply}
+            return wanted <= hosts
+
+        wait_until(ready, timeout, interval=0.2, message=f"workers {sorted(names)} to answer")
+
+    def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 20) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+@pytest.fixture(scope="session")
+def workers(worker_env, tmp_path_factory, django_db_blocker):
+    group = Workers(worker_env, tmp_path_factory.mktemp("worker-logs"))
+    group.start_controller()
+    for name, labels in AGENTS.items():
+        group.start_agent(name, labels)
+    try:
+        group.wait_ready(["controller", *AGENTS])
+        yield group
+    finally:
+        group.stop_all()
+        with django_db_blocker.unblock():
+            _wait_for_sessions_to_close()
+
+
+def _wait_for_sessions_to_close() -> None:
+    """A stopped worker's PostgreSQL sessions end a moment after it: wait for them, so the
+    test database can be dropped."""
+    name = settings.DATABASES["default"]["NAME"]
+    with connection.cursor() as cursor:
+
+        def others_gone():
+            cursor.execute(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = %s AND pid <> pg_backend_pid()",
+                [name],
+            )
+            return cursor.fetchone()[0] == 0
+
+        wait_until(others_gone, timeout=20, message="worker database sessions to close")

@@ -1,0 +1,41 @@
+"""Helpers for tests: waiting on a condition with a deadline, and common pipelines."""
+
+import time
+
+import pytest
+
+from builds import services
+from builds.models import Build
+from builds.statuses import BUILD_FINAL
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.05, message: str = ""):
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {message or predicate}")
+        time.sleep(interval)
+
+
+def wait_for_build(build: Build | int, timeout: float = 60) -> Build:
+    """Wait until the build is final; return it fresh from the database."""
+    build_id = getattr(build, "pk", build)
+
+    def final():
+        fresh = Build.objects.get(pk=build_id)
+        return fresh if fresh.status in BUILD_FINAL else None
+
+    return wait_until(final, timeout, message=f"build {build_id} to finish")
+
+
+def make_pipeline(name: str, definition: str):
+    return services.save_pipeline(name, definition)
+
+
+def one_step(run: str) -> str:
+    """A definition of one stage with one job `j` of one step."""
+    return f"stages:\n  - name: s\n    jobs:\n      - {{id: j, steps: [{{run: {run!r}}}]}}\n"
