@@ -149,7 +149,7 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
     def log(self, request, pk=None, step_id=None):
         step = get_object_or_404(StepRun, pk=step_id, job__build_id=pk)
         attempt = request.query_params.get("attempt")
-        attempt = int(attempt) if attempt and attempt.isdigit() else None
+        attempt = int(attempt) if attempt and attempt.isdecimal() else None
         text = services.step_log(step, attempt)
         return HttpResponse(text, content_type="text/plain; charset=utf-8")
 
