@@ -4,6 +4,7 @@ except `status`, which an operator sets to disabled to drain an agent."""
 from django.contrib import admin
 from django.utils import timezone
 
+from agents import services
 from agents.models import Agent
 
 
@@ -32,4 +33,4 @@ class AgentAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         # Only `status`: a full save would overwrite the heartbeat the agent wrote meanwhile.
-        obj.save(update_fields=["status"])
+        services.set_status(obj, obj.status)

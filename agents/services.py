@@ -39,6 +39,12 @@ def mark_offline(name: str) -> None:
     Agent.objects.filter(name=name, status=AgentStatus.ONLINE).update(status=AgentStatus.OFFLINE)
 
 
+def set_status(agent: Agent, status: str) -> None:
+    """An operator's change: disable (drain) an agent, or put it back online."""
+    Agent.objects.filter(pk=agent.pk).update(status=status)
+    agent.status = status
+
+
 def mark_lost_agents() -> list[str]:
     """Online agents whose heartbeat is older than the timeout go offline."""
     cutoff = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)

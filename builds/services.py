@@ -184,6 +184,21 @@ def advance_build(build_id: int) -> str | None:
         return BuildStatus.SUCCEEDED
 
 
+def reconcile_running_builds(limit: int = 500) -> list[int]:
+    """Advance RUNNING builds that have nothing queued or running: their advance message was
+    lost (broker restart, a controller killed mid-task). Safe to repeat: advance_build is."""
+    stalled = (
+        Build.objects.filter(status=BuildStatus.RUNNING)
+        .exclude(jobs__status__in=(RunStatus.QUEUED, RunStatus.RUNNING))
+        .order_by("id")
+        .values_list("id", flat=True)[:limit]
+    )
+    ids = list(stalled)
+    for build_id in ids:
+        advance_build(build_id)
+    return ids
+
+
 def _finish_build(build: Build, status: str) -> None:
     now = timezone.now()
     updated = Build.objects.filter(pk=build.pk, status__in=build_allowed_from(status)).update(

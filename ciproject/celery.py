@@ -27,6 +27,11 @@ def agent_queue(name: str) -> str:
 
 
 app.conf.beat_schedule = {
+    "reconcile-running-builds": {
+        "task": "builds.tasks.reconcile_running_builds",
+        "schedule": 15.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 15},
+    },
     "mark-lost-agents": {
         "task": "agents.tasks.mark_lost_agents",
         "schedule": 10.0,

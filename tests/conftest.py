@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 import redis
 from django.conf import settings
@@ -24,6 +25,18 @@ AGENTS = {"agent-1": "linux,default", "agent-2": "linux,default,big"}
 @pytest.fixture(scope="session", autouse=True)
 def _services_up():
     """Fail at once, with a clear message, when a service the suite needs is down."""
+    db = settings.DATABASES["default"]
+    try:
+        psycopg.connect(
+            host=db["HOST"],
+            port=db["PORT"] or 5432,
+            user=db["USER"],
+            password=db["PASSWORD"],
+            dbname="postgres",
+            connect_timeout=3,
+        ).close()
+    except psycopg.OperationalError as exc:
+        pytest.exit(f"PostgreSQL at {db['HOST']}:{db['PORT']} is unreachable: {exc}", returncode=3)
     try:
         redis.Redis.from_url(TEST_BROKER_URL, socket_connect_timeout=3).ping()
     except redis.RedisError as exc:
