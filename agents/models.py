@@ -20,6 +20,9 @@ class Agent(models.Model):
     version = models.CharField(max_length=32, blank=True, default="")
     started_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # Set when the agent failed to confirm a stop in time: look at the machine.
+    suspect_since = models.DateTimeField(null=True, blank=True)
+    suspect_reason = models.TextField(blank=True, default="")
 
     class Meta:
         ordering = ["name"]

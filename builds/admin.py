@@ -4,12 +4,12 @@ history, with the stage/job/step tree and the step logs)."""
 from urllib.parse import urlencode
 
 from django import forms
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.utils import display_for_value
 from django.core.exceptions import PermissionDenied
 from django.db.models import F, Prefetch
-from django.http import Http404
-from django.shortcuts import get_object_or_404
+from django.http import Http404, HttpResponseNotAllowed
+from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
@@ -17,7 +17,7 @@ from django.utils.html import format_html, format_html_join
 from builds import services
 from builds.definition import parse_definition
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
-from builds.statuses import stage_status
+from builds.statuses import BuildStatus, build_allowed_from, stage_status
 from ciproject.errors import CIError
 
 LOG_TAIL_LINES = 200
@@ -120,6 +120,8 @@ class BuildAdmin(admin.ModelAdmin):
         "jobs_tree",
     ]
 
+    actions = ["cancel_builds"]
+
     # History: builds change only through the services (trigger, retry, cancel).
     def has_add_permission(self, request):
         return False
@@ -218,9 +220,48 @@ class BuildAdmin(admin.ModelAdmin):
             log_url,
         )
 
+    def has_cancel_permission(self, request):
+        return request.user.has_perm("builds.cancel_build")
+
+    @admin.action(description="Cancel selected builds", permissions=["cancel"])
+    def cancel_builds(self, request, queryset):
+        for build in queryset:
+            self._cancel(request, build)
+
+    def _cancel(self, request, build):
+        try:
+            status = services.request_cancel(build.pk, request.user)
+        except CIError as exc:
+            self.message_user(request, f"Build {build}: {exc.code}: {exc.detail}", messages.WARNING)
+        else:
+            self.message_user(request, f"Build {build}: {status}", messages.SUCCESS)
+
+    def cancel_view(self, request, build_id):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_cancel_permission(request):
+            raise PermissionDenied
+        self._cancel(request, get_object_or_404(Build, pk=build_id))
+        return redirect(reverse(f"{self.admin_site.name}:builds_build_change", args=(build_id,)))
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context["can_cancel"] = obj.status in build_allowed_from(BuildStatus.CANCELLING) and (
+                self.has_cancel_permission(request)
+            )
+            context["cancel_url"] = reverse(
+                f"{self.admin_site.name}:builds_build_cancel", args=(obj.pk,)
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
     def get_urls(self):
         # Before the defaults: their "<path:object_id>/" would swallow this URL.
         return [
+            path(
+                "<int:build_id>/cancel/",
+                self.admin_site.admin_view(self.cancel_view),
+                name="builds_build_cancel",
+            ),
             path(
                 "<int:build_id>/steps/<int:step_id>/log/",
                 self.admin_site.admin_view(self.step_log_view),

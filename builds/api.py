@@ -58,6 +58,10 @@ class StageSerializer(serializers.Serializer):
     jobs = JobSerializer(many=True)
 
 
+class CancelSerializer(serializers.Serializer):
+    status = serializers.CharField()
+
+
 class BuildSummarySerializer(serializers.ModelSerializer):
     class Meta:
         model = Build
@@ -139,7 +143,16 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
     def get_permissions(self):
         if self.action == "log":
             return [requires("builds.view_build")()]
+        if self.action == "cancel":
+            return [requires("builds.cancel_build")()]
         return super().get_permissions()
+
+    @extend_schema(request=None, responses={202: CancelSerializer}, summary="Cancel a build")
+    @action(detail=True, methods=["post"])
+    def cancel(self, request, pk=None):
+        build = self.get_object()
+        status_ = services.request_cancel(build.pk, request.user)
+        return Response({"status": status_}, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(
         parameters=[OpenApiParameter("attempt", int, description="default: the latest")],

@@ -14,6 +14,6 @@ class PipelineNameTaken(CIError):
     http_status = 409
 
 
-class StepNotFound(CIError):
-    code = "STEP_NOT_FOUND"
-    http_status = 404
+class BuildAlreadyFinished(CIError):
+    code = "BUILD_ALREADY_FINISHED"
+    http_status = 409

@@ -31,6 +31,14 @@ class Build(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     reason = models.TextField(blank=True, default="")
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    cancel_requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
     created_at = models.DateTimeField(db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -40,6 +48,7 @@ class Build(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["pipeline", "number"], name="build_number_unique")
         ]
+        permissions = [("cancel_build", "Can cancel builds")]
 
     def __str__(self) -> str:
         return f"{self.pipeline.name} #{self.number}"

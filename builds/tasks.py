@@ -8,6 +8,16 @@ def advance_build(build_id: int) -> str | None:
     return services.advance_build(build_id)
 
 
+@shared_task(ignore_result=False)
+def finish_cancel(build_id: int) -> str | None:
+    return services.finish_cancel(build_id)
+
+
+@shared_task(ignore_result=True)
+def cancel_watchdog() -> list[int]:
+    return services.cancel_watchdog()
+
+
 @shared_task(ignore_result=True)
 def reconcile_running_builds() -> list[int]:
     return services.reconcile_running_builds()

@@ -27,6 +27,11 @@ def agent_queue(name: str) -> str:
 
 
 app.conf.beat_schedule = {
+    "cancel-watchdog": {
+        "task": "builds.tasks.cancel_watchdog",
+        "schedule": 2.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 2},
+    },
     "reconcile-running-builds": {
         "task": "builds.tasks.reconcile_running_builds",
         "schedule": 15.0,

@@ -61,6 +61,7 @@ def worker_env(django_db_setup, tmp_path_factory):
         "AGENT_WORKSPACE_ROOT": str(tmp_path_factory.mktemp("workspaces")),
         "AGENT_HEARTBEAT_SECONDS": "1",
         "STEP_KILL_GRACE_SECONDS": "3",
+        "CANCEL_WATCHDOG_MARGIN_SECONDS": "2",
         "STEP_LOG_FLUSH_SECONDS": "0.2",
         "PYTHONUNBUFFERED": "1",
     }
@@ -85,41 +86,20 @@ class Workers:
         )
 
     def start_agent(self, name: str, labels: str, capacity: int = 1) -> None:
-        self.start(
-            name,
-            [
-                sys.executable,
-                "manage.py",
-                "runagent",
-                "--name",
-                name,
-                "--labels",
-                labels,
-                "--capacity",
-                str(capacity),
-            ],
-        )
+        argv = f"manage.py runagent --name {name} --labels {labels} --capacity {capacity}"
+        self.start(name, [sys.executable, *argv.split()])
 
     def start_controller(self) -> None:
-        self.start(
-            "controller",
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "ciproject",
-                "worker",
-                "-Q",
-                "controller",
-                "-n",
-                "controller@%h",
-                "--pool=threads",
-                "--concurrency=4",
-                "--without-gossip",
-                "--without-mingle",
-            ],
+        argv = (
+            "-m celery -A ciproject worker -Q controller -n controller@%h --pool=threads"
+            " --concurrency=4 --without-gossip --without-mingle --loglevel=INFO"
         )
+        self.start("controller", [sys.executable, *argv.split()])
+
+    def start_beat(self) -> None:
+        schedule = self.log_dir / "beat-schedule"
+        argv = f"-m celery -A ciproject beat --schedule {schedule}"
+        self.start("beat", [sys.executable, *argv.split()])
 
     def wait_ready(self, names, timeout: float = 60) -> None:
         wanted = {f"{n}@" for n in names}
@@ -153,6 +133,7 @@ class Workers:
 def workers(worker_env, tmp_path_factory, django_db_blocker):
     group = Workers(worker_env, tmp_path_factory.mktemp("worker-logs"))
     group.start_controller()
+    group.start_beat()
     for name, labels in AGENTS.items():
         group.start_agent(name, labels)
     try:

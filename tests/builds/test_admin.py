@@ -316,3 +316,48 @@ def test_agent_status_is_the_only_editable_field(admin_client, agent, monkeypatc
     assert agent.status == AgentStatus.DISABLED
     assert (agent.name, agent.capacity, agent.last_heartbeat) == ("agent-<1>", 2, beat)
     assert admin_client.get(reverse("admin:agents_agent_add")).status_code == 403
+
+
+# Cancel ----------------------------------------------------------------------------------
+
+
+def cancel_url(build_id):
+    return reverse("admin:builds_build_cancel", args=(build_id,))
+
+
+def test_build_page_offers_cancel_while_the_build_runs(admin_client, build):
+    page = admin_client.get(reverse("admin:builds_build_change", args=(build.pk,)))
+    assert cancel_url(build.pk).encode() in page.content
+    response = admin_client.post(cancel_url(build.pk), follow=True)
+    assert response.status_code == 200
+    assert f"Build {build}: CANCELLING" in response.content.decode()
+    assert Build.objects.get(pk=build.pk).status == "CANCELLING"
+    page = admin_client.get(reverse("admin:builds_build_change", args=(build.pk,)))
+    assert cancel_url(build.pk).encode() not in page.content
+
+
+def test_cancel_is_post_only_and_needs_the_permission(client, admin_client, build):
+    assert admin_client.get(cancel_url(build.pk)).status_code == 405
+    viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_build"))
+    client.force_login(viewer)
+    page = client.get(reverse("admin:builds_build_change", args=(build.pk,)))
+    assert page.status_code == 200
+    assert cancel_url(build.pk).encode() not in page.content
+    assert client.post(cancel_url(build.pk)).status_code == 403
+    assert Build.objects.get(pk=build.pk).status == "RUNNING"
+
+
+def test_cancel_action_reports_each_build(admin_client, pipeline, build):
+    done = services.trigger_build(pipeline)
+    Build.objects.filter(pk=done.pk).update(status="SUCCEEDED")
+    response = admin_client.post(
+        reverse("admin:builds_build_changelist"),
+        {"action": "cancel_builds", "_selected_action": [build.pk, done.pk]},
+        follow=True,
+    )
+    text = response.content.decode()
+    assert f"Build {build}: CANCELLING" in text
+    assert "BUILD_ALREADY_FINISHED" in text
+    assert Build.objects.get(pk=build.pk).status == "CANCELLING"
+    assert Build.objects.get(pk=done.pk).status == "SUCCEEDED"

@@ -1,0 +1,38 @@
+"""Stopping running jobs on this agent. The controller broadcasts `stop_job` (a Celery
+remote-control command, handled by the worker's consumer thread, so it is heard while every
+pool thread is busy running steps); the job's runner sees the flag within a tick and ends
+the step's process group. Keyed by attempt: a stop for another attempt stops nothing."""
+
+import threading
+from contextlib import contextmanager
+
+from celery.worker.control import control_command
+
+_running: dict[tuple[int, int], threading.Event] = {}
+_lock = threading.Lock()
+
+
+@contextmanager
+def tracking(job_id: int, attempt: int):
+    """Register a job attempt running here; yields the event that asks it to stop."""
+    stop = threading.Event()
+    with _lock:
+        _running[(job_id, attempt)] = stop
+    try:
+        yield stop
+    finally:
+        with _lock:
+            _running.pop((job_id, attempt), None)
+
+
+def request_stop(job_id: int, attempt: int) -> bool:
+    with _lock:
+        stop = _running.get((job_id, attempt))
+    if stop is not None:
+        stop.set()
+    return stop is not None
+
+
+@control_command(args=[("job_id", int), ("attempt", int)], signature="<job_id> <attempt>")
+def stop_job(state, job_id, attempt):
+    return {"ok": request_stop(job_id, attempt)}

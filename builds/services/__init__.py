@@ -1,0 +1,36 @@
+"""Every change of state of pipelines, builds, jobs and steps. Each public function is one
+transaction; each status change is a compare-and-set through builds.statuses; messages
+leave with transaction.on_commit (DESIGN.md principles 1 and 2)."""
+
+from builds.services.cancellation import cancel_watchdog, finish_cancel, request_cancel
+from builds.services.execution import (
+    append_log,
+    build_variables,
+    finish_job,
+    finish_step,
+    next_attempt,
+    start_job,
+    start_step,
+    step_log,
+)
+from builds.services.lifecycle import advance_build, reconcile_running_builds, trigger_build
+from builds.services.pipelines import save_pipeline, validate_pipeline_name
+
+__all__ = [
+    "advance_build",
+    "append_log",
+    "build_variables",
+    "cancel_watchdog",
+    "finish_cancel",
+    "finish_job",
+    "finish_step",
+    "next_attempt",
+    "reconcile_running_builds",
+    "request_cancel",
+    "save_pipeline",
+    "start_job",
+    "start_step",
+    "step_log",
+    "trigger_build",
+    "validate_pipeline_name",
+]

@@ -1,0 +1,165 @@
+"""Cancelling a build. The request is one compare-and-set (QUEUED or RUNNING -> CANCELLING)
+whatever the build's size; the rest happens after the response, on the controller, in batched
+updates: queued messages are revoked, what has not started is CANCELED, the agents running
+its jobs are told to stop them, and once nothing runs the build ends CANCELED. A watchdog
+finishes cancels the agents did not confirm."""
+
+import logging
+import time
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from agents.models import Agent
+from builds.errors import BuildAlreadyFinished
+from builds.models import Build, JobRun, StepLogChunk, StepRun
+from builds.services.lifecycle import advance_build
+from builds.statuses import BuildStatus, RunStatus, build_allowed_from
+from ciproject import metrics
+from ciproject.celery import CONTROLLER_QUEUE, app
+
+log = logging.getLogger(__name__)
+
+# The agent-side command that stops a job (agents.control.stop_job).
+STOP_COMMAND = "stop_job"
+
+
+def request_cancel(build_id: int, user=None) -> str:
+    """Ask for a build to be cancelled; returns its status (CANCELLING). A second request is
+    accepted and changes nothing; a finished build raises BuildAlreadyFinished."""
+    started = time.perf_counter()
+    with transaction.atomic():
+        updated = Build.objects.filter(
+            pk=build_id, status__in=build_allowed_from(BuildStatus.CANCELLING)
+        ).update(
+            status=BuildStatus.CANCELLING,
+            cancel_requested_at=timezone.now(),
+            cancel_requested_by=user if user and user.is_authenticated else None,
+        )
+        if not updated:
+            status = Build.objects.values_list("status", flat=True).get(pk=build_id)
+            if status != BuildStatus.CANCELLING:
+                raise BuildAlreadyFinished(
+                    f"build {build_id} already ended {status}; there is nothing to cancel",
+                    status=status,
+                )
+            return status
+        transaction.on_commit(lambda: _send_quietly("builds.tasks.finish_cancel", build_id))
+    metrics.CANCEL_REQUEST_SECONDS.observe(time.perf_counter() - started)
+    return BuildStatus.CANCELLING
+
+
+def finish_cancel(build_id: int) -> str | None:
+    """The batched part of a cancel; idempotent, so the watchdog may call it again."""
+    with transaction.atomic():
+        build = Build.objects.select_for_update().filter(pk=build_id).first()
+        if build is None or build.status != BuildStatus.CANCELLING:
+            return None
+        now = timezone.now()
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE builds_jobrun SET status = %s, finished_at = %s"
+                " WHERE build_id = %s AND status = ANY(%s) RETURNING id, attempt, status",
+                [RunStatus.CANCELED, now, build_id, [RunStatus.PENDING, RunStatus.QUEUED]],
+            )
+            revoked = [f"job-{job_id}-{attempt}" for job_id, attempt, _ in cursor.fetchall()]
+        StepRun.objects.filter(
+            job__build_id=build_id, status__in=(RunStatus.PENDING, RunStatus.QUEUED)
+        ).update(status=RunStatus.CANCELED)
+        running = list(
+            JobRun.objects.filter(build_id=build_id, status=RunStatus.RUNNING).values_list(
+                "id", "attempt", "agent"
+            )
+        )
+
+        def notify():
+            if revoked:
+                _quietly(app.control.revoke, revoked)
+            for job_id, attempt, agent in running:
+                stop_job_on_agent(job_id, attempt, agent)
+
+        transaction.on_commit(notify)
+    return advance_build(build_id)  # ends it now when nothing was running
+
+
+def stop_job_on_agent(job_id: int, attempt: int, agent: str) -> None:
+    """Tell the agent running this job attempt to stop it (SIGTERM, grace, SIGKILL)."""
+    hostname = Agent.objects.filter(name=agent).values_list("hostname", flat=True).first()
+    destination = [f"{agent}@{hostname}"] if hostname else None
+    _quietly(
+        app.control.broadcast,
+        STOP_COMMAND,
+        arguments={"job_id": job_id, "attempt": attempt},
+        destination=destination,
+    )
+
+
+# How long the normal path gets before the watchdog repeats it (a message may be lost).
+REDRIVE_AFTER = timedelta(seconds=3)
+
+
+def cancel_watchdog(limit: int = 200) -> list[int]:
+    """Drive CANCELLING builds to CANCELED: repeat the batched part for those still cancelling
+    after a few seconds, and once the grace period and a margin have passed, end the jobs
+    whose agents never confirmed, marking those agents suspect. Returns the builds forced."""
+    now = timezone.now()
+    patience = timedelta(
+        seconds=settings.STEP_KILL_GRACE_SECONDS + settings.CANCEL_WATCHDOG_MARGIN_SECONDS
+    )
+    forced = []
+    stalled = Build.objects.filter(
+        status=BuildStatus.CANCELLING, cancel_requested_at__lt=now - REDRIVE_AFTER
+    ).order_by("cancel_requested_at")
+    for build_id, requested_at in stalled.values_list("id", "cancel_requested_at")[:limit]:
+        if now - requested_at > patience:
+            _force_cancel(build_id, now)
+            forced.append(build_id)
+        else:
+            finish_cancel(build_id)
+    return forced
+
+
+def _force_cancel(build_id: int, now) -> None:
+    with transaction.atomic():
+        jobs = list(
+            JobRun.objects.select_for_update().filter(build_id=build_id, status=RunStatus.RUNNING)
+        )
+        for job in jobs:
+            steps = StepRun.objects.filter(job=job, status=RunStatus.RUNNING)
+            StepLogChunk.objects.bulk_create(
+                StepLogChunk(
+                    step_id=step_id,
+                    attempt=attempt,
+                    seq=1_000_000,  # after anything the agent may still write
+                    text=f"\n[ciproject] cancelled; agent {job.agent} did not confirm the stop\n",
+                )
+                for step_id, attempt in steps.values_list("id", "attempt")
+            )
+            steps.update(status=RunStatus.CANCELED, finished_at=now)
+        reason = "cancelled; the agent did not confirm the stop in time"
+        JobRun.objects.filter(pk__in=[j.pk for j in jobs]).update(
+            status=RunStatus.CANCELED, finished_at=now, reason=reason
+        )
+        agents = {job.agent for job in jobs if job.agent}
+        Agent.objects.filter(name__in=agents).update(
+            suspect_since=now,
+            suspect_reason=f"did not confirm stopping build {build_id} within the grace period",
+        )
+        if agents:
+            log.warning("build %s: agents %s did not confirm the stop", build_id, sorted(agents))
+    finish_cancel(build_id)
+
+
+def _send_quietly(task: str, *args) -> None:
+    _quietly(app.send_task, task, args=args, queue=CONTROLLER_QUEUE, retry=False)
+
+
+def _quietly(call, *args, **kwargs) -> None:
+    """Messages after a cancel are best effort: when the broker is down the watchdog (beat)
+    takes over, so a cancel never waits on, or fails because of, the broker."""
+    try:
+        call(*args, **kwargs)
+    except Exception:
+        log.warning("cancel: could not reach the broker; the watchdog will finish", exc_info=True)

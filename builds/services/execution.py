@@ -1,0 +1,126 @@
+"""Running jobs and steps: called on the agents, fenced by attempt numbers."""
+
+from django.db import connection, transaction
+from django.utils import timezone
+
+from builds.models import Build, BuildVariable, JobRun, StepLogChunk, StepRun
+from builds.statuses import BuildStatus, RunStatus, run_allowed_from
+from ciproject.celery import CONTROLLER_QUEUE, app
+
+
+def start_job(job_id: int, attempt: int, agent: str) -> JobRun | None:
+    """QUEUED -> RUNNING for this attempt on `agent`; None if the message is stale."""
+    updated = JobRun.objects.filter(
+        pk=job_id,
+        attempt=attempt,
+        status__in=run_allowed_from(RunStatus.RUNNING),
+        build__status=BuildStatus.RUNNING,
+    ).update(status=RunStatus.RUNNING, agent=agent, started_at=timezone.now())
+    if not updated:
+        return None
+    return JobRun.objects.select_related("build").get(pk=job_id)
+
+
+def start_step(step: StepRun) -> bool:
+    """PENDING or QUEUED -> RUNNING, at the step's current attempt, while the build runs."""
+    now = timezone.now()
+    updated = StepRun.objects.filter(
+        pk=step.pk,
+        attempt=step.attempt,
+        status__in=run_allowed_from(RunStatus.RUNNING),
+        job__build__status=BuildStatus.RUNNING,
+    ).update(status=RunStatus.RUNNING, started_at=now)
+    step.status, step.started_at = RunStatus.RUNNING, now
+    return bool(updated)
+
+
+def next_attempt(step: StepRun) -> bool:
+    """An automatic retry: a RUNNING step whose attempt failed goes on at attempt + 1."""
+    now = timezone.now()
+    updated = StepRun.objects.filter(
+        pk=step.pk,
+        attempt=step.attempt,
+        status=RunStatus.RUNNING,
+        job__build__status=BuildStatus.RUNNING,
+    ).update(attempt=step.attempt + 1, exit_code=None, started_at=now)
+    if updated:
+        step.attempt, step.started_at = step.attempt + 1, now
+    return bool(updated)
+
+
+def append_log(step_id: int, attempt: int, seq: int, text: str) -> None:
+    StepLogChunk.objects.create(step_id=step_id, attempt=attempt, seq=seq, text=text)
+
+
+def _cancel_wins(build_id: int, status: str) -> str:
+    """While its build is CANCELLING, whatever ends is recorded CANCELED. The build row lock
+    orders this against the cancel request: a step that ends after it is cancelled."""
+    build_status = (
+        Build.objects.select_for_update(no_key=True)
+        .values_list("status", flat=True)
+        .get(pk=build_id)
+    )
+    return RunStatus.CANCELED if build_status == BuildStatus.CANCELLING else status
+
+
+def finish_step(step: StepRun, attempt: int, status: str, exit_code, variables: dict) -> str | None:
+    """RUNNING -> final for this attempt, with the variables it set. Returns the status
+    recorded, or None if the attempt is no longer the step's (stale)."""
+    with transaction.atomic():
+        build = step.job.build
+        status = _cancel_wins(build.pk, status)
+        updated = StepRun.objects.filter(
+            pk=step.pk, attempt=attempt, status__in=run_allowed_from(status)
+        ).update(status=status, exit_code=exit_code, finished_at=timezone.now())
+        if not updated:
+            return None
+        if variables and status != RunStatus.CANCELED:
+            _upsert_variables(build.pk, build.created_at, variables, source="step")
+    return status
+
+
+def _upsert_variables(build_id, build_created_at, variables: dict, source: str) -> None:
+    with connection.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO builds_buildvariable (build_created_at, build_id, name, value, source)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (build_created_at, build_id, name)"
+            " DO UPDATE SET value = EXCLUDED.value, source = EXCLUDED.source",
+            [(build_created_at, build_id, k, v, source) for k, v in variables.items()],
+        )
+
+
+def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
+    """RUNNING -> final for this attempt; what is left of it is skipped; the controller is
+    told to advance the build."""
+    with transaction.atomic():
+        now = timezone.now()
+        if _cancel_wins(job.build_id, status) != status:
+            status, reason = RunStatus.CANCELED, reason or "the build was cancelled"
+        updated = JobRun.objects.filter(
+            pk=job.pk, attempt=job.attempt, status__in=run_allowed_from(status)
+        ).update(status=status, reason=reason, finished_at=now)
+        if not updated:
+            return False
+        StepRun.objects.filter(job=job, status__in=run_allowed_from(RunStatus.SKIPPED)).update(
+            status=RunStatus.SKIPPED
+        )
+        build_id = job.build_id
+        transaction.on_commit(
+            lambda: app.send_task(
+                "builds.tasks.advance_build", args=(build_id,), queue=CONTROLLER_QUEUE
+            )
+        )
+    return True
+
+
+def build_variables(build_id: int) -> dict[str, str]:
+    return dict(
+        BuildVariable.objects.filter(build_id=build_id)
+        .order_by("name")
+        .values_list("name", "value")
+    )
+
+
+def step_log(step: StepRun, attempt: int | None = None) -> str:
+    chunks = StepLogChunk.objects.filter(step=step, attempt=attempt or step.attempt)
+    return "".join(chunks.values_list("text", flat=True))

@@ -1,0 +1,33 @@
+"""Creating and editing pipelines."""
+
+import re
+
+from django.db import IntegrityError, transaction
+
+from builds.definition import parse_definition
+from builds.errors import InvalidPipeline, PipelineNameTaken
+from builds.models import Pipeline
+
+PIPELINE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def validate_pipeline_name(name) -> str:
+    if not isinstance(name, str) or not PIPELINE_NAME_RE.fullmatch(name):
+        raise InvalidPipeline(
+            "name: 1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+def save_pipeline(name: str, definition: str, pipeline: Pipeline | None = None) -> Pipeline:
+    """Create a pipeline, or update `pipeline`; nothing is stored unless all of it is valid."""
+    name = validate_pipeline_name(name)
+    spec = parse_definition(definition)
+    pipeline = pipeline or Pipeline()
+    pipeline.name, pipeline.definition, pipeline.spec = name, definition, spec
+    try:
+        with transaction.atomic():
+            pipeline.save()
+    except IntegrityError:
+        raise PipelineNameTaken(f"name: a pipeline named {name!r} already exists") from None
+    return pipeline

@@ -1,0 +1,84 @@
+"""Cancellation figures (`make bench`): the cancel request's latency for builds of 1 and 200
+jobs (it must not grow with the build), and cancel-to-CANCELED for a running step that exits
+on SIGTERM. Targets: request p99 under 50 ms; stop-to-CANCELED under 1 s."""
+
+import statistics
+import time
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.test import APIClient
+
+from builds import services
+from builds.models import Build, StepRun
+from tests.support import make_pipeline, wait_for_build, wait_until
+
+REQUESTS = 200
+RUNNING_CANCELS = 20
+
+
+def percentiles(values_ms):
+    values_ms = sorted(values_ms)
+    p99 = values_ms[max(0, int(len(values_ms) * 0.99) - 1)]
+    return (
+        f"p50 {statistics.median(values_ms):.1f} ms, p99 {p99:.1f} ms, max {values_ms[-1]:.1f} ms"
+    )
+
+
+def wide_pipeline(name: str, jobs: int):
+    # Jobs wait on a label no agent serves, so the builds stay put while we cancel them.
+    lines = "".join(
+        f"      - {{id: j{i}, runs-on: bench-nowhere, steps: [{{run: 'true'}}]}}\n"
+        for i in range(jobs)
+    )
+    return make_pipeline(name, f"stages:\n  - name: s\n    jobs:\n{lines}")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_request_latency_by_build_size(workers):
+    client = APIClient()
+    client.force_authenticate(User.objects.create_superuser("bench"))
+    for jobs in (1, 200):
+        pipeline = wide_pipeline(f"bench-cancel-{jobs}", jobs)
+        builds = [services.trigger_build(pipeline) for _ in range(REQUESTS + 10)]
+        latencies = []
+        for n, build in enumerate(builds):
+            started = time.perf_counter()
+            response = client.post(f"/api/builds/{build.pk}/cancel/")
+            elapsed = (time.perf_counter() - started) * 1000
+            assert response.status_code == 202
+            if n >= 10:
+                latencies.append(elapsed)
+        figures = percentiles(latencies)
+        print(f"\ncancel request, builds of {jobs} jobs, {REQUESTS} requests: {figures}")
+        unfinished = Build.objects.filter(pipeline=pipeline).exclude(status="CANCELED")
+        drained = time.perf_counter()
+        wait_until(lambda unfinished=unfinished: not unfinished.exists(), timeout=300, interval=0.5)
+        print(
+            f"  all {len(builds)} builds CANCELED {time.perf_counter() - drained:.1f} s"
+            " after the last request"
+        )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_to_canceled_for_a_running_step(workers):
+    pipeline = make_pipeline(
+        "bench-cancel-running",
+        "stages:\n  - name: s\n    jobs:\n      - {id: j, steps: [{run: 'exec sleep 600'}]}\n",
+    )
+    stop_to_canceled = []
+    for _ in range(RUNNING_CANCELS):
+        build = services.trigger_build(pipeline)
+        wait_until(
+            lambda build=build: StepRun.objects.filter(job__build=build, status="RUNNING").exists(),
+            timeout=30,
+        )
+        time.sleep(0.05)  # let the shell exec sleep: we measure a step that is really running
+        services.request_cancel(build.pk)
+        build = wait_for_build(build, timeout=30)
+        assert build.status == "CANCELED"
+        stop_to_canceled.append(
+            (build.finished_at - build.cancel_requested_at).total_seconds() * 1000
+        )
+    figures = percentiles(stop_to_canceled)
+    print(f"\ncancel-to-CANCELED, running step, {RUNNING_CANCELS} builds: {figures}")

@@ -1,0 +1,124 @@
+"""Cancellation on the database: the request's single compare-and-set, the batched part,
+and the cancel winning over a step that ends in the same instant."""
+
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.contrib.auth.models import User
+from django.utils import timezone
+
+from agents.models import Agent
+from builds import services
+from builds.errors import BuildAlreadyFinished
+from builds.models import Build, JobRun, StepRun
+from builds.statuses import BuildStatus, RunStatus
+from tests.support import make_pipeline
+
+
+def pipeline_with_jobs(name: str, jobs: int):
+    lines = "".join(f"      - {{id: j{i}, steps: [{{run: 'true'}}]}}\n" for i in range(jobs))
+    return make_pipeline(name, f"stages:\n  - name: s\n    jobs:\n{lines}")
+
+
+@pytest.mark.django_db
+def test_cancel_request_cost_does_not_grow_with_the_build(django_assert_max_num_queries):
+    small = services.trigger_build(pipeline_with_jobs("small", 1))
+    large = services.trigger_build(pipeline_with_jobs("large", 200))
+    user = User.objects.create_user("u")
+    for build in (small, large):
+        with django_assert_max_num_queries(3):  # savepoint, UPDATE, release
+            assert services.request_cancel(build.pk, user) == "CANCELLING"
+    large.refresh_from_db()
+    assert (large.status, large.cancel_requested_by) == ("CANCELLING", user)
+    assert large.cancel_requested_at is not None
+    # The request touched only the build row: the jobs wait for the batched part.
+    assert JobRun.objects.filter(build=large, status="QUEUED").count() == 200
+
+
+@pytest.mark.django_db
+def test_second_cancel_changes_nothing_and_finished_builds_refuse():
+    build = services.trigger_build(pipeline_with_jobs("p", 1))
+    services.request_cancel(build.pk)
+    first = Build.objects.get(pk=build.pk).cancel_requested_at
+    assert services.request_cancel(build.pk) == "CANCELLING"
+    assert Build.objects.get(pk=build.pk).cancel_requested_at == first
+    done = services.trigger_build(pipeline_with_jobs("q", 1))
+    Build.objects.filter(pk=done.pk).update(status=BuildStatus.SUCCEEDED)
+    with pytest.raises(BuildAlreadyFinished) as refused:
+        services.request_cancel(done.pk)
+    assert refused.value.code == "BUILD_ALREADY_FINISHED"
+    assert Build.objects.get(pk=done.pk).status == "SUCCEEDED"
+
+
+@pytest.mark.django_db
+def test_finish_cancel_ends_what_never_started_in_bulk():
+    build = services.trigger_build(pipeline_with_jobs("p", 5))
+    services.request_cancel(build.pk)
+    assert services.finish_cancel(build.pk) == "CANCELED"
+    build.refresh_from_db()
+    assert build.status == "CANCELED"
+    assert build.finished_at is not None
+    assert set(JobRun.objects.filter(build=build).values_list("status", flat=True)) == {"CANCELED"}
+    assert set(StepRun.objects.filter(job__build=build).values_list("status", flat=True)) == {
+        "CANCELED"
+    }
+    assert services.finish_cancel(build.pk) is None  # idempotent
+
+
+@pytest.mark.django_db
+def test_a_step_ending_just_after_the_cancel_is_canceled():
+    build = services.trigger_build(
+        make_pipeline(
+            "p",
+            "stages:\n  - name: a\n    jobs:\n      - {id: j, steps: [{run: x}, {run: y}]}\n"
+            "  - name: b\n    jobs:\n      - {id: k, steps: [{run: z}]}\n",
+        )
+    )
+    job = services.start_job(JobRun.objects.get(build=build, key="j").pk, 1, "agent")
+    first, second = job.steps.order_by("index")
+    first.job = job
+    assert services.start_step(first)
+    services.request_cancel(build.pk)
+    # The step exits 0 in the instant after the cancel: the cancel wins.
+    assert services.finish_step(first, 1, RunStatus.SUCCEEDED, 0, {"V": "x"}) == "CANCELED"
+    assert services.build_variables(build.pk) == {}
+    second.job = job
+    assert not services.start_step(second)  # nothing new starts in a cancelling build
+    assert services.finish_job(job, RunStatus.SUCCEEDED)
+    assert JobRun.objects.get(pk=job.pk).status == "CANCELED"
+    assert services.advance_build(build.pk) == "CANCELED"
+    later = JobRun.objects.get(build=build, key="k")
+    assert (later.status, later.started_at) == ("CANCELED", None)
+
+
+@pytest.mark.django_db
+def test_watchdog_forces_a_cancel_the_agent_never_confirmed(settings):
+    settings.STEP_KILL_GRACE_SECONDS = 10
+    settings.CANCEL_WATCHDOG_MARGIN_SECONDS = 5
+    Agent.objects.create(name="gone", labels=["default"])
+    build = services.trigger_build(pipeline_with_jobs("p", 2))
+    job = services.start_job(JobRun.objects.filter(build=build).first().pk, 1, "gone")
+    step = job.steps.get()
+    step.job = job
+    services.start_step(step)
+    services.request_cancel(build.pk)
+    requested = timezone.now()
+    assert services.cancel_watchdog() == []  # the normal path gets its chance first
+    with time_machine.travel(requested + timedelta(seconds=5), tick=False):
+        assert services.cancel_watchdog() == []  # re-driven, still within the grace period
+    assert Build.objects.get(pk=build.pk).status == "CANCELLING"
+    statuses = dict(JobRun.objects.filter(build=build).values_list("pk", "status"))
+    assert statuses.pop(job.pk) == "RUNNING"  # waits for its agent
+    assert list(statuses.values()) == ["CANCELED"]  # the re-drive ended what never started
+    with time_machine.travel(requested + timedelta(seconds=16), tick=False):
+        assert services.cancel_watchdog() == [build.pk]
+    build.refresh_from_db()
+    assert build.status == "CANCELED"
+    job.refresh_from_db()
+    assert job.status == "CANCELED"
+    assert "did not confirm" in job.reason
+    assert "agent gone did not confirm" in services.step_log(step)
+    agent = Agent.objects.get(name="gone")
+    assert agent.suspect_since is not None
+    assert f"build {build.pk}" in agent.suspect_reason

@@ -1,0 +1,161 @@
+"""Cancellation with real agents, controller and beat: the API answers CANCELLING at once,
+the step's whole process group dies, and the build always ends CANCELED."""
+
+import os
+import signal
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.test import APIClient
+
+from agents.models import Agent
+from builds import services
+from builds.models import Build, JobRun, StepRun
+from tests.agents.test_runner import alive
+from tests.support import make_pipeline, one_step, wait_for_build, wait_until
+
+pytestmark = [pytest.mark.usefixtures("workers"), pytest.mark.django_db(transaction=True)]
+
+
+def hanging_pipeline(name: str, pids, runs_on: str = "linux"):
+    """A step that starts a child and a grandchild, records their pids, and hangs; and a
+    later stage that must never start."""
+    return make_pipeline(
+        name,
+        f"""
+stages:
+  - name: work
+    jobs:
+      - id: hang
+        runs-on: {runs_on}
+        steps:
+          - name: sleeps
+            run: |
+              echo "started"
+              sleep 600 & echo $! >> {pids}
+              bash -c 'sleep 600 & echo $! >> {pids}; wait' &
+              echo $! >> {pids}
+              wait
+  - name: after
+    jobs:
+      - {{id: later, steps: [{{run: echo never}}]}}
+""",
+    )
+
+
+def api_client(*perms) -> APIClient:
+    client = APIClient()
+    user = User.objects.create_superuser("boss") if not perms else User.objects.create_user("x")
+    client.force_authenticate(user)
+    return client
+
+
+def recorded_pids(path, count=3):
+    return wait_until(
+        lambda: (
+            path.exists() and len(ids := path.read_text().split()) >= count and list(map(int, ids))
+        ),
+        timeout=30,
+        message="the step's processes to start",
+    )
+
+
+def test_cancel_running_build_kills_children_and_grandchildren(tmp_path):
+    pids_file = tmp_path / "pids"
+    build = services.trigger_build(hanging_pipeline("hang", pids_file))
+    pids = recorded_pids(pids_file)
+    response = api_client().post(f"/api/builds/{build.pk}/cancel/")
+    assert (response.status_code, response.json()) == (202, {"status": "CANCELLING"})
+    build = wait_for_build(build, timeout=20)
+    assert build.status == "CANCELED"
+    assert build.finished_at is not None
+    # All gone within the grace period (3 s here): sleep exits on SIGTERM at once.
+    assert (build.finished_at - build.cancel_requested_at).total_seconds() < 3
+    wait_until(lambda: not any(alive(p) for p in pids), timeout=3, message="processes to die")
+    step = StepRun.objects.get(job__build=build, job__key="hang")
+    assert step.status == "CANCELED"
+    log = services.step_log(step)
+    assert "started" in log
+    assert "cancelled" in log
+    later = JobRun.objects.get(build=build, key="later")
+    assert (later.status, later.started_at) == ("CANCELED", None)
+    assert JobRun.objects.get(build=build, key="hang").status == "CANCELED"
+
+
+def test_cancel_build_whose_job_waits_for_an_agent():
+    build = services.trigger_build(
+        make_pipeline(
+            "nowhere",
+            "stages:\n  - name: s\n    jobs:\n      - {id: j, runs-on: no-such-label, "
+            "steps: [{run: 'true'}]}\n",
+        )
+    )
+    assert JobRun.objects.get(build=build).status == "QUEUED"
+    assert services.request_cancel(build.pk) == "CANCELLING"
+    build = wait_for_build(build, timeout=10)
+    assert build.status == "CANCELED"
+    assert StepRun.objects.get(job__build=build).status == "CANCELED"
+
+
+def test_double_cancel_and_cancel_of_a_finished_build(tmp_path):
+    build = services.trigger_build(hanging_pipeline("twice", tmp_path / "pids"))
+    recorded_pids(tmp_path / "pids")
+    client = api_client()
+    assert client.post(f"/api/builds/{build.pk}/cancel/").status_code == 202
+    again = client.post(f"/api/builds/{build.pk}/cancel/")
+    assert (again.status_code, again.json()) == (202, {"status": "CANCELLING"})
+    assert wait_for_build(build, timeout=20).status == "CANCELED"
+    late = client.post(f"/api/builds/{build.pk}/cancel/")
+    assert late.status_code == 409
+    assert late.json()["code"] == "BUILD_ALREADY_FINISHED"
+    assert Build.objects.get(pk=build.pk).status == "CANCELED"
+
+
+def test_cancel_racing_with_completion_ends_consistently():
+    pipeline = make_pipeline("racy", one_step("true"))
+    client = api_client()
+    outcomes = []
+    for _ in range(15):
+        build = services.trigger_build(pipeline)
+        answer = client.post(f"/api/builds/{build.pk}/cancel/").status_code
+        build = wait_for_build(build, timeout=20)
+        steps = set(StepRun.objects.filter(job__build=build).values_list("status", flat=True))
+        if answer == 202:
+            assert build.status == "CANCELED"
+            assert steps <= {"CANCELED"}
+        else:
+            assert (answer, build.status, steps) == (409, "SUCCEEDED", {"SUCCEEDED"})
+        outcomes.append(build.status)
+    assert "CANCELED" in outcomes
+
+
+def test_cancel_requires_the_cancel_permission(tmp_path):
+    build = services.trigger_build(make_pipeline("perm", one_step("true")))
+    client = APIClient()
+    client.force_authenticate(User.objects.create_user("viewer"))
+    response = client.post(f"/api/builds/{build.pk}/cancel/")
+    assert (response.status_code, response.json()["code"]) == (403, "PERMISSION_DENIED")
+    assert APIClient().post(f"/api/builds/{build.pk}/cancel/").status_code == 401
+    wait_for_build(build)
+
+
+def test_watchdog_finishes_the_cancel_when_the_agent_was_killed(workers, tmp_path):
+    workers.start_agent("agent-doomed", "doomed")
+    workers.wait_ready(["agent-doomed"])
+    pids_file = tmp_path / "pids"
+    build = services.trigger_build(hanging_pipeline("doomed", pids_file, runs_on="doomed"))
+    pids = recorded_pids(pids_file)
+    workers.stop("agent-doomed", signal.SIGKILL)
+    try:
+        assert services.request_cancel(build.pk) == "CANCELLING"
+        # grace 3 s + margin 2 s, then the next beat of the watchdog (every 2 s).
+        build = wait_for_build(build, timeout=30)
+        assert build.status == "CANCELED"
+        job = JobRun.objects.get(build=build, key="hang")
+        assert (job.status, job.agent) == ("CANCELED", "agent-doomed")
+        assert "did not confirm" in job.reason
+        assert Agent.objects.get(name="agent-doomed").suspect_since is not None
+    finally:
+        for pid in pids:  # the killed agent's step outlived it; clean up after the test
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
