@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
+VAR_DIR ?= var
+export VAR_DIR
 ADMIN_USER ?= admin
 ADMIN_PASSWORD ?= admin
 
@@ -23,9 +25,10 @@ run: install
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput -v0
 	$(BIN)/python manage.py ensureadmin --username "$(ADMIN_USER)" --password "$(ADMIN_PASSWORD)"
-	for f in examples/*.yaml; do $(BIN)/python manage.py loadpipeline "$$(basename $$f .yaml)" "$$f"; done
+	for f in examples/*.yaml; do \
+		$(BIN)/python manage.py loadpipeline "$$(basename $$f .yaml)" "$$f" || exit 1; done
 	@echo "ciproject: http://127.0.0.1:$(PORT)/admin/ (user $(ADMIN_USER), password $(ADMIN_PASSWORD))"
-	mkdir -p var
+	mkdir -p "$(VAR_DIR)"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho -d . -f deploy/Procfile start --port $(PORT)
 
 lint: install

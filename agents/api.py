@@ -14,6 +14,7 @@ class AgentSerializer(serializers.ModelSerializer):
 class AgentViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Agent.objects.all()
     serializer_class = AgentSerializer
+    lookup_value_regex = r"[0-9]+"
 
 
 router.register("agents", AgentViewSet)

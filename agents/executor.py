@@ -8,29 +8,64 @@ import time
 from pathlib import Path
 
 from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection
 
 from agents import control
-from agents.runner import StepOutput, run_step, step_environment
+from agents.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
 from builds.models import JobRun, StepRun
 from builds.statuses import RunStatus
 
 log = logging.getLogger(__name__)
 
+DATABASE_ERRORS = (OperationalError, InterfaceError)
+
+
+def persist(write, *args):
+    """Run a database write, retrying while PostgreSQL is unreachable (a restart, a failover)
+    for up to AGENT_DB_RETRY_SECONDS: a step's result is retried, never dropped."""
+    deadline = time.monotonic() + settings.AGENT_DB_RETRY_SECONDS
+    delay = 0.2
+    while True:
+        try:
+            return write(*args)
+        except DATABASE_ERRORS:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("database unreachable; retrying %s in %.1f s", write.__name__, delay)
+            connection.close()
+            time.sleep(delay)
+            delay = min(delay * 2, 5)
+
 
 class LogWriter:
-    """Appends a step attempt's output to its log, a chunk at a time."""
+    """Appends a step attempt's output to its log, a chunk at a time. While the database is
+    unreachable the text is kept and sent with the next chunk."""
 
     def __init__(self, step: StepRun):
         self.step_id, self.attempt = step.pk, step.attempt
         self.seq = 0
+        self.unsent = ""
         self.flushed_at = time.monotonic()
 
-    def write(self, text: str) -> None:
-        if text:
-            services.append_log(self.step_id, self.attempt, self.seq, text)
-            self.seq += 1
+    def write(self, text: str, final: bool = False) -> None:
+        self.unsent += text
         self.flushed_at = time.monotonic()
+        if not self.unsent:
+            return
+        try:
+            if final:
+                persist(services.append_log, self.step_id, self.attempt, self.seq, self.unsent)
+            else:
+                services.append_log(self.step_id, self.attempt, self.seq, self.unsent)
+        except DATABASE_ERRORS:
+            if final:
+                raise
+            connection.close()
+            log.warning("step %s: log chunk kept until the database answers", self.step_id)
+            return
+        self.seq += 1
+        self.unsent = ""
 
     def due(self) -> bool:
         return time.monotonic() - self.flushed_at >= settings.STEP_LOG_FLUSH_SECONDS
@@ -48,101 +83,113 @@ def execute_job(job_id: int, attempt: int, agent: str) -> str | None:
         if job is None:
             log.info("job %s attempt %s: stale, duplicate or cancelled; ignored", job_id, attempt)
             return None
-        status, reason = _run_steps(job, workspace_for(agent, job), stop)
-        services.finish_job(job, status, reason)  # fenced: a stale attempt changes nothing
+        status, reason = JobExecution(job, workspace_for(agent, job), stop).run()
+        persist(services.finish_job, job, status, reason)  # fenced: stale attempts change nothing
         return status
 
 
-def _run_steps(job: JobRun, workspace: Path, stop: threading.Event) -> tuple[str, str]:
-    workspace.mkdir(parents=True, exist_ok=True)
-    try:
-        for step in job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
-            step.job = job
-            step_status = None if stop.is_set() else run_step_attempts(job, step, workspace, stop)
-            if step_status is None:  # stopped, or the build no longer runs
-                return RunStatus.CANCELED, "stopped: the build is no longer running"
-            if step_status != RunStatus.SUCCEEDED and not step.continue_on_error:
-                return step_status, f"step {step.name!r} ended {step_status}"
-        return RunStatus.SUCCEEDED, ""
-    except Exception as exc:
-        log.exception("job %s attempt %s failed on the agent", job.pk, job.attempt)
-        return RunStatus.FAILED, f"agent error: {exc.__class__.__name__}: {exc}"
-    finally:
-        shutil.rmtree(workspace, ignore_errors=True)
+class JobExecution:
+    def __init__(self, job: JobRun, workspace: Path, stop: threading.Event):
+        self.job, self.build, self.workspace, self.stop = job, job.build, workspace, stop
+        # What the job's steps see: the build's variables when the job starts, plus what its
+        # own steps set. Never what a parallel job happens to have set meanwhile.
+        self.variables = services.build_variables(job.build_id)
 
+    def run(self) -> tuple[str, str]:
+        try:
+            self.workspace.mkdir(parents=True, exist_ok=True)
+            for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
+                step.job = self.job
+                status = None if self.stop.is_set() else self.run_step(step)
+                if status is None:  # stopped, or the build no longer runs
+                    return RunStatus.CANCELED, "stopped: the build is no longer running"
+                if status != RunStatus.SUCCEEDED and not step.continue_on_error:
+                    return status, f"step {step.name!r} ended {status}"
+            return RunStatus.SUCCEEDED, ""
+        except Exception as exc:
+            log.exception("job %s attempt %s failed on the agent", self.job.pk, self.job.attempt)
+            return RunStatus.FAILED, f"agent error: {exc.__class__.__name__}: {exc}"
+        finally:
+            shutil.rmtree(self.workspace, ignore_errors=True)
 
-def run_step_attempts(
-    job: JobRun, step: StepRun, workspace: Path, stop: threading.Event
-) -> str | None:
-    """Run a step, retrying it automatically up to its `retry` count. Returns the status
-    recorded, or None if the step could not start or finish as this attempt's."""
-    if not services.start_step(step):
-        return None
-    retries_left = step.max_retries
-    while True:
-        writer = LogWriter(step)
-        outcome, notice = _run_once(job, step, workspace, writer, stop)
-        status = RunStatus.SUCCEEDED if outcome.exit_code == 0 else RunStatus.FAILED
-        if outcome.timed_out:
-            status = RunStatus.TIMED_OUT
+    def run_step(self, step: StepRun) -> str | None:
+        """Run a step, retrying it automatically up to its `retry` count. Returns the status
+        recorded, or None if the step could not start or finish as this attempt's."""
+        if not services.start_step(step):
+            return None
+        retries_left = step.max_retries
+        while True:
+            writer = LogWriter(step)
+            outcome, notice = self.run_attempt(step, writer)
+            status = _status_of(outcome)
+            if status not in (RunStatus.SUCCEEDED, RunStatus.CANCELED) and retries_left > 0:
+                retrying = f"[ciproject] retrying automatically ({retries_left} left)\n"
+                writer.write(notice + retrying, final=True)
+                if not persist(services.next_attempt, step):
+                    return None
+                retries_left -= 1
+                continue
+            writer.write(notice, final=True)
+            recorded = persist(
+                services.finish_step,
+                step,
+                step.attempt,
+                status,
+                outcome.exit_code,
+                outcome.variables,
+            )
+            if recorded and recorded != RunStatus.CANCELED:
+                self.variables.update(outcome.variables)
+            return recorded
+
+    def run_attempt(self, step: StepRun, writer: LogWriter) -> tuple[StepOutcome, str]:
+        env = step_environment(
+            self.variables,
+            {
+                "CI": "true",
+                "CI_BUILD_ID": str(self.build.pk),
+                "CI_BUILD_NUMBER": str(self.build.number),
+                "CI_PIPELINE_ID": str(self.build.pipeline_id),
+                "CI_JOB_ID": str(self.job.pk),
+                "CI_JOB_NAME": self.job.key,
+                "CI_STEP_ATTEMPT": str(step.attempt),
+                "CI_WORKSPACE": str(self.workspace),
+            },
+        )
+        output = StepOutput(settings.STEP_LOG_MAX_BYTES)
+
+        def on_tick() -> bool:
+            if writer.due():
+                writer.write(output.take())
+            return self.stop.is_set()
+
+        started = time.monotonic()
+        outcome = run_step(
+            step.command,
+            cwd=str(self.workspace),
+            env=env,
+            timeout=step.timeout,
+            output=output,
+            grace=settings.STEP_KILL_GRACE_SECONDS,
+            on_tick=on_tick,
+        )
+        elapsed = time.monotonic() - started
+        notice = output.take() + output.truncation_notice()
+        notice += "".join(f"[ciproject] {w}\n" for w in output.warnings)
         if outcome.stopped:
-            status = RunStatus.CANCELED
-        elif status != RunStatus.SUCCEEDED and retries_left > 0:
-            writer.write(f"{notice}[ciproject] retrying automatically ({retries_left} left)\n")
-            if not services.next_attempt(step):
-                return None
-            retries_left -= 1
-            continue
-        writer.write(notice)
-        return services.finish_step(
-            step, step.attempt, status, outcome.exit_code, outcome.variables
-        )
+            notice += "[ciproject] cancelled: the step's process group was stopped\n"
+        elif outcome.timed_out:
+            notice += (
+                f"[ciproject] timed out after {step.timeout} s; its process group was killed\n"
+            )
+        else:
+            notice += f"[ciproject] exit code {outcome.exit_code} after {elapsed:.1f} s\n"
+        return outcome, notice
 
 
-def _run_once(
-    job: JobRun, step: StepRun, workspace: Path, writer: LogWriter, stop: threading.Event
-):
-    build = job.build
-    env = step_environment(
-        services.build_variables(build.pk),
-        {
-            "CI": "true",
-            "CI_BUILD_ID": str(build.pk),
-            "CI_BUILD_NUMBER": str(build.number),
-            "CI_PIPELINE_ID": str(build.pipeline_id),
-            "CI_JOB_ID": str(job.pk),
-            "CI_JOB_NAME": job.key,
-            "CI_STEP_ATTEMPT": str(step.attempt),
-            "CI_WORKSPACE": str(workspace),
-        },
-    )
-    output = StepOutput(settings.STEP_LOG_MAX_BYTES)
-
-    def on_tick() -> bool:
-        if writer.due():
-            writer.write(output.take())
-        return stop.is_set()
-
-    started = time.monotonic()
-    outcome = run_step(
-        step.command,
-        cwd=str(workspace),
-        env=env,
-        timeout=step.timeout,
-        output=output,
-        grace=settings.STEP_KILL_GRACE_SECONDS,
-        on_tick=on_tick,
-    )
-    elapsed = time.monotonic() - started
-    notice = output.truncation_notice()
-    notice += "".join(f"[ciproject] {w}\n" for w in output.warnings)
+def _status_of(outcome: StepOutcome) -> str:
     if outcome.stopped:
-        notice += "[ciproject] cancelled: the step's process group was stopped\n"
-    elif outcome.timed_out:
-        notice += (
-            f"[ciproject] step timed out after {step.timeout} s; its process group was killed\n"
-        )
-    else:
-        notice += f"[ciproject] exit code {outcome.exit_code} after {elapsed:.1f} s\n"
-    writer.write(output.take())
-    return outcome, notice
+        return RunStatus.CANCELED
+    if outcome.timed_out:
+        return RunStatus.TIMED_OUT
+    return RunStatus.SUCCEEDED if outcome.exit_code == 0 else RunStatus.FAILED

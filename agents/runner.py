@@ -8,6 +8,7 @@ period. Variables reach the step only through its environment.
 
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -16,11 +17,26 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from builds.definition import MAX_VARIABLE_VALUE, VARIABLE_NAME_RE
+from builds.definition import (
+    MAX_VARIABLE_NAME,
+    MAX_VARIABLE_VALUE,
+    MAX_VARIABLES,
+    MAX_VARIABLES_TOTAL,
+    VARIABLE_NAME_RE,
+    is_reserved_variable_name,
+)
 
 SET_VARIABLE_RE = re.compile(rb"^::set-variable name=([^:]*)::(.*?)\r?$")
+# Longer than any valid set-variable line (name and value are capped far below). Output with
+# no newline for this long (a binary file, '\r' progress bars) goes to the log in pieces of
+# about this size, so memory and CPU stay bounded, and is never parsed as a set-variable.
+MAX_LINE = 64 * 1024
+# Warnings are appended to the log after its cap: a step printing bad lines in a loop must
+# not flood it.
+MAX_WARNINGS = 20
 # What a step inherits from the agent's environment; nothing else (no DATABASE_URL or keys).
 INHERITED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "USER", "LOGNAME", "SHELL", "TMPDIR", "TERM")
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SHELL = shutil.which("bash") or "/bin/sh"
 SHELL_ARGS = (
     ["--noprofile", "--norc", "-eo", "pipefail", "-c"] if SHELL.endswith("bash") else ["-ec"]
@@ -38,7 +54,7 @@ class StepOutcome:
 class StepOutput:
     """Collects a step's output: keeps up to `max_bytes`, counts what it drops, and picks out
     `::set-variable name=KEY::value` lines. Written by the reader thread, drained by the
-    runner's loop."""
+    runner's loop; once closed it changes no more, even if a reader outlived its step."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
@@ -46,46 +62,84 @@ class StepOutput:
         self.dropped = 0
         self.variables: dict[str, str] = {}
         self.warnings: list[str] = []
+        self._variables_size = 0
+        self._unreported = 0  # warnings over MAX_WARNINGS
         self._pending: list[str] = []
         self._partial = b""
+        self._overlong = False  # the line in progress already went to the log in pieces
+        self._closed = False
         self._lock = threading.Lock()
 
     def feed(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._line(line + b"\n")
+        with self._lock:
+            if self._closed:
+                return
+            *lines, self._partial = (self._partial + data).split(b"\n")
+            for line in lines:
+                self._line(line + b"\n")
+            if len(self._partial) > MAX_LINE:
+                self._keep(self._partial)
+                self._partial, self._overlong = b"", True
 
     def close(self) -> None:
-        if self._partial:
-            self._line(self._partial)
-            self._partial = b""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._partial:
+                self._line(self._partial)
+                self._partial = b""
+            if self._unreported:
+                self.warnings.append(f"{self._unreported} more set-variable lines ignored")
 
     def _line(self, raw: bytes) -> None:
-        match = SET_VARIABLE_RE.match(raw.rstrip(b"\n"))
+        # The tail of an overlong line is not the start of a line: never a set-variable.
+        match = not self._overlong and SET_VARIABLE_RE.match(raw.rstrip(b"\n"))
+        self._overlong = False
         if match:
             self._set_variable(match.group(1), match.group(2))
-        with self._lock:
-            room = self.max_bytes - self.kept
-            if room <= 0:
-                self.dropped += len(raw)
-                return
-            if len(raw) > room:
-                self.dropped += len(raw) - room
-                raw = raw[:room]
-            self.kept += len(raw)
-            # PostgreSQL text cannot hold NUL; invalid UTF-8 becomes U+FFFD.
-            self._pending.append(raw.decode("utf-8", "replace").replace("\x00", "\ufffd"))
+        self._keep(raw)
+
+    def _keep(self, raw: bytes) -> None:
+        room = self.max_bytes - self.kept
+        if room <= 0:
+            self.dropped += len(raw)
+            return
+        if len(raw) > room:
+            self.dropped += len(raw) - room
+            raw = raw[:room]
+        self.kept += len(raw)
+        # PostgreSQL text cannot hold NUL; invalid UTF-8 becomes U+FFFD.
+        self._pending.append(raw.decode("utf-8", "replace").replace("\x00", "\ufffd"))
 
     def _set_variable(self, raw_name: bytes, raw_value: bytes) -> None:
         name = raw_name.decode("utf-8", "replace")
         value = raw_value.decode("utf-8", "replace").replace("\x00", "\ufffd")
-        if not VARIABLE_NAME_RE.fullmatch(name) or name.upper().startswith("CI_"):
-            self.warnings.append(f"set-variable ignored: {name!r} is not a valid variable name")
-        elif len(raw_value) > MAX_VARIABLE_VALUE:
-            self.warnings.append(f"set-variable ignored: {name} is over {MAX_VARIABLE_VALUE} bytes")
+        size = len(value.encode())
+        # Counted as builds.definition.normalize_variables counts: name plus value bytes.
+        old = self.variables.get(name)
+        grows = len(name) + size if old is None else size - len(old.encode())
+        if not VARIABLE_NAME_RE.fullmatch(name):
+            self._warn(f"{name[:40]!r} is not a valid variable name")
+        elif len(name) > MAX_VARIABLE_NAME:
+            self._warn(f"{name[:40]}...: name longer than {MAX_VARIABLE_NAME}")
+        elif is_reserved_variable_name(name):
+            self._warn(f"{name} is reserved (set by the agent, or changes how the shell runs)")
+        elif size > MAX_VARIABLE_VALUE:
+            self._warn(f"{name} is over {MAX_VARIABLE_VALUE} bytes")
+        elif old is None and len(self.variables) >= MAX_VARIABLES:
+            self._warn(f"{name}: a step sets at most {MAX_VARIABLES} variables")
+        elif self._variables_size + grows > MAX_VARIABLES_TOTAL:
+            self._warn(f"{name}: a step's variables total at most {MAX_VARIABLES_TOTAL} bytes")
         else:
             self.variables[name] = value
+            self._variables_size += grows
+
+    def _warn(self, message: str) -> None:
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(f"set-variable ignored: {message}")
+        else:
+            self._unreported += 1
 
     def take(self) -> str:
         with self._lock:
@@ -102,9 +156,11 @@ class StepOutput:
 
 
 def step_environment(variables: dict[str, str], ci: dict[str, str]) -> dict[str, str]:
-    env = {k: os.environ[k] for k in INHERITED_ENV if k in os.environ}
-    env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    env.update(variables)
+    # Reserved names are refused when set; should one be stored anyway (an older row), it is
+    # still data the shell must not see. The agent's basics then override the user's, CI_* last.
+    env = {k: v for k, v in variables.items() if not is_reserved_variable_name(k)}
+    env.update({k: os.environ[k] for k in INHERITED_ENV if k in os.environ})
+    env["PATH"] = os.environ.get("PATH", DEFAULT_PATH)
     env.update(ci)
     return env
 
@@ -121,7 +177,8 @@ def run_step(
     tick: float = 0.1,
 ) -> StepOutcome:
     """Run `command` to its end or its timeout. `on_tick` is called about every `tick`
-    seconds while it runs (to flush logs); it returns True to stop the step."""
+    seconds while it runs (to flush logs); it returns True to stop the step. If it raises,
+    the step is ended all the same and the exception propagates."""
     proc = subprocess.Popen(
         [SHELL, *SHELL_ARGS, command],
         cwd=cwd,
@@ -131,40 +188,62 @@ def run_step(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
-    reader = threading.Thread(target=_read, args=(proc.stdout, output), daemon=True)
-    reader.start()
+    stop_reading = threading.Event()
+    reader = threading.Thread(target=_read, args=(proc.stdout, output, stop_reading), daemon=True)
     deadline = time.monotonic() + timeout
     timed_out = stopped = False
-    while True:
+    try:
+        reader.start()
+        while True:
+            try:
+                proc.wait(timeout=tick)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            if on_tick():
+                stopped = True
+                break
+    finally:
+        # Whatever happened (on_tick raising while PostgreSQL restarts included), what is
+        # left of the group (the step itself on timeout or stop, or background processes it
+        # left behind) is ended, so no process outlives its step.
         try:
-            proc.wait(timeout=tick)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-        if time.monotonic() >= deadline:
-            timed_out = True
-            break
-        if on_tick():
-            stopped = True
-            break
-    # Whatever is left of the group (the step itself on timeout or stop, or background
-    # processes it left behind) is ended, so no process outlives its step.
-    kill_process_group(proc, grace)
-    reader.join(timeout=grace + 1)
-    output.close()
+            kill_process_group(proc, grace)
+        finally:
+            if reader.is_alive():
+                reader.join(timeout=grace + 1)  # the rest of what the group wrote
+            # A process that left the group (setsid) may hold the pipe open for ever: stop
+            # reading, which closes our end. (Closing it under a blocked read would not wake
+            # the reader, and its fd number could be reused meanwhile.)
+            stop_reading.set()
+            if reader.is_alive():
+                reader.join(timeout=1)
+            output.close()
     return StepOutcome(
         exit_code=proc.returncode,
         timed_out=timed_out,
         stopped=stopped,
-        variables=output.variables,
+        variables=dict(output.variables),
     )
 
 
-def _read(stream, output: StepOutput) -> None:
+def _read(stream, output: StepOutput, stop: threading.Event) -> None:
     fd = stream.fileno()
-    while chunk := os.read(fd, 65536):
-        output.feed(chunk)
-    stream.close()
+    poller = select.poll()  # not select(): an agent may hold more than 1024 descriptors
+    poller.register(fd, select.POLLIN)
+    try:
+        while not stop.is_set():
+            if not poller.poll(100):
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            output.feed(chunk)
+    finally:
+        stream.close()
 
 
 def kill_process_group(proc: subprocess.Popen, grace: float) -> None:

@@ -1,6 +1,7 @@
 """The agent process: a Celery worker that registers itself, heartbeats, and marks itself
 offline when it stops. `manage.py runagent` starts it."""
 
+import ctypes
 import logging
 import socket
 import threading
@@ -13,6 +14,7 @@ from ciproject.celery import agent_queue, app, job_queue
 
 log = logging.getLogger(__name__)
 
+PR_SET_DUMPABLE = 4
 _agent_name: str | None = None
 
 
@@ -33,9 +35,19 @@ def _heartbeat_loop(register, name: str, stop: threading.Event) -> None:
     connection.close()
 
 
+def _hide_environment() -> None:
+    """Make this process non-dumpable, so a step running as another (or the same, non-root)
+    user cannot read the agent's environment (database URL, keys) from /proc/PID/environ."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux
+        log.warning("agent: could not make the process non-dumpable")
+
+
 def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO") -> None:
     global _agent_name
     _agent_name = name
+    _hide_environment()
     from ciproject import __version__
 
     def register():

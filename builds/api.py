@@ -34,7 +34,11 @@ class PipelineSerializer(serializers.ModelSerializer):
 
 
 class TriggerSerializer(serializers.Serializer):
-    variables = serializers.DictField(required=False, default=dict)
+    # Any JSON value: the service checks it (normalize_variables), so a wrong shape gets
+    # INVALID_VARIABLES like a wrong name or value does; null means none, as when omitted.
+    variables = serializers.JSONField(
+        required=False, default=dict, allow_null=True, help_text="names to scalar values"
+    )
 
 
 class StepSerializer(serializers.ModelSerializer):
@@ -100,6 +104,7 @@ class PipelineViewSet(
 ):
     queryset = Pipeline.objects.all()
     serializer_class = PipelineSerializer
+    lookup_value_regex = r"[0-9]+"  # ids only: /pipelines/abc/ is a 404, not a ValueError
 
     def get_permissions(self):
         if self.action == "builds" and self.request.method == "POST":
@@ -129,6 +134,7 @@ class PipelineViewSet(
 
 class BuildViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Build.objects.select_related("pipeline")
+    lookup_value_regex = r"[0-9]+"  # the log action passes pk to get_object_or_404 itself
 
     def get_serializer_class(self):
         return BuildSerializer if self.action == "retrieve" else BuildSummarySerializer
@@ -158,7 +164,7 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
         parameters=[OpenApiParameter("attempt", int, description="default: the latest")],
         responses={(200, "text/plain"): OpenApiTypes.STR},
     )
-    @action(detail=True, url_path=r"steps/(?P<step_id>\d+)/log")
+    @action(detail=True, url_path=r"steps/(?P<step_id>[0-9]+)/log")
     def log(self, request, pk=None, step_id=None):
         step = get_object_or_404(StepRun, pk=step_id, job__build_id=pk)
         attempt = request.query_params.get("attempt")

@@ -20,7 +20,13 @@ MAX_VARIABLES = 200
 MAX_VARIABLE_NAME = 128
 MAX_VARIABLE_VALUE = 32 * 1024
 MAX_VARIABLES_TOTAL = 256 * 1024
-RESERVED_PREFIX = "CI_"
+# Names a build may not set: ours (CI_*), and those the shell, the dynamic linker or every
+# program resolve before the step's own command runs, which would turn data into code.
+RESERVED_PREFIXES = ("CI_", "BASH_", "LD_")
+RESERVED_NAMES = frozenset(
+    {"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "IFS", "CDPATH"}
+    | {"GLOBIGNORE", "PATH", "HOME", "SHELL", "USER", "LOGNAME", "TMPDIR", "PWD", "OLDPWD"}
+)
 
 VARIABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 JOB_ID_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_-]{0,63}$"
@@ -30,7 +36,9 @@ Scalar = str | int | float | bool
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=False)
+    # Not pydantic's strict mode: every YAML scalar arrives as text (see _StrictLoader), and
+    # "300" or "false" must still become numbers and booleans where the schema wants them.
+    model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
 
 class StepSpec(_Strict):
@@ -82,8 +90,32 @@ class PipelineSpec(_Strict):
         return self
 
 
+_STR, _NULL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
+_PLAIN_TAGS = {_STR, _NULL, "tag:yaml.org,2002:seq", "tag:yaml.org,2002:map"}
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses aliases (no "billion laughs") and duplicate keys."""
+    """SafeLoader that reads plain scalars as text (no YAML 1.1 surprises: `1.10` stays
+    "1.10", `no` stays "no", `0777` stays "0777"), and refuses explicit tags, aliases (no
+    "billion laughs"), duplicate keys and NUL characters."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag == _NULL]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+        if any(tag == _NULL for tag, _ in resolvers)
+    }
+
+    def construct_object(self, node, deep=False):
+        if node.tag not in _PLAIN_TAGS:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"tags such as {node.tag!r} are not allowed", node.start_mark
+            )
+        value = super().construct_object(node, deep=deep)
+        if isinstance(value, str) and "\x00" in value:
+            raise yaml.constructor.ConstructorError(
+                None, None, "NUL characters are not allowed", node.start_mark
+            )
+        return value
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -119,8 +151,8 @@ def parse_definition(text: Any) -> dict:
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise InvalidPipeline(f"definition: not valid YAML: {exc}") from None
-    except (ValueError, RecursionError, TypeError) as exc:
-        raise InvalidPipeline(f"definition: not valid YAML: {exc}") from None
+    except Exception as exc:  # PyYAML raises more than YAMLError on hostile input
+        raise InvalidPipeline(f"definition: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise InvalidPipeline("definition: the top level must be a mapping with 'stages'")
     try:
@@ -174,6 +206,11 @@ def _normalize(spec: PipelineSpec) -> dict:
     }
 
 
+def is_reserved_variable_name(name: str) -> bool:
+    upper = name.upper()
+    return upper in RESERVED_NAMES or upper.startswith(RESERVED_PREFIXES)
+
+
 def normalize_variables(variables: Any, where: str = "variables") -> dict[str, str]:
     """Check names and sizes; scalars become strings. Raises InvalidVariables."""
     if not isinstance(variables, dict):
@@ -189,8 +226,11 @@ def normalize_variables(variables: Any, where: str = "variables") -> dict[str, s
             )
         if len(name) > MAX_VARIABLE_NAME:
             raise InvalidVariables(f"{where}.{name[:40]}...: name longer than {MAX_VARIABLE_NAME}")
-        if name.upper().startswith(RESERVED_PREFIX):
-            raise InvalidVariables(f"{where}.{name}: names starting with CI_ are reserved")
+        if is_reserved_variable_name(name):
+            raise InvalidVariables(
+                f"{where}.{name}: reserved (CI_*, BASH_*, LD_*, PATH, HOME, IFS, ... are set by"
+                " the agent or change how the shell runs)"
+            )
         if isinstance(value, bool):
             value = "true" if value else "false"
         elif isinstance(value, int | float):

@@ -7,6 +7,9 @@ from pathlib import Path
 import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent.parent
+# Where this instance keeps its files (static files, workspaces, the beat schedule): a second
+# stack on the same machine gets its own.
+VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var")).resolve()
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -84,7 +87,7 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", BASE_DIR / "var" / "static"))
+STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -98,9 +101,17 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["ciproject.permissions.ModelPermissions"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "ciproject.api.exception_handler",
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    # JSON only: the API speaks JSON, and form/multipart bodies (file parts) would escape the
+    # body size limit below.
+    "DEFAULT_PARSER_CLASSES": ["ciproject.api_defaults.JSONParser"],
+    "DEFAULT_PAGINATION_CLASS": "ciproject.api_defaults.Pagination",
     "PAGE_SIZE": 50,
 }
+# An API request body above this is refused with 413 REQUEST_TOO_LARGE. DRF reads JSON
+# through request.body, where Django's DATA_UPLOAD_MAX_MEMORY_SIZE (also the admin's form
+# limit, default 2.5 MB) applies first; keep it no lower so this is the limit that holds.
+API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_BODY_BYTES, 2_621_440)
 SPECTACULAR_SETTINGS = {
     "TITLE": "ciproject API",
     "DESCRIPTION": "Pipelines, builds, steps and their logs.",
@@ -125,7 +136,7 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Agents and steps.
-AGENT_WORKSPACE_ROOT = Path(os.environ.get("AGENT_WORKSPACE_ROOT", BASE_DIR / "var" / "workspaces"))
+AGENT_WORKSPACE_ROOT = Path(os.environ.get("AGENT_WORKSPACE_ROOT", VAR_DIR / "workspaces"))
 AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 5)
 AGENT_OFFLINE_AFTER_SECONDS = env_int("AGENT_OFFLINE_AFTER_SECONDS", 30)
 STEP_KILL_GRACE_SECONDS = float(os.environ.get("STEP_KILL_GRACE_SECONDS", 10))
@@ -134,6 +145,8 @@ STEP_KILL_GRACE_SECONDS = float(os.environ.get("STEP_KILL_GRACE_SECONDS", 10))
 CANCEL_WATCHDOG_MARGIN_SECONDS = float(os.environ.get("CANCEL_WATCHDOG_MARGIN_SECONDS", 5))
 STEP_LOG_MAX_BYTES = env_int("STEP_LOG_MAX_BYTES", 1024 * 1024)
 STEP_LOG_FLUSH_SECONDS = float(os.environ.get("STEP_LOG_FLUSH_SECONDS", 1))
+# How long an agent keeps retrying a result it could not write (PostgreSQL restarting).
+AGENT_DB_RETRY_SECONDS = float(os.environ.get("AGENT_DB_RETRY_SECONDS", 120))
 
 LOGGING = {
     "version": 1,

@@ -51,10 +51,11 @@ def request_cancel(build_id: int, user=None) -> str:
     return BuildStatus.CANCELLING
 
 
-def finish_cancel(build_id: int) -> str | None:
-    """The batched part of a cancel; idempotent, so the watchdog may call it again."""
+def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
+    """The batched part of a cancel; idempotent, so the watchdog may call it again (with
+    skip_locked, so it never queues up behind the controller working on the same build)."""
     with transaction.atomic():
-        build = Build.objects.select_for_update().filter(pk=build_id).first()
+        build = Build.objects.select_for_update(skip_locked=skip_locked).filter(pk=build_id).first()
         if build is None or build.status != BuildStatus.CANCELLING:
             return None
         now = timezone.now()
@@ -98,12 +99,26 @@ def stop_job_on_agent(job_id: int, attempt: int, agent: str) -> None:
 
 # How long the normal path gets before the watchdog repeats it (a message may be lost).
 REDRIVE_AFTER = timedelta(seconds=3)
+WATCHDOG_LOCK = 0x43494341  # an arbitrary advisory lock key, unique in this database
 
 
-def cancel_watchdog(limit: int = 200) -> list[int]:
+def cancel_watchdog() -> list[int]:
     """Drive CANCELLING builds to CANCELED: repeat the batched part for those still cancelling
     after a few seconds, and once the grace period and a margin have passed, end the jobs
-    whose agents never confirmed, marking those agents suspect. Returns the builds forced."""
+    whose agents never confirmed, marking those agents suspect. Returns the builds forced.
+    One watchdog runs at a time: a run that finds another under way returns at once."""
+    with connection.cursor() as cursor:
+        # A session lock, not a transaction's: each build is handled in its own transaction.
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [WATCHDOG_LOCK])
+        if not cursor.fetchone()[0]:
+            return []
+        try:
+            return _watch_cancels()
+        finally:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [WATCHDOG_LOCK])
+
+
+def _watch_cancels(limit: int = 200) -> list[int]:
     now = timezone.now()
     patience = timedelta(
         seconds=settings.STEP_KILL_GRACE_SECONDS + settings.CANCEL_WATCHDOG_MARGIN_SECONDS
@@ -117,7 +132,7 @@ def cancel_watchdog(limit: int = 200) -> list[int]:
             _force_cancel(build_id, now)
             forced.append(build_id)
         else:
-            finish_cancel(build_id)
+            finish_cancel(build_id, skip_locked=True)
     return forced
 
 

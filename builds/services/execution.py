@@ -1,6 +1,7 @@
 """Running jobs and steps: called on the agents, fenced by attempt numbers."""
 
 from django.db import connection, transaction
+from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from builds.models import Build, BuildVariable, JobRun, StepLogChunk, StepRun
@@ -8,13 +9,20 @@ from builds.statuses import BuildStatus, RunStatus, run_allowed_from
 from ciproject.celery import CONTROLLER_QUEUE, app
 
 
+def _build_running(build_id) -> Exists:
+    """`the build is RUNNING` as a correlated subquery. A join (build__status=...) would make
+    Django rewrite the UPDATE as `WHERE id IN (SELECT ...)`, and PostgreSQL re-checks only
+    that after waiting on a row lock, so two racing compare-and-sets could both win."""
+    return Exists(Build.objects.filter(pk=build_id, status=BuildStatus.RUNNING))
+
+
 def start_job(job_id: int, attempt: int, agent: str) -> JobRun | None:
     """QUEUED -> RUNNING for this attempt on `agent`; None if the message is stale."""
     updated = JobRun.objects.filter(
+        _build_running(OuterRef("build_id")),
         pk=job_id,
         attempt=attempt,
         status__in=run_allowed_from(RunStatus.RUNNING),
-        build__status=BuildStatus.RUNNING,
     ).update(status=RunStatus.RUNNING, agent=agent, started_at=timezone.now())
     if not updated:
         return None
@@ -25,10 +33,10 @@ def start_step(step: StepRun) -> bool:
     """PENDING or QUEUED -> RUNNING, at the step's current attempt, while the build runs."""
     now = timezone.now()
     updated = StepRun.objects.filter(
+        _build_running(step.job.build_id),
         pk=step.pk,
         attempt=step.attempt,
         status__in=run_allowed_from(RunStatus.RUNNING),
-        job__build__status=BuildStatus.RUNNING,
     ).update(status=RunStatus.RUNNING, started_at=now)
     step.status, step.started_at = RunStatus.RUNNING, now
     return bool(updated)
@@ -38,10 +46,10 @@ def next_attempt(step: StepRun) -> bool:
     """An automatic retry: a RUNNING step whose attempt failed goes on at attempt + 1."""
     now = timezone.now()
     updated = StepRun.objects.filter(
+        _build_running(step.job.build_id),
         pk=step.pk,
         attempt=step.attempt,
         status=RunStatus.RUNNING,
-        job__build__status=BuildStatus.RUNNING,
     ).update(attempt=step.attempt + 1, exit_code=None, started_at=now)
     if updated:
         step.attempt, step.started_at = step.attempt + 1, now
@@ -103,6 +111,11 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
             return False
         StepRun.objects.filter(job=job, status__in=run_allowed_from(RunStatus.SKIPPED)).update(
             status=RunStatus.SKIPPED
+        )
+        # A step still RUNNING here was cut short by an error on the agent.
+        StepRun.objects.filter(job=job, status=RunStatus.RUNNING).update(
+            status=RunStatus.CANCELED if status == RunStatus.CANCELED else RunStatus.FAILED,
+            finished_at=now,
         )
         build_id = job.build_id
         transaction.on_commit(

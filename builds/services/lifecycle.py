@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 def trigger_build(pipeline: Pipeline, variables=None, user=None) -> Build:
     """Create build N+1 of `pipeline` with its variables and status tree, and queue its first
     stage. Bad variables raise InvalidVariables before anything is written."""
-    overrides = normalize_variables(variables or {})
+    overrides = normalize_variables({} if variables is None else variables)
     with transaction.atomic():
         number, spec = _next_build_number(pipeline.pk)
         now = timezone.now()

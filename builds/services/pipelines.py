@@ -23,11 +23,15 @@ def save_pipeline(name: str, definition: str, pipeline: Pipeline | None = None) 
     """Create a pipeline, or update `pipeline`; nothing is stored unless all of it is valid."""
     name = validate_pipeline_name(name)
     spec = parse_definition(definition)
+    creating = pipeline is None or pipeline.pk is None
     pipeline = pipeline or Pipeline()
     pipeline.name, pipeline.definition, pipeline.spec = name, definition, spec
+    # An update writes only what it changes: this row may be stale, and writing back its
+    # last_build_number would undo the builds triggered meanwhile.
+    fields = None if creating else ["name", "definition", "spec", "updated_at"]
     try:
         with transaction.atomic():
-            pipeline.save()
+            pipeline.save(update_fields=fields)
     except IntegrityError:
         raise PipelineNameTaken(f"name: a pipeline named {name!r} already exists") from None
     return pipeline

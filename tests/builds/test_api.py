@@ -1,13 +1,18 @@
 """The REST API: auth, permissions, validation and error codes. These tests never commit,
 so no message reaches a worker; tests/integration runs builds for real."""
 
+import logging
+
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Permission, User
+from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from builds import services
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepLogChunk, StepRun
+from builds.statuses import BuildStatus
 
 DEFINITION = """
 variables:
@@ -183,14 +188,26 @@ def test_trigger_overrides_defaults(api, pipeline):
 
 @pytest.mark.parametrize(
     "variables",
-    [{"bad name": "x"}, {"A": {"nested": 1}}, {"A": None}, {"CI_BUILD_ID": "1"}, ["A"], "A=1"],
+    [
+        {"bad name": "x"},
+        {"A": {"nested": 1}},
+        {"A": None},
+        {"CI_BUILD_ID": "1"},
+        ["A"],
+        "A=1",
+        7,
+        True,
+        [],
+        "",
+        0,
+        False,
+    ],
 )
 def test_bad_variables_are_refused_and_nothing_stored(api, pipeline, variables):
     response = api.post(
         f"/api/pipelines/{pipeline.pk}/builds/", {"variables": variables}, format="json"
     )
-    assert response.status_code == 400
-    assert response.json()["code"] in {"INVALID_VARIABLES", "INVALID_REQUEST"}
+    assert (response.status_code, response.json()["code"]) == (400, "INVALID_VARIABLES")
     assert Build.objects.count() == JobRun.objects.count() == BuildVariable.objects.count() == 0
     pipeline.refresh_from_db()
     assert pipeline.last_build_number == 0
@@ -224,3 +241,121 @@ def test_openapi_schema(api):
     paths = response.json()["paths"]
     assert "/api/pipelines/{id}/builds/" in paths
     assert "/api/builds/{id}/steps/{step_id}/log/" in paths
+
+
+def nothing_triggered(pipeline) -> bool:
+    pipeline.refresh_from_db()
+    return pipeline.last_build_number == 0 and Build.objects.count() == 0
+
+
+def test_deeply_nested_json_is_a_parse_error(api, pipeline):
+    # About 200 KB: the json module runs out of stack (RecursionError) long before that.
+    body = b'{"variables": {"A": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}"
+    response = api.post(
+        f"/api/pipelines/{pipeline.pk}/builds/", body, content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert response.json() == {
+        "code": "PARSE_ERROR",
+        "detail": "JSON parse error - nested too deeply",
+    }
+    assert nothing_triggered(pipeline)
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "code"),
+    [
+        (b'{"variables": ', "application/json", 400, "PARSE_ERROR"),
+        (b'{"variables": {"A": NaN}}', "application/json", 400, "PARSE_ERROR"),
+        (b"\xff\xfe", "application/json", 400, "PARSE_ERROR"),
+        (b'{"variables": {}}', "application/json; charset=bz2_codec", 400, "PARSE_ERROR"),
+        (b"variables=1", "text/plain", 415, "UNSUPPORTED_MEDIA_TYPE"),
+        # The API takes JSON only: form bodies would escape the body size limit.
+        (b"variables=1", "application/x-www-form-urlencoded", 415, "UNSUPPORTED_MEDIA_TYPE"),
+    ],
+)
+def test_unreadable_body_is_refused_with_a_code(api, pipeline, body, content_type, status, code):
+    response = api.post(f"/api/pipelines/{pipeline.pk}/builds/", body, content_type=content_type)
+    assert (response.status_code, response.json()["code"]) == (status, code)
+    assert nothing_triggered(pipeline)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/builds/abc/",
+        "/api/builds/abc/steps/1/log/",
+        "/api/builds/1/steps/abc/log/",
+        "/api/pipelines/abc/builds/",
+        "/api/agents/abc/",
+        "/api/builds/99999999999999999999999/",
+        "/api/nope/",
+    ],
+)
+def test_bad_ids_and_unknown_paths_are_404_with_code(api, path):
+    response = api.get(path)
+    assert response.status_code == 404
+    assert response.json() == {"code": "NOT_FOUND", "detail": "Not found."}
+
+
+def padded(size: int) -> bytes:
+    """A valid trigger body of exactly `size` bytes (JSON allows trailing whitespace)."""
+    body = b'{"variables": {}}'
+    return body + b" " * (size - len(body))
+
+
+def test_body_at_the_limit_is_accepted(api, pipeline):
+    response = api.post(
+        f"/api/pipelines/{pipeline.pk}/builds/",
+        padded(settings.API_MAX_BODY_BYTES),
+        content_type="application/json",
+    )
+    assert response.status_code == 201
+
+
+# Just past our limit (our parser refuses it), and past Django's DATA_UPLOAD_MAX_MEMORY_SIZE
+# (request.body refuses it before the parser runs).
+@pytest.mark.parametrize("extra", [1, 2 * 1024 * 1024])
+def test_oversized_body_is_413_and_changes_nothing(api, pipeline, extra):
+    response = api.post(
+        f"/api/pipelines/{pipeline.pk}/builds/",
+        padded(settings.API_MAX_BODY_BYTES + extra),
+        content_type="application/json",
+    )
+    assert (response.status_code, response.json()["code"]) == (413, "REQUEST_TOO_LARGE")
+    assert nothing_triggered(pipeline)
+
+
+def test_null_variables_are_none(api, pipeline):
+    response = api.post(f"/api/pipelines/{pipeline.pk}/builds/", {"variables": None}, format="json")
+    assert response.status_code == 201
+    assert set(BuildVariable.objects.values_list("source", flat=True)) == {"pipeline"}
+
+
+def test_unexpected_error_is_500_json_and_logged(api, pipeline, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(services, "trigger_build", broken)
+    with caplog.at_level(logging.ERROR, logger="ciproject.api"):
+        response = api.post(f"/api/pipelines/{pipeline.pk}/builds/", {}, format="json")
+    assert response.status_code == 500
+    assert response.json() == {
+        "code": "INTERNAL_ERROR",
+        "detail": "an unexpected error; it has been logged",
+    }
+    assert b"secret" not in response.content
+    [record] = [r for r in caplog.records if r.name == "ciproject.api"]
+    assert isinstance(record.exc_info[1], RuntimeError)
+
+
+def test_limit_is_capped(api, pipeline):
+    now = timezone.now()
+    Build.objects.bulk_create(
+        Build(pipeline=pipeline, number=n, status=BuildStatus.SUCCEEDED, spec={}, created_at=now)
+        for n in range(1, 502)
+    )
+    body = api.get("/api/builds/?limit=100000").json()
+    assert body["count"] == 501
+    assert len(body["results"]) == 500
+    assert "limit=500" in body["next"]

@@ -68,7 +68,7 @@ def test_valid_definition_is_normalized():
         ),
         (
             "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
-            "          - run: x\n            timeout: '10'",
+            "          - run: x\n            timeout: ten",
             "stages[0].jobs[0].steps[0].timeout",
         ),
         (
@@ -95,6 +95,13 @@ def test_valid_definition_is_normalized():
         ("variables:\n  A: [1]\nstages: []", "variables.A"),
         ("a: &x [1]\nb: *x\nstages: []", "aliases"),
         ("stages: []\nstages: []", "duplicate key 'stages'"),
+        ("stages: !!python/object:os.system x", "tags such as"),
+        ("variables:\n  A: !!bool maybe\nstages: []", "tags such as"),
+        ("variables:\n  A: !!timestamp nope\nstages: []", "tags such as"),
+        ('variables:\n  A: "x\\0y"\nstages: []', "NUL characters"),
+        ("variables:\n  PATH: /tmp/evil\nstages: []", "reserved"),
+        ("variables:\n  BASH_ENV: x\nstages: []", "reserved"),
+        ("variables:\n  A: ~\nstages: []", "variables.A"),
     ],
 )
 def test_invalid_definitions_name_the_place(text, place):
@@ -102,6 +109,17 @@ def test_invalid_definitions_name_the_place(text, place):
         parse_definition(text)
     assert err.value.code == "INVALID_PIPELINE"
     assert place in err.value.detail
+
+
+def test_scalars_are_read_as_written():
+    spec = parse_definition(
+        "variables:\n  V: 1.10\n  N: no\n  M: 0777\n  T: 1:30\n"
+        "stages:\n  - name: s\n    jobs:\n      - id: j\n        steps:\n"
+        "          - {run: x, timeout: '30', retry: 2, continue-on-error: yes}\n"
+    )
+    assert spec["variables"] == {"V": "1.10", "N": "no", "M": "0777", "T": "1:30"}
+    step = spec["stages"][0]["jobs"][0]["steps"][0]
+    assert (step["timeout"], step["retry"], step["continue_on_error"]) == (30, 2, True)
 
 
 def test_caps_refuse_huge_definitions():
@@ -122,6 +140,8 @@ def test_variables_are_checked():
     for bad, message in [
         ({"a-b": "x"}, "not a valid name"),
         ({"ci_x": "x"}, "reserved"),
+        ({"LD_PRELOAD": "/x.so"}, "reserved"),
+        ({"ifs": " "}, "reserved"),
         ({"A": None}, "must be a string"),
         ({"A": "x\x00y"}, "NUL"),
         ({"A": "x" * (MAX_VARIABLE_VALUE + 1)}, "larger than"),

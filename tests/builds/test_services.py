@@ -125,3 +125,38 @@ def test_reconcile_re_drives_a_build_whose_advance_was_lost():
     assert services.reconcile_running_builds() == [build.pk]
     assert Build.objects.get(pk=build.pk).status == "SUCCEEDED"
     assert Build.objects.get(pk=busy.pk).status == "RUNNING"
+
+
+@pytest.mark.django_db
+def test_saving_a_stale_pipeline_keeps_the_build_numbers():
+    pipeline = make_pipeline("p", TWO_STAGES)
+    stale = type(pipeline).objects.get(pk=pipeline.pk)  # read before the trigger
+    services.trigger_build(pipeline)
+    services.save_pipeline("p", TWO_STAGES.replace("one", "first"), pipeline=stale)
+    assert services.trigger_build(pipeline).number == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_racing_starts_of_one_job_attempt_have_one_winner():
+    """Two deliveries of the same job message, on two connections at the same instant."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from django.db import connection
+
+    pipeline = make_pipeline("race", TWO_STAGES)
+    for _ in range(20):
+        build = services.trigger_build(pipeline)
+        job_id = JobRun.objects.get(build=build, key="a").pk
+        barrier = Barrier(2)
+
+        def start(agent, job_id=job_id, barrier=barrier):
+            try:
+                barrier.wait()
+                return services.start_job(job_id, 1, agent) is not None
+            finally:
+                connection.close()
+
+        with ThreadPoolExecutor(2) as pool:
+            winners = list(pool.map(start, ["x", "y"]))
+        assert sorted(winners) == [False, True]

@@ -142,6 +142,7 @@ stages:
               sleep 600 & echo $! >> {pids}
               bash -c 'sleep 600 & echo $! >> {pids}; wait' &
               echo $! >> {pids}
+              until [ "$(wc -l < {pids})" -ge 3 ]; do sleep 0.05; done
               wait
 """,
     )
