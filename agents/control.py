@@ -6,6 +6,7 @@ the step's process group. Keyed by attempt: a stop for another attempt stops not
 import threading
 from contextlib import contextmanager
 
+from celery.worker import state as worker_state
 from celery.worker.control import control_command
 
 _running: dict[tuple[int, int], threading.Event] = {}
@@ -36,3 +37,13 @@ def request_stop(job_id: int, attempt: int) -> bool:
 @control_command(args=[("job_id", int), ("attempt", int)], signature="<job_id> <attempt>")
 def stop_job(state, job_id, attempt):
     return {"ok": request_stop(job_id, attempt)}
+
+
+@control_command(args=[("task_ids", list)], signature="<task_id> [task_id ...]")
+def revoke_jobs(state, task_ids):
+    """Celery's own `revoke` asks the result backend about every id, on every worker: two
+    queries per job per worker, in the consumer thread. A cancelled job's message needs only
+    to be dropped when it arrives, which the worker's revoked set does (and the job's
+    compare-and-set fences it anyway, e.g. after a restart that forgot the set)."""
+    worker_state.revoked.update(task_ids)
+    return {"ok": len(task_ids)}

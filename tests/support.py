@@ -36,6 +36,7 @@ def make_pipeline(name: str, definition: str):
     return services.save_pipeline(name, definition)
 
 
-def one_step(run: str) -> str:
+def one_step(run: str, runs_on: str = "default") -> str:
     """A definition of one stage with one job `j` of one step."""
-    return f"stages:\n  - name: s\n    jobs:\n      - {{id: j, steps: [{{run: {run!r}}}]}}\n"
+    job = f"{{id: j, runs-on: {runs_on}, steps: [{{run: {run!r}}}]}}"
+    return f"stages:\n  - name: s\n    jobs:\n      - {job}\n"

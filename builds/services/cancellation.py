@@ -22,8 +22,9 @@ from ciproject.celery import CONTROLLER_QUEUE, app
 
 log = logging.getLogger(__name__)
 
-# The agent-side command that stops a job (agents.control.stop_job).
+# The worker-side commands (agents.control) that stop a job and drop queued job messages.
 STOP_COMMAND = "stop_job"
+REVOKE_COMMAND = "revoke_jobs"
 
 
 def request_cancel(build_id: int, user=None) -> str:
@@ -77,7 +78,7 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
 
         def notify():
             if revoked:
-                _quietly(app.control.revoke, revoked)
+                _quietly(app.control.broadcast, REVOKE_COMMAND, arguments={"task_ids": revoked})
             for job_id, attempt, agent in running:
                 stop_job_on_agent(job_id, attempt, agent)
 

@@ -11,6 +11,7 @@ from rest_framework.test import APIClient
 from agents.models import Agent
 from builds import services
 from builds.models import Build, JobRun, StepRun
+from ciproject.celery import app
 from tests.agents.test_runner import alive
 from tests.support import make_pipeline, one_step, wait_for_build, wait_until
 
@@ -84,11 +85,7 @@ def test_cancel_running_build_kills_children_and_grandchildren(tmp_path):
 
 def test_cancel_build_whose_job_waits_for_an_agent():
     build = services.trigger_build(
-        make_pipeline(
-            "nowhere",
-            "stages:\n  - name: s\n    jobs:\n      - {id: j, runs-on: no-such-label, "
-            "steps: [{run: 'true'}]}\n",
-        )
+        make_pipeline("nowhere", one_step("true", runs_on="no-such-label"))
     )
     assert JobRun.objects.get(build=build).status == "QUEUED"
     assert services.request_cancel(build.pk) == "CANCELLING"
@@ -159,3 +156,32 @@ def test_watchdog_finishes_the_cancel_when_the_agent_was_killed(workers, tmp_pat
         for pid in pids:  # the killed agent's step outlived it; clean up after the test
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_queued_job_message_of_a_cancelled_build_is_revoked(tmp_path):
+    """A job waiting behind a busy agent: its message is dropped by the agent, unrun."""
+    from django_celery_results.models import TaskResult
+
+    blocker = services.trigger_build(hanging_pipeline("blocker", tmp_path / "pids", "big"))
+    recorded_pids(tmp_path / "pids")  # agent-2, the only "big" agent, is now busy
+    waiting = services.trigger_build(make_pipeline("waiting", one_step("true", runs_on="big")))
+    job = JobRun.objects.get(build=waiting)
+    assert services.request_cancel(waiting.pk) == "CANCELLING"
+    assert wait_for_build(waiting, timeout=10).status == "CANCELED"
+    task_id = f"job-{job.pk}-{job.attempt}"
+    wait_until(
+        lambda: any(
+            task_id in ids for ids in (app.control.inspect(timeout=1).revoked() or {}).values()
+        ),
+        timeout=10,
+        message="the agents to hold the job's message as revoked",
+    )
+    services.request_cancel(blocker.pk)  # frees agent-2, which now takes the waiting message
+    assert wait_for_build(blocker, timeout=20).status == "CANCELED"
+    wait_until(
+        lambda: TaskResult.objects.filter(task_id=task_id, status="REVOKED").exists(),
+        timeout=10,
+        message="the revoked message to be dropped",
+    )
+    job.refresh_from_db()
+    assert (job.status, job.started_at, job.agent) == ("CANCELED", None, "")
