@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 
 from agents import services
-from ciproject.celery import agent_queue, app, job_queue
+from ciproject.celery import agent_queue, app, job_queue, retry_queue
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,8 @@ def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat_loop, args=(register, name, stop), daemon=True)
     beat.start()
-    queues = [job_queue(label) for label in labels] + [agent_queue(name)]
+    queues = [agent_queue(name)]
+    queues += [retry_queue(label) for label in labels] + [job_queue(label) for label in labels]
     log.info("agent %s consumes %s", name, ", ".join(queues))
     try:
         app.worker_main(

@@ -16,24 +16,18 @@ from django.utils.html import format_html, format_html_join
 
 from builds import services
 from builds.definition import parse_definition
+from builds.errors import StepNotRetryable
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
+from builds.services import retry as retry_service
 from builds.statuses import BuildStatus, build_allowed_from, stage_status
 from ciproject.errors import CIError
+from ciproject.formatting import human_duration
 
 LOG_TAIL_LINES = 200
 
 
 def _ci_error(exc: CIError) -> forms.ValidationError:
     return forms.ValidationError(f"{exc.code}: {exc.detail}", code=exc.code)
-
-
-def _human_duration(delta) -> str:
-    seconds = int(delta.total_seconds())
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h {minutes:02}m {seconds:02}s"
-    return f"{minutes}m {seconds:02}s" if minutes else f"{seconds}s"
 
 
 class PipelineForm(forms.ModelForm):
@@ -138,7 +132,7 @@ class BuildAdmin(admin.ModelAdmin):
 
     @admin.display(description="duration", ordering="run_time")
     def duration_display(self, obj):
-        return _human_duration(obj.duration) if obj.duration is not None else None
+        return human_duration(obj.duration) if obj.duration is not None else None
 
     @admin.display(description="variables")
     def variables_table(self, obj):
@@ -158,14 +152,40 @@ class BuildAdmin(admin.ModelAdmin):
             ),
         )
 
+    def get_object(self, request, object_id, from_field=None):
+        obj = super().get_object(request, object_id, from_field)
+        if obj is not None:
+            # The tree is rendered from the object alone; it shows Retry buttons only to who
+            # may use them.
+            obj._can_retry = self.has_retry_permission(request)
+        return obj
+
+    def _tree(self, obj):
+        """The build's jobs with their steps, loaded once per page."""
+        if not hasattr(obj, "_tree_jobs"):
+            steps = StepRun.objects.order_by("index")
+            obj._tree_jobs = list(
+                JobRun.objects.filter(build=obj)
+                .order_by("stage_index", "id")
+                .prefetch_related(Prefetch("steps", steps))
+            )
+        return obj._tree_jobs
+
+    def _retryable_steps(self, obj):
+        """The steps of the tree that get a Retry button: none without the permission."""
+        if not getattr(obj, "_can_retry", False):
+            return []
+        return [
+            step
+            for job in self._tree(obj)
+            for step in job.steps.all()
+            if _step_retryable(obj, job, step)
+        ]
+
     @admin.display(description="stages, jobs and steps")
     def jobs_tree(self, obj):
-        steps = StepRun.objects.order_by("index")
-        jobs = list(
-            JobRun.objects.filter(build=obj)
-            .order_by("stage_index", "id")
-            .prefetch_related(Prefetch("steps", steps))
-        )
+        jobs = self._tree(obj)
+        retryable = {step.pk for step in self._retryable_steps(obj)}
         if not jobs:
             return None
         rows = []
@@ -181,7 +201,9 @@ class BuildAdmin(admin.ModelAdmin):
             )
             for job in stage_jobs:
                 rows.append(self._job_row(job))
-                rows.extend(self._step_row(obj, step) for step in job.steps.all())
+                rows.extend(
+                    self._step_row(obj, step, step.pk in retryable) for step in job.steps.all()
+                )
         return format_html(
             "<table><thead><tr><th>job / step</th><th>status</th><th>attempt</th>"
             "<th>agent</th><th>exit code</th><th>started</th><th>finished</th>"
@@ -204,12 +226,22 @@ class BuildAdmin(admin.ModelAdmin):
             job.reason,
         )
 
-    def _step_row(self, build, step):
+    def _step_row(self, build, step, retryable=False):
         log_url = reverse(f"{self.admin_site.name}:builds_build_step_log", args=(build.pk, step.pk))
+        # The tree sits inside the change form, where a form may not be nested: the button
+        # submits its own form, rendered outside (the template's object-tools block).
+        retry = (
+            format_html(
+                ' <button type="submit" form="{}" class="button">Retry</button>',
+                _retry_form_id(step),
+            )
+            if retryable
+            else ""
+        )
         return format_html(
             '<tr><td style="padding-left: 2em">{}<details><summary>command</summary>'
             "<pre>{}</pre></details></td><td>{}</td><td>{}</td><td></td><td>{}</td><td>{}</td>"
-            '<td>{}</td><td><a href="{}">log</a></td></tr>',
+            '<td>{}</td><td><a href="{}">log</a>{}</td></tr>',
             step.name,
             step.command,
             step.status,
@@ -218,10 +250,14 @@ class BuildAdmin(admin.ModelAdmin):
             _when(step.started_at),
             _when(step.finished_at),
             log_url,
+            retry,
         )
 
     def has_cancel_permission(self, request):
         return request.user.has_perm("builds.cancel_build")
+
+    def has_retry_permission(self, request):
+        return request.user.has_perm("builds.retry_build")
 
     @admin.action(description="Cancel selected builds", permissions=["cancel"])
     def cancel_builds(self, request, queryset):
@@ -252,6 +288,15 @@ class BuildAdmin(admin.ModelAdmin):
             context["cancel_url"] = reverse(
                 f"{self.admin_site.name}:builds_build_cancel", args=(obj.pk,)
             )
+            context["retry_forms"] = [
+                (
+                    _retry_form_id(step),
+                    reverse(
+                        f"{self.admin_site.name}:builds_build_step_retry", args=(obj.pk, step.pk)
+                    ),
+                )
+                for step in self._retryable_steps(obj)
+            ]
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def get_urls(self):
@@ -263,12 +308,35 @@ class BuildAdmin(admin.ModelAdmin):
                 name="builds_build_cancel",
             ),
             path(
+                "<int:build_id>/steps/<int:step_id>/retry/",
+                self.admin_site.admin_view(self.step_retry_view),
+                name="builds_build_step_retry",
+            ),
+            path(
                 "<int:build_id>/steps/<int:step_id>/log/",
                 self.admin_site.admin_view(self.step_log_view),
                 name="builds_build_step_log",
             ),
             *super().get_urls(),
         ]
+
+    def step_retry_view(self, request, build_id, step_id):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_retry_permission(request):
+            raise PermissionDenied
+        build = get_object_or_404(Build.objects.select_related("pipeline"), pk=build_id)
+        try:
+            step = services.retry_step(build.pk, step_id)
+        except CIError as exc:
+            self.message_user(request, f"Build {build}: {exc.code}: {exc.detail}", messages.WARNING)
+        else:
+            self.message_user(
+                request,
+                f"Build {build}: step '{step.name}' retried, attempt {step.attempt}",
+                messages.SUCCESS,
+            )
+        return redirect(reverse(f"{self.admin_site.name}:builds_build_change", args=(build_id,)))
 
     def step_log_view(self, request, build_id, step_id):
         # Checked before the lookup, so a 404 tells nothing to who may not see builds.
@@ -309,3 +377,16 @@ class BuildAdmin(admin.ModelAdmin):
 
 def _when(value):
     return display_for_value(value, "-")
+
+
+def _retry_form_id(step) -> str:
+    return f"retry-step-{step.pk}"
+
+
+def _step_retryable(build, job, step) -> bool:
+    """The retry service's own rule, so the button and the service never disagree."""
+    try:
+        retry_service.check_step_retryable(build, job, step)
+    except StepNotRetryable:
+        return False
+    return True

@@ -151,7 +151,16 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
             return [requires("builds.view_build")()]
         if self.action == "cancel":
             return [requires("builds.cancel_build")()]
+        if self.action == "retry_step":
+            return [requires("builds.retry_build")()]
         return super().get_permissions()
+
+    @extend_schema(request=None, responses={202: StepSerializer}, summary="Retry a failed step")
+    @action(detail=True, methods=["post"], url_path=r"steps/(?P<step_id>[0-9]+)/retry")
+    def retry_step(self, request, pk=None, step_id=None):
+        build = self.get_object()
+        step = services.retry_step(build.pk, int(step_id))
+        return Response(StepSerializer(step).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: CancelSerializer}, summary="Cancel a build")
     @action(detail=True, methods=["post"])

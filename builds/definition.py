@@ -64,6 +64,7 @@ class StageSpec(_Strict):
 
 class PipelineSpec(_Strict):
     variables: dict[str, Scalar] = Field(default_factory=dict)
+    concurrency: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     stages: Annotated[list[StageSpec], Field(min_length=1, max_length=MAX_STAGES)]
 
     @field_validator("variables")
@@ -180,6 +181,7 @@ def _describe(error: dict) -> str:
 def _normalize(spec: PipelineSpec) -> dict:
     return {
         "variables": spec.variables,
+        "concurrency": spec.concurrency,
         "stages": [
             {
                 "name": stage.name,

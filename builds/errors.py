@@ -14,6 +14,16 @@ class PipelineNameTaken(CIError):
     http_status = 409
 
 
+class StepNotFound(CIError):
+    code = "STEP_NOT_FOUND"
+    http_status = 404
+
+
+class StepNotRetryable(CIError):
+    code = "STEP_NOT_RETRYABLE"
+    http_status = 409
+
+
 class BuildAlreadyFinished(CIError):
     code = "BUILD_ALREADY_FINISHED"
     http_status = 409

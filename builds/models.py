@@ -10,6 +10,15 @@ class Pipeline(models.Model):
     # The validated, normalized definition; written only together with `definition`.
     spec = models.JSONField(editable=False)
     last_build_number = models.PositiveIntegerField(default=0, editable=False)
+    policy = models.ForeignKey(
+        "concurrency.ConcurrencyPolicy",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="pipelines",
+        help_text="Concurrency policy; none means unlimited. `concurrency: NAME` in the YAML "
+        "sets it.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -31,6 +40,14 @@ class Build(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     reason = models.TextField(blank=True, default="")
+    # Admission: the policy the build was admitted by, its rendered group, and its place in
+    # the group's queue (a build put back by a step retry waits at the head: priority 1).
+    policy = models.ForeignKey(
+        "concurrency.ConcurrencyPolicy", null=True, blank=True, on_delete=models.SET_NULL
+    )
+    concurrency_group = models.CharField(max_length=400, blank=True, default="", db_index=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    queue_priority = models.PositiveSmallIntegerField(default=0)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -48,7 +65,10 @@ class Build(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["pipeline", "number"], name="build_number_unique")
         ]
-        permissions = [("cancel_build", "Can cancel builds")]
+        permissions = [
+            ("cancel_build", "Can cancel builds"),
+            ("retry_build", "Can retry builds and their steps"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.pipeline.name} #{self.number}"

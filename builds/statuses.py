@@ -60,6 +60,19 @@ RUN_TRANSITIONS: dict[str, frozenset[str]] = {
 }
 
 
+# Retries take a final status back (with attempt + 1): to-status -> the statuses it may be
+# reached from. Kept apart so the normal flow's compare-and-sets never match a final row.
+RETRYABLE_RUNS = frozenset({R.FAILED, R.TIMED_OUT, R.CANCELED})
+BUILD_RETRY_TRANSITIONS: dict[str, frozenset[str]] = {
+    B.QUEUED: frozenset({B.FAILED, B.CANCELED, B.QUEUE_TIMEOUT, B.SUCCEEDED}),
+    B.RUNNING: frozenset({B.FAILED, B.CANCELED, B.QUEUE_TIMEOUT, B.SUCCEEDED}),
+}
+RUN_RETRY_TRANSITIONS: dict[str, frozenset[str]] = {
+    R.QUEUED: RETRYABLE_RUNS,  # a job put back in the queue
+    R.PENDING: RETRYABLE_RUNS | {R.SKIPPED},  # a step (or what came after it) to run again
+}
+
+
 def build_allowed_from(to: str) -> frozenset[str]:
     return BUILD_TRANSITIONS[to]
 

@@ -19,5 +19,10 @@ def cancel_watchdog() -> list[int]:
 
 
 @shared_task(ignore_result=True)
+def sweep_queues() -> dict[str, list[int]]:
+    return services.sweep_queues()
+
+
+@shared_task(ignore_result=True)
 def reconcile_running_builds() -> list[int]:
     return services.reconcile_running_builds()

@@ -2,6 +2,7 @@
 
 - controller: server-side work (advance a build, sweeps);
 - jobs.<label>: jobs waiting for any agent with that label;
+- retry.<label>: retried jobs (attempt > 1), consumed beside jobs.<label>;
 - agent.<name>: work pinned to one agent.
 """
 
@@ -22,11 +23,22 @@ def job_queue(label: str) -> str:
     return f"jobs.{label}"
 
 
+def retry_queue(label: str) -> str:
+    """Where retried jobs wait: agents consume it beside jobs.<label>, so a retry is never
+    stuck behind a backlog of new builds."""
+    return f"retry.{label}"
+
+
 def agent_queue(name: str) -> str:
     return f"agent.{name}"
 
 
 app.conf.beat_schedule = {
+    "sweep-queues": {
+        "task": "builds.tasks.sweep_queues",
+        "schedule": 5.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 5},
+    },
     "cancel-watchdog": {
         "task": "builds.tasks.cancel_watchdog",
         "schedule": 2.0,

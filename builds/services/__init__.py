@@ -13,8 +13,15 @@ from builds.services.execution import (
     start_step,
     step_log,
 )
-from builds.services.lifecycle import advance_build, reconcile_running_builds, trigger_build
+from builds.services.lifecycle import (
+    advance_build,
+    reconcile_running_builds,
+    start_queued_builds,
+    sweep_queues,
+    trigger_build,
+)
 from builds.services.pipelines import save_pipeline, validate_pipeline_name
+from builds.services.retry import retry_step
 
 __all__ = [
     "advance_build",
@@ -27,10 +34,13 @@ __all__ = [
     "next_attempt",
     "reconcile_running_builds",
     "request_cancel",
+    "retry_step",
     "save_pipeline",
     "start_job",
+    "start_queued_builds",
     "start_step",
     "step_log",
+    "sweep_queues",
     "trigger_build",
     "validate_pipeline_name",
 ]

@@ -52,6 +52,17 @@ def request_cancel(build_id: int, user=None) -> str:
     return BuildStatus.CANCELLING
 
 
+def cancel_at_once(build: Build, reason: str) -> bool:
+    """Cancel a QUEUED build, of which nothing runs, within the caller's transaction: for
+    eviction from a full queue and for cancel-in-progress."""
+    updated = Build.objects.filter(pk=build.pk, status=BuildStatus.QUEUED).update(
+        status=BuildStatus.CANCELLING, cancel_requested_at=timezone.now(), reason=reason
+    )
+    if updated:
+        finish_cancel(build.pk)
+    return bool(updated)
+
+
 def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
     """The batched part of a cancel; idempotent, so the watchdog may call it again (with
     skip_locked, so it never queues up behind the controller working on the same build)."""
@@ -75,6 +86,11 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
                 "id", "attempt", "agent"
             )
         )
+
+        log.info(
+            "build %s: cancel requested by %s; %d jobs never started, %d stopping",
+            build_id, build.cancel_requested_by or "the system", len(revoked), len(running),
+        )  # fmt: skip
 
         def notify():
             if revoked:

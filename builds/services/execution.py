@@ -109,8 +109,10 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
         ).update(status=status, reason=reason, finished_at=now)
         if not updated:
             return False
-        StepRun.objects.filter(job=job, status__in=run_allowed_from(RunStatus.SKIPPED)).update(
-            status=RunStatus.SKIPPED
+        # What never ran is SKIPPED, or CANCELED with the job.
+        leftover = RunStatus.CANCELED if status == RunStatus.CANCELED else RunStatus.SKIPPED
+        StepRun.objects.filter(job=job, status__in=(RunStatus.PENDING, RunStatus.QUEUED)).update(
+            status=leftover
         )
         # A step still RUNNING here was cut short by an error on the agent.
         StepRun.objects.filter(job=job, status=RunStatus.RUNNING).update(

@@ -15,48 +15,98 @@ from builds.statuses import (
     BuildStatus,
     RunStatus,
     build_allowed_from,
-    run_allowed_from,
 )
 from ciproject import metrics
-from ciproject.celery import app, job_queue
+from ciproject.celery import app, job_queue, retry_queue
+from concurrency import services as concurrency
+from concurrency.models import ConcurrencyPolicy
 
 log = logging.getLogger(__name__)
 
 
 def trigger_build(pipeline: Pipeline, variables=None, user=None) -> Build:
-    """Create build N+1 of `pipeline` with its variables and status tree, and queue its first
-    stage. Bad variables raise InvalidVariables before anything is written."""
+    """Create build N+1 of `pipeline` with its variables and status tree, admit it by the
+    pipeline's concurrency policy, and queue its first stage if it may run. Bad variables
+    raise InvalidVariables, a full queue PipelineQueueFull, before anything is stored."""
     overrides = normalize_variables({} if variables is None else variables)
     with transaction.atomic():
-        number, spec = _next_build_number(pipeline.pk)
+        number, spec, policy_id = _next_build_number(pipeline.pk)
         now = timezone.now()
-        build = Build.objects.create(
+        build = Build(
             pipeline=pipeline,
             number=number,
             status=BuildStatus.RUNNING,
             spec=spec,
             triggered_by=user if user and user.is_authenticated else None,
             created_at=now,
-            started_at=now,
         )
+        if policy_id is not None:
+            _admit(build, policy_id, {**spec["variables"], **overrides})
+        if build.status == BuildStatus.RUNNING:
+            build.started_at = now
+        else:
+            build.enqueued_at = now
+        build.save(force_insert=True)
         _store_variables(build, spec["variables"], "pipeline", skip=overrides)
         _store_variables(build, overrides, "trigger")
         _create_tree(build, spec)
-        _queue_stage(build.pk, 0)
+        if build.status == BuildStatus.RUNNING:
+            _queue_stage(build.pk, 0)
     return build
 
 
-def _next_build_number(pipeline_id: int) -> tuple[int, dict]:
+def _next_build_number(pipeline_id: int) -> tuple[int, dict, int | None]:
     # The UPDATE row-locks the pipeline until commit, so concurrent triggers are serialized
-    # here and the spec is read in the same statement.
+    # here, and the spec and policy are read in the same statement.
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE builds_pipeline SET last_build_number = last_build_number + 1"
-            " WHERE id = %s RETURNING last_build_number, spec",
+            " WHERE id = %s RETURNING last_build_number, spec, policy_id",
             [pipeline_id],
         )
-        number, spec = cursor.fetchone()
-    return number, json.loads(spec) if isinstance(spec, str) else spec
+        number, spec, policy_id = cursor.fetchone()
+    return number, json.loads(spec) if isinstance(spec, str) else spec, policy_id
+
+
+def _admit(build: Build, policy_id: int, variables: dict[str, str]) -> None:
+    from builds.services.cancellation import cancel_at_once, request_cancel
+
+    policy = ConcurrencyPolicy.objects.get(pk=policy_id)
+    build.policy = policy
+    build.concurrency_group = concurrency.group_key(policy, build.pipeline, variables)
+    concurrency.lock_group(build.concurrency_group)
+    if policy.cancel_in_progress:
+        group = Build.objects.filter(concurrency_group=build.concurrency_group)
+        for other in group.filter(status=BuildStatus.QUEUED):
+            cancel_at_once(other, f"cancelled by build #{build.number} (cancel in progress)")
+        for other_id in group.filter(status=BuildStatus.RUNNING).values_list("id", flat=True):
+            request_cancel(other_id)  # the real path: its steps are stopped on the agents
+
+    def evict(oldest: Build) -> None:
+        cancel_at_once(
+            oldest,
+            f"evicted from the full queue of group {build.concurrency_group!r}"
+            f" by build #{build.number} of {build.pipeline.name!r}",
+        )
+
+    build.status = concurrency.admit(build, policy, on_evict=evict)
+
+
+def start_queued_builds(group: str) -> list[int]:
+    """Start the queued builds of `group` that its policy now has room for, oldest first (a
+    build put back by a step retry before them). One transaction, the group locked."""
+    with transaction.atomic():
+        started = []
+        for build_id in concurrency.builds_to_start(group):
+            build = Build.objects.select_for_update().get(pk=build_id)
+            updated = Build.objects.filter(
+                pk=build_id, status__in=build_allowed_from(BuildStatus.RUNNING)
+            ).update(status=BuildStatus.RUNNING, started_at=build.started_at or timezone.now())
+            if updated:
+                build.status = BuildStatus.RUNNING
+                advance_locked(build)
+                started.append(build_id)
+    return started
 
 
 def _store_variables(build: Build, variables: dict, source: str, skip=()) -> None:
@@ -102,15 +152,9 @@ def _queue_stage(build_id: int, stage_index: int) -> None:
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE builds_jobrun SET status = %s, queued_at = %s"
-            " WHERE build_id = %s AND stage_index = %s AND status = ANY(%s)"
+            " WHERE build_id = %s AND stage_index = %s AND status = %s"
             " RETURNING id, attempt, runs_on",
-            [
-                RunStatus.QUEUED,
-                timezone.now(),
-                build_id,
-                stage_index,
-                list(run_allowed_from(RunStatus.QUEUED)),
-            ],
+            [RunStatus.QUEUED, timezone.now(), build_id, stage_index, RunStatus.PENDING],
         )
         queued = cursor.fetchall()
     transaction.on_commit(lambda: _publish_jobs(queued))
@@ -121,7 +165,7 @@ def _publish_jobs(queued) -> None:
         app.send_task(
             "agents.tasks.run_job",
             args=(job_id, attempt),
-            queue=job_queue(runs_on),
+            queue=retry_queue(runs_on) if attempt > 1 else job_queue(runs_on),
             task_id=f"job-{job_id}-{attempt}",
         )
 
@@ -134,24 +178,29 @@ def advance_build(build_id: int) -> str | None:
         build = Build.objects.select_for_update().filter(pk=build_id).first()
         if build is None or build.status not in (BuildStatus.RUNNING, BuildStatus.CANCELLING):
             return None
-        jobs = JobRun.objects.filter(build_id=build_id).values_list("stage_index", "status")
-        if build.status == BuildStatus.CANCELLING:
-            if any(status in (RunStatus.QUEUED, RunStatus.RUNNING) for _, status in jobs):
-                return BuildStatus.CANCELLING
-            _finish_build(build, BuildStatus.CANCELED)
-            return BuildStatus.CANCELED
-        for stage_index, stage in groupby(sorted(jobs), key=lambda row: row[0]):
-            statuses = [status for _, status in stage]
-            if all(s in RUN_FINAL for s in statuses):
-                if any(s in RUN_FAILED for s in statuses):
-                    _finish_build(build, BuildStatus.FAILED)
-                    return BuildStatus.FAILED
-                continue
-            if RunStatus.PENDING in statuses:
-                _queue_stage(build_id, stage_index)
-            return BuildStatus.RUNNING
-        _finish_build(build, BuildStatus.SUCCEEDED)
-        return BuildStatus.SUCCEEDED
+        return advance_locked(build)
+
+
+def advance_locked(build: Build) -> str:
+    """advance_build's decision, on a locked build."""
+    jobs = JobRun.objects.filter(build_id=build.pk).values_list("stage_index", "status")
+    if build.status == BuildStatus.CANCELLING:
+        if any(status in (RunStatus.QUEUED, RunStatus.RUNNING) for _, status in jobs):
+            return BuildStatus.CANCELLING
+        finish_build(build, BuildStatus.CANCELED)
+        return BuildStatus.CANCELED
+    for stage_index, stage in groupby(sorted(jobs), key=lambda row: row[0]):
+        statuses = [status for _, status in stage]
+        if all(s in RUN_FINAL for s in statuses):
+            if any(s in RUN_FAILED for s in statuses):
+                finish_build(build, BuildStatus.FAILED)
+                return BuildStatus.FAILED
+            continue
+        if RunStatus.PENDING in statuses:
+            _queue_stage(build.pk, stage_index)
+        return BuildStatus.RUNNING
+    finish_build(build, BuildStatus.SUCCEEDED)
+    return BuildStatus.SUCCEEDED
 
 
 def reconcile_running_builds(limit: int = 500) -> list[int]:
@@ -169,14 +218,20 @@ def reconcile_running_builds(limit: int = 500) -> list[int]:
     return ids
 
 
-def _finish_build(build: Build, status: str) -> None:
-    """The build's final compare-and-set; what never ran is SKIPPED (CANCELED if cancelled)."""
+def finish_build(build: Build, status: str, reason: str = "") -> bool:
+    """The build's final compare-and-set; what never ran is SKIPPED (CANCELED if cancelled).
+    Its concurrency slot goes to the next queued build of its group once this commits (in a
+    transaction of its own: the group is locked before builds, never after)."""
     now = timezone.now()
+    fields = {"status": status, "finished_at": now} | ({"reason": reason} if reason else {})
     updated = Build.objects.filter(pk=build.pk, status__in=build_allowed_from(status)).update(
-        status=status, finished_at=now
+        **fields
     )
     if not updated:
-        return
+        return False
+    if build.concurrency_group:
+        group = build.concurrency_group
+        transaction.on_commit(lambda: start_queued_builds(group))
     leftover = RunStatus.CANCELED if status == BuildStatus.CANCELED else RunStatus.SKIPPED
     JobRun.objects.filter(build=build, status__in=(RunStatus.PENDING, RunStatus.QUEUED)).update(
         status=leftover, finished_at=now
@@ -188,3 +243,23 @@ def _finish_build(build: Build, status: str) -> None:
     if status == BuildStatus.CANCELED and build.cancel_requested_at:
         waited = (now - build.cancel_requested_at).total_seconds()
         transaction.on_commit(lambda: metrics.CANCEL_TO_CANCELED.observe(waited))
+    return True
+
+
+def sweep_queues() -> dict[str, list[int]]:
+    """Beat: end queued builds that waited past their policy's queue_timeout (QUEUE_TIMEOUT),
+    and start queued builds whose group has room (a start lost with its process)."""
+    timed_out = []
+    for build_id, timeout in concurrency.expired_queued_builds():
+        with transaction.atomic():
+            build = Build.objects.select_for_update().get(pk=build_id)
+            reason = f"waited in the queue longer than the policy's queue_timeout ({timeout} s)"
+            if finish_build(build, BuildStatus.QUEUE_TIMEOUT, reason):
+                timed_out.append(build_id)
+    groups = (
+        Build.objects.filter(status=BuildStatus.QUEUED)
+        .values_list("concurrency_group", flat=True)
+        .distinct()
+    )
+    started = [build_id for group in groups for build_id in start_queued_builds(group)]
+    return {"timed_out": timed_out, "started": started}

@@ -1,6 +1,7 @@
 """The admin: pipelines edited through the services, read-only builds, step logs, agents."""
 
 from datetime import timedelta
+from html.parser import HTMLParser
 
 import pytest
 from django.contrib.auth.models import Permission, User
@@ -10,7 +11,7 @@ from django.utils import timezone
 from agents.admin import AgentAdmin
 from agents.models import Agent, AgentStatus
 from builds import services
-from builds.models import Build, Pipeline, StepLogChunk, StepRun
+from builds.models import Build, JobRun, Pipeline, StepLogChunk, StepRun
 
 DEFINITION = """\
 variables:
@@ -361,3 +362,145 @@ def test_cancel_action_reports_each_build(admin_client, pipeline, build):
     assert "BUILD_ALREADY_FINISHED" in text
     assert Build.objects.get(pk=build.pk).status == "CANCELLING"
     assert Build.objects.get(pk=done.pk).status == "SUCCEEDED"
+
+
+# Step retry ------------------------------------------------------------------------------
+
+
+class _Forms(HTMLParser):
+    """The page's forms and the buttons that submit a form by its id (form="...")."""
+
+    def __init__(self):
+        super().__init__()
+        self.depth = 0
+        self.nested = False
+        self.actions = []  # every form's action
+        self.forms = {}  # id -> action, of the forms that have an id
+        self.buttons = []  # form ids named by buttons' form attribute
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "form":
+            self.depth += 1
+            self.nested |= self.depth > 1
+            self.actions.append(attrs.get("action"))
+            if "id" in attrs:
+                self.forms[attrs["id"]] = attrs.get("action")
+        elif tag == "button" and "form" in attrs:
+            self.buttons.append(attrs["form"])
+
+    def handle_endtag(self, tag):
+        if tag == "form":
+            self.depth -= 1
+
+
+def parse_forms(html: str) -> _Forms:
+    """Parse a page, checking that no form is nested in another (invalid HTML)."""
+    parser = _Forms()
+    parser.feed(html)
+    assert not parser.nested, "a form is nested in another"
+    assert parser.depth == 0
+    return parser
+
+
+def retry_url(build_id, step_id):
+    return reverse("admin:builds_build_step_retry", args=(build_id, step_id))
+
+
+def fail_step(build, step, build_status="FAILED"):
+    now = timezone.now()
+    StepRun.objects.filter(pk=step.pk).update(
+        status="FAILED", exit_code=2, started_at=now - timedelta(seconds=5), finished_at=now
+    )
+    JobRun.objects.filter(pk=step.job_id).update(status="FAILED", finished_at=now)
+    StepRun.objects.filter(job_id=step.job_id).exclude(pk=step.pk).update(status="SKIPPED")
+    Build.objects.filter(pk=build.pk).update(status=build_status, finished_at=now)
+
+
+def test_build_page_offers_retry_for_a_failed_step(admin_client, build, step):
+    fail_step(build, step)
+    response = admin_client.get(reverse("admin:builds_build_change", args=(build.pk,)))
+    assert response.status_code == 200
+    forms = parse_forms(response.text)
+    # The button in the tree submits a form of its own, outside the change form.
+    assert forms.buttons == [f"retry-step-{step.pk}"]
+    assert forms.forms[f"retry-step-{step.pk}"] == retry_url(build.pk, step.pk)
+    assert response.text.count(">Retry</button>") == 1
+
+
+def test_retry_button_follows_the_retry_rule(admin_client, build, step):
+    change_url = reverse("admin:builds_build_change", args=(build.pk,))
+    # A failed step of a job still running: not yet.
+    StepRun.objects.filter(pk=step.pk).update(status="FAILED")
+    JobRun.objects.filter(pk=step.job_id).update(status="RUNNING")
+    assert retry_url(build.pk, step.pk) not in admin_client.get(change_url).text
+    # The job ended and the build still runs: yes.
+    JobRun.objects.filter(pk=step.job_id).update(status="FAILED")
+    assert retry_url(build.pk, step.pk) in admin_client.get(change_url).text
+    # While the build is being cancelled: no.
+    Build.objects.filter(pk=build.pk).update(status="CANCELLING")
+    assert retry_url(build.pk, step.pk) not in admin_client.get(change_url).text
+    # A step that succeeded: no.
+    Build.objects.filter(pk=build.pk).update(status="FAILED")
+    StepRun.objects.filter(pk=step.pk).update(status="SUCCEEDED")
+    assert retry_url(build.pk, step.pk) not in admin_client.get(change_url).text
+    # Timed out or cancelled: yes.
+    for status in ("TIMED_OUT", "CANCELED"):
+        StepRun.objects.filter(pk=step.pk).update(status=status)
+        assert retry_url(build.pk, step.pk) in admin_client.get(change_url).text
+
+
+def test_retry_step_from_the_build_page(admin_client, build, step):
+    fail_step(build, step)
+    response = admin_client.post(retry_url(build.pk, step.pk), follow=True)
+    assert response.redirect_chain == [
+        (reverse("admin:builds_build_change", args=(build.pk,)), 302)
+    ]
+    assert f"Build {build}: step &#x27;say-hello&#x27; retried, attempt 2" in response.text
+    step.refresh_from_db()
+    assert (step.status, step.attempt, step.exit_code) == ("PENDING", 2, None)
+    assert Build.objects.get(pk=build.pk).status in ("RUNNING", "QUEUED")
+    # Nothing left to retry.
+    assert retry_url(build.pk, step.pk) not in response.text
+
+
+def test_retry_step_reports_the_service_error(admin_client, pipeline, build, step):
+    fail_step(build, step)
+    StepRun.objects.filter(pk=step.pk).update(status="SUCCEEDED")  # meanwhile
+    response = admin_client.post(retry_url(build.pk, step.pk), follow=True)
+    assert f"Build {build}: STEP_NOT_RETRYABLE: step &#x27;say-hello&#x27; is SUCCEEDED" in (
+        response.text
+    )
+    assert StepRun.objects.get(pk=step.pk).attempt == 1
+
+    other = services.trigger_build(pipeline)
+    response = admin_client.post(retry_url(other.pk, step.pk), follow=True)
+    assert f"Build {other}: STEP_NOT_FOUND: build {other.pk} has no step {step.pk}" in (
+        response.text
+    )
+    assert admin_client.post(retry_url(0, step.pk)).status_code == 404
+
+
+def test_retry_step_is_post_only_and_needs_the_permission(client, admin_client, build, step):
+    fail_step(build, step)
+    assert admin_client.get(retry_url(build.pk, step.pk)).status_code == 405
+    viewer = User.objects.create_user("viewer", password="pw", is_staff=True)
+    viewer.user_permissions.add(Permission.objects.get(codename="view_build"))
+    client.force_login(viewer)
+    page = client.get(reverse("admin:builds_build_change", args=(build.pk,)))
+    assert page.status_code == 200
+    assert retry_url(build.pk, step.pk) not in page.text
+    assert ">Retry</button>" not in page.text
+    assert client.post(retry_url(build.pk, step.pk)).status_code == 403
+    step.refresh_from_db()
+    assert (step.status, step.attempt) == ("FAILED", 1)
+
+    viewer.user_permissions.add(Permission.objects.get(codename="retry_build"))
+    viewer = User.objects.get(pk=viewer.pk)  # a fresh permission cache
+    client.force_login(viewer)
+    assert (
+        retry_url(build.pk, step.pk)
+        in client.get(reverse("admin:builds_build_change", args=(build.pk,))).text
+    )
+    assert client.post(retry_url(build.pk, step.pk)).status_code == 302
+    assert StepRun.objects.get(pk=step.pk).attempt == 2

@@ -16,15 +16,16 @@ from builds.statuses import (
 )
 from tests.support import make_pipeline
 
+# No agent serves "unit-tests": these builds' job messages are never run.
 TWO_STAGES = """
 stages:
   - name: one
     jobs:
-      - {id: a, steps: [{run: "true"}, {run: "true"}]}
-      - {id: b, steps: [{run: "true"}]}
+      - {id: a, runs-on: unit-tests, steps: [{run: "true"}, {run: "true"}]}
+      - {id: b, runs-on: unit-tests, steps: [{run: "true"}]}
   - name: two
     jobs:
-      - {id: c, steps: [{run: "true"}]}
+      - {id: c, runs-on: unit-tests, steps: [{run: "true"}]}
 """
 
 

@@ -1,0 +1,114 @@
+"""Admission by concurrency policy. Every decision about a group happens with its
+ConcurrencyGroup row locked (SELECT ... FOR UPDATE), inside the transaction that creates,
+finishes or retries the build, so a group never runs more than max_running builds and no
+queued build is started twice, whatever the interleaving across processes and hosts."""
+
+from datetime import timedelta
+
+from django.db import connection
+from django.db.models import F
+from django.utils import timezone
+
+from builds.models import Build
+from builds.statuses import BuildStatus
+from concurrency import keys
+from concurrency.errors import PipelineQueueFull
+from concurrency.models import ConcurrencyPolicy, OnQueueFull
+
+OCCUPYING = (BuildStatus.RUNNING, BuildStatus.CANCELLING)  # what holds a running slot
+
+
+def lock_group(key: str) -> None:
+    """Create the group's row if needed and lock it until the transaction ends."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "INSERT INTO concurrency_concurrencygroup (key, created_at) VALUES (%s, now())"
+            " ON CONFLICT (key) DO NOTHING",
+            [key],
+        )
+        cursor.execute(
+            "SELECT id FROM concurrency_concurrencygroup WHERE key = %s FOR UPDATE", [key]
+        )
+
+
+def group_key(policy: ConcurrencyPolicy, pipeline, variables: dict[str, str]) -> str:
+    return keys.render(policy.group_key, pipeline, variables)
+
+
+def queue_order():
+    """FIFO, with builds put back by a step retry at the head."""
+    return [F("queue_priority").desc(), F("enqueued_at").asc(), F("id").asc()]
+
+
+def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
+    """Decide a new build's fate in its group (locked here): RUNNING if a slot is free and
+    nobody is waiting, else QUEUED if the queue has room, else the policy's on_queue_full:
+    PipelineQueueFull (the caller's transaction then rolls back: nothing is created), or the
+    oldest queued build is evicted (`on_evict(build)` ends it). Returns the status."""
+    lock_group(build.concurrency_group)
+    policy = ConcurrencyPolicy.objects.get(pk=policy.pk)  # the limits as they are now
+    group = Build.objects.filter(concurrency_group=build.concurrency_group).exclude(pk=build.pk)
+    running = group.filter(status__in=OCCUPYING).count()
+    queued = group.filter(status=BuildStatus.QUEUED)
+    waiting = queued.count()
+    if running < policy.max_running and waiting == 0:
+        return BuildStatus.RUNNING
+    if waiting >= policy.queue_length:
+        oldest = queued.order_by(*queue_order()).first()
+        if policy.on_queue_full != OnQueueFull.EVICT_OLDEST or oldest is None:
+            raise PipelineQueueFull(
+                f"the queue of group {build.concurrency_group!r} is full: {running} running "
+                f"(at most {policy.max_running}) and {waiting} queued (at most "
+                f"{policy.queue_length}, policy {policy.name!r}); try again later",
+                group=build.concurrency_group,
+                running=running,
+                queued=waiting,
+            )
+        on_evict(oldest)
+    return BuildStatus.QUEUED
+
+
+def builds_to_start(group: str) -> list[int]:
+    """With the group locked: the queued builds that may start now, in queue order. The
+    limit is the policy of the build at the head, as it is now."""
+    lock_group(group)
+    members = Build.objects.filter(concurrency_group=group)
+    queued = members.filter(status=BuildStatus.QUEUED).order_by(*queue_order())
+    head = queued.select_related("policy").first()
+    if head is None or head.policy is None:
+        return []
+    free = head.policy.max_running - members.filter(status__in=OCCUPYING).count()
+    return list(queued.values_list("id", flat=True)[: max(free, 0)])
+
+
+def expired_queued_builds(now=None) -> list[tuple[int, int]]:
+    """Queued builds that waited longer than their policy's queue_timeout: (id, timeout)."""
+    now = now or timezone.now()
+    queued = Build.objects.filter(status=BuildStatus.QUEUED).exclude(policy=None)
+    return [
+        (build_id, timeout)
+        for build_id, enqueued_at, timeout in queued.values_list(
+            "id", "enqueued_at", "policy__queue_timeout"
+        )
+        if enqueued_at and now - enqueued_at > timedelta(seconds=timeout)
+    ]
+
+
+def group_overview(policy: ConcurrencyPolicy) -> list[dict]:
+    """Per group of the policy: running and queued builds (in order, with waiting time)."""
+    now = timezone.now()
+    groups = []
+    live = Build.objects.filter(policy=policy, status__in=(*OCCUPYING, BuildStatus.QUEUED))
+    for key in (
+        live.order_by("concurrency_group").values_list("concurrency_group", flat=True).distinct()
+    ):
+        members = live.filter(concurrency_group=key).select_related("pipeline")
+        queued = list(members.filter(status=BuildStatus.QUEUED).order_by(*queue_order()))
+        groups.append(
+            {
+                "key": key,
+                "running": list(members.filter(status__in=OCCUPYING)),
+                "queued": [(b, now - b.enqueued_at) for b in queued],
+            }
+        )
+    return groups
