@@ -19,7 +19,7 @@ from builds.definition import parse_definition
 from builds.errors import StepNotRetryable
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
 from builds.services import retry as retry_service
-from builds.statuses import BuildStatus, build_allowed_from, stage_status
+from builds.statuses import BUILD_FINAL, BuildStatus, build_allowed_from, stage_status
 from ciproject.errors import CIError
 from ciproject.formatting import human_duration
 
@@ -297,7 +297,32 @@ class BuildAdmin(admin.ModelAdmin):
                 )
                 for step in self._retryable_steps(obj)
             ]
+            if self.has_retry_permission(request) and obj.status in BUILD_FINAL:
+                rerun_all = obj.status == BuildStatus.SUCCEEDED
+                decision = services.can_retry(obj, include_succeeded=rerun_all)
+                context["build_retry"] = {
+                    "allowed": decision.allowed,
+                    "reason": decision.reason,
+                    "all": rerun_all,
+                    "url": reverse(f"{self.admin_site.name}:builds_build_retry", args=(obj.pk,)),
+                }
         return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def retry_view(self, request, build_id):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        if not self.has_retry_permission(request):
+            raise PermissionDenied
+        build = get_object_or_404(Build.objects.select_related("pipeline"), pk=build_id)
+        try:  # the server asks can_retry again: the page may be stale
+            build = services.retry_build(build.pk, request.POST.get("all") != "1", request.user)
+        except CIError as exc:
+            self.message_user(request, f"Build {build}: {exc.code}: {exc.detail}", messages.ERROR)
+        else:
+            self.message_user(
+                request, f"Build {build}: retried, attempt {build.attempt}, {build.status}"
+            )
+        return redirect(reverse(f"{self.admin_site.name}:builds_build_change", args=(build_id,)))
 
     def get_urls(self):
         # Before the defaults: their "<path:object_id>/" would swallow this URL.
@@ -306,6 +331,11 @@ class BuildAdmin(admin.ModelAdmin):
                 "<int:build_id>/cancel/",
                 self.admin_site.admin_view(self.cancel_view),
                 name="builds_build_cancel",
+            ),
+            path(
+                "<int:build_id>/retry/",
+                self.admin_site.admin_view(self.retry_view),
+                name="builds_build_retry",
             ),
             path(
                 "<int:build_id>/steps/<int:step_id>/retry/",

@@ -62,6 +62,12 @@ class StageSerializer(serializers.Serializer):
     jobs = JobSerializer(many=True)
 
 
+class RetrySerializer(serializers.Serializer):
+    failed_only = serializers.BooleanField(
+        default=True, help_text="re-run the failed jobs and what follows (else every job)"
+    )
+
+
 class CancelSerializer(serializers.Serializer):
     status = serializers.CharField()
 
@@ -151,9 +157,20 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
             return [requires("builds.view_build")()]
         if self.action == "cancel":
             return [requires("builds.cancel_build")()]
-        if self.action == "retry_step":
+        if self.action in ("retry_step", "retry"):
             return [requires("builds.retry_build")()]
         return super().get_permissions()
+
+    @extend_schema(
+        request=RetrySerializer, responses={202: BuildSummarySerializer}, summary="Retry a build"
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request, pk=None):
+        build = self.get_object()
+        body = RetrySerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        build = services.retry_build(build.pk, body.validated_data["failed_only"], request.user)
+        return Response(BuildSummarySerializer(build).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: StepSerializer}, summary="Retry a failed step")
     @action(detail=True, methods=["post"], url_path=r"steps/(?P<step_id>[0-9]+)/retry")

@@ -14,6 +14,21 @@ class PipelineNameTaken(CIError):
     http_status = 409
 
 
+class VariablePartitionMissing(CIError):
+    code = "VARIABLE_PARTITION_MISSING"
+    http_status = 503
+
+
+class RetryWindowExpired(CIError):
+    code = "RETRY_WINDOW_EXPIRED"
+    http_status = 409
+
+
+class BuildNotRetryable(CIError):
+    code = "BUILD_NOT_RETRYABLE"
+    http_status = 409
+
+
 class StepNotFound(CIError):
     code = "STEP_NOT_FOUND"
     http_status = 404

@@ -162,3 +162,28 @@ class BuildVariable(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}={self.value[:40]}"
+
+
+class PartitionState(models.TextChoices):
+    LIVE = "live"
+    DETACHING = "detaching"
+    DROPPED = "dropped"
+
+
+class VariablePartition(models.Model):
+    """A partition of the variable table, as PostgreSQL's catalog last showed it (see
+    builds.partitions: the catalog is the truth, this row its mirror for the admin)."""
+
+    name = models.CharField(max_length=100, unique=True)
+    range_start = models.DateTimeField()
+    range_end = models.DateTimeField()
+    rows_estimate = models.BigIntegerField(default=0)
+    state = models.CharField(max_length=16, choices=PartitionState.choices)
+    dropped_at = models.DateTimeField(null=True, blank=True)
+    dropped_by = models.CharField(max_length=200, blank=True, default="")
+
+    class Meta:
+        ordering = ["range_start"]
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from builds import services
+from builds import partitions, services
 
 
 @shared_task(ignore_result=False)
@@ -26,3 +26,13 @@ def sweep_queues() -> dict[str, list[int]]:
 @shared_task(ignore_result=True)
 def reconcile_running_builds() -> list[int]:
     return services.reconcile_running_builds()
+
+
+@shared_task(ignore_result=True)
+def ensure_partitions() -> list[str]:
+    return partitions.ensure()
+
+
+@shared_task(ignore_result=True)
+def purge_partitions() -> list[str]:
+    return partitions.purge(by="beat")

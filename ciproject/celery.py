@@ -34,6 +34,16 @@ def agent_queue(name: str) -> str:
 
 
 app.conf.beat_schedule = {
+    "ensure-partitions": {
+        "task": "builds.tasks.ensure_partitions",
+        "schedule": 3600.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
+    },
+    "purge-partitions": {
+        "task": "builds.tasks.purge_partitions",
+        "schedule": 3600.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
+    },
     "sweep-queues": {
         "task": "builds.tasks.sweep_queues",
         "schedule": 5.0,

@@ -21,12 +21,13 @@ from builds.services.lifecycle import (
     trigger_build,
 )
 from builds.services.pipelines import save_pipeline, validate_pipeline_name
-from builds.services.retry import retry_step
+from builds.services.retry import can_retry, retry_build, retry_step
 
 __all__ = [
     "advance_build",
     "append_log",
     "build_variables",
+    "can_retry",
     "cancel_watchdog",
     "finish_cancel",
     "finish_job",
@@ -34,6 +35,7 @@ __all__ = [
     "next_attempt",
     "reconcile_running_builds",
     "request_cancel",
+    "retry_build",
     "retry_step",
     "save_pipeline",
     "start_job",

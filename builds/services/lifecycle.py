@@ -4,10 +4,11 @@ import json
 import logging
 from itertools import groupby
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from builds.definition import normalize_variables
+from builds.errors import VariablePartitionMissing
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
 from builds.statuses import (
     RUN_FAILED,
@@ -29,6 +30,18 @@ def trigger_build(pipeline: Pipeline, variables=None, user=None) -> Build:
     pipeline's concurrency policy, and queue its first stage if it may run. Bad variables
     raise InvalidVariables, a full queue PipelineQueueFull, before anything is stored."""
     overrides = normalize_variables({} if variables is None else variables)
+    try:
+        return _trigger(pipeline, overrides, user)
+    except IntegrityError as exc:
+        if "no partition" not in str(exc):
+            raise
+        raise VariablePartitionMissing(
+            "no partition of the variable table holds builds created now; nothing was stored."
+            " Run `manage.py partitions ensure` (beat runs it every hour)"
+        ) from None
+
+
+def _trigger(pipeline: Pipeline, overrides: dict[str, str], user) -> Build:
     with transaction.atomic():
         number, spec, policy_id = _next_build_number(pipeline.pk)
         now = timezone.now()

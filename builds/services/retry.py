@@ -1,15 +1,26 @@
-"""Step retry: re-run a failed step of a build in place, with attempt + 1, then the rest of
-its job and of the build. A step retry is part of its build, never a new one: on a running
-build it starts at once (no admission, no queue-length check, no new slot); on a finished
-build it takes the build back to RUNNING if its group has a free slot, else to the head of
-the group's queue. It is never refused for a full queue and never evicts anyone."""
+"""Retries, which run part of a build again as the same build, with new attempt numbers.
 
+Build retry: a finished build runs again, attempt + 1, while its variables are still kept
+(can_retry, the one rule the API, the admin and the CLI ask), through its concurrency policy
+like a new build. Step retry: a failed step runs again in place, then the rest of its job and
+of the build. A step retry is part of its build, never a new one: on a running build it
+starts at once (no admission, no queue-length check, no new slot); on a finished build it
+takes the build back to RUNNING if its group has a free slot, else to the head of the
+group's queue. It is never refused for a full queue and never evicts anyone.
+
+Every job that runs again gets a new attempt, hence a new message id: the old one may sit
+in a worker's revoked set, and a late message of the old attempt is fenced off."""
+
+from dataclasses import dataclass, field
+
+from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
-from builds.errors import StepNotFound, StepNotRetryable
-from builds.models import Build, JobRun, StepRun
+from builds import partitions
+from builds.errors import BuildNotRetryable, RetryWindowExpired, StepNotFound, StepNotRetryable
+from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services.lifecycle import advance_locked
 from builds.statuses import (
     BUILD_FINAL,
@@ -20,6 +31,7 @@ from builds.statuses import (
     BuildStatus,
     RunStatus,
 )
+from ciproject import metrics
 from concurrency import services as concurrency
 
 
@@ -90,7 +102,7 @@ def _reset_later_stages(build: Build, stage_index: int) -> None:
     not_run = RUN_RETRY_TRANSITIONS[RunStatus.PENDING] - {RunStatus.FAILED, RunStatus.TIMED_OUT}
     jobs = JobRun.objects.filter(build=build, stage_index__gt=stage_index, status__in=not_run)
     StepRun.objects.filter(job__in=jobs, status__in=not_run).update(status=RunStatus.PENDING)
-    jobs.update(status=RunStatus.PENDING, finished_at=None)
+    jobs.update(status=RunStatus.PENDING, attempt=F("attempt") + 1, finished_at=None)
 
 
 def _take_back(build: Build) -> None:
@@ -113,3 +125,140 @@ def _take_back(build: Build) -> None:
         queue_priority=1 if status == BuildStatus.QUEUED else 0,
     )
     build.status = status
+
+
+# Build retry ---------------------------------------------------------------------------
+
+RETRYABLE_BUILDS = frozenset({BuildStatus.FAILED, BuildStatus.CANCELED, BuildStatus.QUEUE_TIMEOUT})
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    code: str = ""
+    reason: str = ""
+    fields: dict = field(default_factory=dict)
+
+
+def can_retry(build: Build, include_succeeded: bool = False) -> Decision:
+    """May `build` be retried now, and if not, why. The one rule the API, the admin and the
+    CLI all ask. The window comes from the partition catalog: a build is retryable while the
+    partition holding its variables exists and will not be purged within the safety margin."""
+    retryable = RETRYABLE_BUILDS | ({BuildStatus.SUCCEEDED} if include_succeeded else set())
+    if build.status not in retryable:
+        hint = " (retry a SUCCEEDED build with all jobs)" if build.status == "SUCCEEDED" else ""
+        return Decision(
+            False,
+            "BUILD_NOT_RETRYABLE",
+            f"Build #{build.number} of {build.pipeline.name!r} is {build.status}; only a"
+            f" FAILED, CANCELED or QUEUE_TIMEOUT build can be retried{hint}.",
+            {"status": build.status},
+        )
+    earliest = partitions.earliest_retryable()
+    kept = earliest is not None and build.created_at >= earliest
+    if kept and partitions.partition_exists_for(build.created_at):
+        return Decision(True)
+    days = settings.VARIABLE_RETENTION_DAYS
+    since = (
+        f"only builds created on or after {earliest:%Y-%m-%d} can be retried"
+        if earliest
+        else "no build can be retried until the variable partitions are recreated"
+    )
+    return Decision(
+        False,
+        "RETRY_WINDOW_EXPIRED",
+        f"Build #{build.number} of {build.pipeline.name!r} was created on"
+        f" {build.created_at:%Y-%m-%d}; {since}, because build variables are kept for"
+        f" {days} days.",
+        {
+            "created_at": build.created_at.isoformat(),
+            "earliest_retryable": earliest.isoformat() if earliest else None,
+            "retention_days": days,
+        },
+    )
+
+
+def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
+    """Re-run a finished build as the same build with attempt + 1, its variables restored
+    from the variable table: with failed_only, its failed and cancelled jobs and everything
+    after them; else every job. It goes through its concurrency policy like a new build."""
+    build = Build.objects.select_related("pipeline").get(pk=build_id)
+    decision = can_retry(build, include_succeeded=not failed_only)
+    if not decision.allowed:
+        metrics.BUILD_RETRIES_REFUSED.labels(decision.code).inc()
+        error = RetryWindowExpired if decision.code == "RETRY_WINDOW_EXPIRED" else BuildNotRetryable
+        raise error(decision.reason, **decision.fields)
+    with transaction.atomic():
+        if build.concurrency_group:
+            concurrency.lock_group(build.concurrency_group)
+        build = Build.objects.select_for_update().select_related("pipeline").get(pk=build_id)
+        if not can_retry(build, include_succeeded=not failed_only).allowed:  # changed meanwhile
+            raise BuildNotRetryable(f"build #{build.number} changed; try again")
+        _reset_for_retry(build, failed_only)
+        status = BuildStatus.RUNNING
+        if build.policy_id:
+            status = _admit_retry(build)
+        now = timezone.now()
+        Build.objects.filter(pk=build.pk, status__in=BUILD_RETRY_TRANSITIONS[status]).update(
+            status=status,
+            attempt=F("attempt") + 1,
+            started_at=now if status == BuildStatus.RUNNING else None,
+            enqueued_at=now if status == BuildStatus.QUEUED else None,
+            finished_at=None,
+            reason="",
+            queue_priority=0,
+            cancel_requested_at=None,
+            cancel_requested_by=None,
+        )
+        build.refresh_from_db()
+        if status == BuildStatus.RUNNING:
+            advance_locked(build)
+    return build
+
+
+def _reset_for_retry(build: Build, failed_only: bool) -> None:
+    jobs = JobRun.objects.filter(build=build)
+    if failed_only:
+        first_failed = (
+            jobs.filter(status__in=RETRYABLE_RUNS | {RunStatus.SKIPPED, RunStatus.PENDING})
+            .order_by("stage_index")
+            .values_list("stage_index", flat=True)
+            .first()
+        )
+        if first_failed is None:
+            raise BuildNotRetryable(f"build #{build.number} has no failed job to retry")
+        # The failed jobs of that stage, and every job of the stages after it.
+        jobs = jobs.filter(
+            Q(stage_index=first_failed, status__in=RETRYABLE_RUNS | {RunStatus.SKIPPED})
+            | Q(stage_index__gt=first_failed)
+        )
+    else:
+        # A full retry starts from the variables the build was triggered with.
+        BuildVariable.objects.filter(build_created_at=build.created_at, build=build).filter(
+            source="step"
+        ).delete()
+    steps = StepRun.objects.filter(job__in=jobs)
+    steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
+    steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
+    jobs.update(
+        status=RunStatus.PENDING,
+        attempt=F("attempt") + 1,
+        agent="",
+        reason="",
+        queued_at=None,
+        started_at=None,
+        finished_at=None,
+    )
+
+
+def _admit_retry(build: Build) -> str:
+    from builds.services.cancellation import cancel_at_once
+
+    def evict(oldest: Build) -> None:
+        cancel_at_once(
+            oldest,
+            f"evicted from the full queue of group {build.concurrency_group!r}"
+            f" by the retry of build #{build.number} of {build.pipeline.name!r}",
+        )
+
+    return concurrency.admit(build, build.policy, on_evict=evict)
