@@ -14,10 +14,10 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from builds import services
+from builds import partitions, services
 from builds.definition import parse_definition
 from builds.errors import StepNotRetryable
-from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
+from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun, VariablePartition
 from builds.services import retry as retry_service
 from builds.statuses import BUILD_FINAL, BuildStatus, build_allowed_from, stage_status
 from ciproject.errors import CIError
@@ -420,3 +420,27 @@ def _step_retryable(build, job, step) -> bool:
     except StepNotRetryable:
         return False
     return True
+
+
+@admin.register(VariablePartition)
+class VariablePartitionAdmin(admin.ModelAdmin):
+    """The partitions of the variable table, as the catalog last showed them (upkeep, beat
+    and `manage.py partitions` reconcile this mirror with pg_inherits)."""
+
+    list_display = ["name", "range_start", "range_end", "rows_estimate", "state"]
+    list_display += ["dropped_at", "dropped_by"]
+    list_filter = ["state"]
+    readonly_fields = [f.name for f in VariablePartition._meta.fields]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def changelist_view(self, request, extra_context=None):
+        partitions.reconcile()  # show the catalog as it is now, not as it was
+        return super().changelist_view(request, extra_context)

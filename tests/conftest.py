@@ -13,9 +13,11 @@ import pytest
 import redis
 from django.conf import settings
 from django.db import connection
+from django.utils import timezone
 
+from builds import partitions
 from ciproject.celery import app
-from tests.support import wait_until
+from tests.support import raw_connection, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
@@ -160,3 +162,21 @@ def _wait_for_sessions_to_close() -> None:
             return cursor.fetchone()[0] == 0
 
         wait_until(others_gone, timeout=20, message="worker database sessions to close")
+
+
+@pytest.fixture
+def no_old_partitions(transactional_db):
+    """Each test starts and ends with the partitions migrate made: none in the past."""
+
+    def drop_old():
+        today = partitions.bounds_for(timezone.now())[0]
+        with raw_connection() as admin:
+            for p in partitions.catalog():
+                if p.end <= today:
+                    admin.execute(f'DROP TABLE "{p.name}"')
+            for name in partitions.detached_leftovers():
+                admin.execute(f'DROP TABLE "{name}"')
+
+    drop_old()
+    yield
+    drop_old()

@@ -2,7 +2,9 @@
 
 import time
 
+import psycopg
 import pytest
+from django.conf import settings
 
 from builds import services
 from builds.models import Build
@@ -40,3 +42,12 @@ def one_step(run: str, runs_on: str = "default") -> str:
     """A definition of one stage with one job `j` of one step."""
     job = f"{{id: j, runs-on: {runs_on}, steps: [{{run: {run!r}}}]}}"
     return f"stages:\n  - name: s\n    jobs:\n      - {job}\n"
+
+
+def raw_connection():
+    """A second, independent connection to the test database."""
+    db = settings.DATABASES["default"]
+    return psycopg.connect(
+        host=db["HOST"], port=db["PORT"] or 5432, user=db["USER"], dbname=db["NAME"],
+        autocommit=True,
+    )  # fmt: skip

@@ -9,43 +9,16 @@ from datetime import timedelta
 import psycopg
 import pytest
 import time_machine
-from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
 from builds import partitions, services
 from builds.errors import RetryWindowExpired, VariablePartitionMissing
 from builds.models import Build, BuildVariable, PartitionState, VariablePartition
-from tests.support import make_pipeline, one_step
+from tests.support import make_pipeline, one_step, raw_connection
 
 DAY = timedelta(days=1)
-
-
-@pytest.fixture(autouse=True)
-def _no_old_partitions(transactional_db):
-    """Each test starts and ends with the partitions migrate made: none in the past."""
-
-    def drop_old():
-        today = partitions.bounds_for(timezone.now())[0]
-        with raw_connection() as admin:
-            for p in partitions.catalog():
-                if p.end <= today:
-                    admin.execute(f'DROP TABLE "{p.name}"')
-            for name in partitions.detached_leftovers():
-                admin.execute(f'DROP TABLE "{name}"')
-
-    drop_old()
-    yield
-    drop_old()
-
-
-def raw_connection():
-    """A second, independent connection to the test database."""
-    db = settings.DATABASES["default"]
-    return psycopg.connect(
-        host=db["HOST"], port=db["PORT"] or 5432, user=db["USER"], dbname=db["NAME"],
-        autocommit=True,
-    )  # fmt: skip
+pytestmark = pytest.mark.usefixtures("no_old_partitions")
 
 
 def build_at(moment, name="p"):
@@ -225,3 +198,13 @@ def test_a_write_with_no_partition_is_refused_and_stores_nothing():
     assert Build.objects.filter(pipeline=pipeline).count() == 0
     pipeline.refresh_from_db()
     assert pipeline.last_build_number == 0
+
+
+def test_admin_lists_the_partitions_from_the_catalog(admin_client):
+    build = build_at(timezone.now() - 95 * DAY)
+    name = partition_of(build)
+    page = admin_client.get("/admin/builds/variablepartition/").content.decode()
+    assert name in page
+    partitions.purge(by="test")
+    page = admin_client.get("/admin/builds/variablepartition/?state__exact=dropped")
+    assert name in page.content.decode()

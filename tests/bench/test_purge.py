@@ -1,0 +1,164 @@
+"""Purge figures (`make bench`): dropping an expired variable partition (builds.partitions.purge:
+DETACH ... CONCURRENTLY, then DROP) against deleting the same rows with DELETE and reclaiming
+them with VACUUM, for partitions of 1M and 5M rows. The purge's cost should stay about flat
+as the partition grows, the DELETE's grow with it. Also the longest stall of a builder
+writing variables into the current partition while the purge runs."""
+
+import itertools
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from builds import partitions, services
+from tests.support import make_pipeline, one_step, raw_connection
+
+SIZES = (1_000_000, 5_000_000)
+DAY = timedelta(days=1)
+WRITE_EVERY = 0.005  # seconds between two writes of the concurrent writer
+MARGIN = 0.3  # seconds the writer runs before and after what it watches
+
+
+def old_build(moment, name: str):
+    """A build created at `moment` (no variables of its own), with the partition of that time."""
+    partitions.ensure(now=moment, ahead=0)
+    pipeline = make_pipeline(name, one_step("true", runs_on="bench-nowhere"))
+    with time_machine.travel(moment, tick=False):
+        return services.trigger_build(pipeline)
+
+
+def fill(build, rows: int) -> str:
+    """Create (again) the partition of `build` and put `rows` variables of it there, in one
+    INSERT ... SELECT. Returns the partition's name."""
+    partitions.ensure(now=build.created_at, ahead=0)
+    name = partitions.name_for(partitions.bounds_for(build.created_at)[0])
+    with raw_connection() as admin:
+        # No autovacuum on the bench partitions: it would run into the timed DELETE + VACUUM.
+        admin.execute(f'ALTER TABLE "{name}" SET (autovacuum_enabled = off)')
+        with admin.transaction():
+            admin.execute("SET LOCAL synchronous_commit = off")
+            admin.execute(
+                f'INSERT INTO "{name}" (build_created_at, build_id, name, value, source)'
+                " SELECT %s, %s, 'V' || g, 'x', 'trigger' FROM generate_series(1, %s) g",
+                [build.created_at, build.pk, rows],
+            )
+        # A partition this old has long been vacuumed (hint bits set, visibility map full),
+        # and its pages written out: start both methods from that state.
+        admin.execute(f'VACUUM (ANALYZE) "{name}"')
+        admin.execute("CHECKPOINT")
+    return name
+
+
+class Writer:
+    """A builder on its own connection inserting a variable into the current partition every
+    WRITE_EVERY s, recording when each insert started and ended."""
+
+    names = itertools.count()
+
+    def __init__(self, build):
+        self.build = build
+        self.writes: list[tuple[float, float]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        with raw_connection() as conn:
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                conn.execute(
+                    "INSERT INTO builds_buildvariable VALUES (%s, %s, %s, 'x', 'step')",
+                    [self.build.created_at, self.build.pk, f"W{next(self.names)}"],
+                )
+                self.writes.append((started, time.perf_counter()))
+                time.sleep(WRITE_EVERY)
+
+    def during(self, start: float, end: float) -> str:
+        """The writes that overlapped [start, end]: their count, p99 and max latency."""
+        ms = sorted((e - s) * 1000 for s, e in self.writes if s <= end and e >= start)
+        if not ms:
+            return "no writes"
+        p99 = ms[max(0, int(len(ms) * 0.99) - 1)]
+        return (
+            f"{len(ms)} writes, p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms,"
+            f" max {ms[-1]:.1f} ms"
+        )
+
+
+@contextmanager
+def writing(build):
+    writer = Writer(build)
+    writer.thread.start()
+    try:
+        time.sleep(MARGIN)
+        yield writer
+        time.sleep(MARGIN)
+    finally:
+        writer.stop.set()
+        writer.thread.join(timeout=30)
+    assert not writer.thread.is_alive()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.usefixtures("no_old_partitions")
+@pytest.mark.django_db(transaction=True)
+def test_purge_against_delete_and_vacuum():
+    now = timezone.now()
+    day = partitions.bounds_for(now)[0] + timedelta(hours=12)
+    purged = old_build(day - 130 * DAY, "bench-purge-dropped")
+    deleted = old_build(day - 120 * DAY, "bench-purge-deleted")
+    writing_build = services.trigger_build(
+        make_pipeline("bench-purge-writer", one_step("true", runs_on="bench-nowhere"))
+    )
+    start2, end2 = partitions.bounds_for(deleted.created_at)
+    end1 = partitions.bounds_for(purged.created_at)[1]
+    results = []
+    for rows in SIZES:
+        filling = time.perf_counter()
+        dropped_name = fill(purged, rows)
+        deleted_name = fill(deleted, rows)
+        filled = time.perf_counter() - filling
+
+        # (a) the purge: only the first partition ends before `end1`.
+        with writing(writing_build) as writer:
+            started = time.perf_counter()
+            assert partitions.purge(before=end1, by="bench") == [dropped_name]
+            ended = time.perf_counter()
+        purge = ended - started
+        purge_writes = writer.during(started, ended)
+
+        # (b) the same rows deleted, then the table vacuumed (outside a transaction).
+        with writing(writing_build) as writer, raw_connection() as admin:
+            started = time.perf_counter()
+            removed = admin.execute(
+                "DELETE FROM builds_buildvariable"
+                " WHERE build_created_at >= %s AND build_created_at < %s",
+                [start2, end2],
+            ).rowcount
+            vacuuming = time.perf_counter()
+            admin.execute(f'VACUUM "{deleted_name}"')
+            ended = time.perf_counter()
+        assert removed == rows
+        delete, vacuum = vacuuming - started, ended - vacuuming
+        delete_writes = writer.during(started, ended)
+
+        ratio = (delete + vacuum) / purge
+        results.append((rows, purge, delete, vacuum, ratio))
+        print(
+            f"\npurge of a {rows:,}-row partition: {purge:.3f} s"
+            f" | DELETE {delete:.2f} s + VACUUM {vacuum:.2f} s"
+            f" = {delete + vacuum:.2f} s, {ratio:.1f}x the purge"
+            f"  (filling both partitions took {filled:.0f} s)"
+            f"\n  concurrent variable writer during the purge: {purge_writes}"
+            f"\n  concurrent variable writer during DELETE + VACUUM: {delete_writes}"
+        )
+        # Drop the emptied partition too, so the next size starts from two fresh ones.
+        assert partitions.purge(before=end2, by="bench") == [deleted_name]
+
+    print("\n       rows   purge s   DELETE s   VACUUM s   (DELETE+VACUUM)/purge")
+    for rows, purge, delete, vacuum, ratio in results:
+        print(f"{rows:>11,}   {purge:7.3f}   {delete:8.2f}   {vacuum:8.2f}   {ratio:10.1f}x")
