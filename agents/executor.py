@@ -10,7 +10,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
-from agents import control
+from agents import control, worker
 from agents.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
 from builds.models import JobRun, StepRun
@@ -77,6 +77,9 @@ def workspace_for(agent: str, job: JobRun) -> Path:
 
 def execute_job(job_id: int, attempt: int, agent: str) -> str | None:
     """Run one job attempt to its end. Returns its final status, or None for a stale message."""
+    if worker.draining.is_set():  # disabled: hand the job back for another agent
+        services.requeue_job(job_id, attempt)
+        return None
     # Tracked before it starts, so a stop that races the start is not lost.
     with control.tracking(job_id, attempt) as stop:
         job = services.start_job(job_id, attempt, agent)

@@ -1,15 +1,24 @@
-"""Agent registry: registration, heartbeats, going offline."""
+"""Agent registry: registration, heartbeats, draining, and lost agents. An agent is lost
+when it stops heartbeating (or starts again while jobs are recorded as running on it): the
+jobs it was running end FAILED with a reason naming it, and their builds move on."""
 
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import connection
 from django.utils import timezone
 
 from agents.models import Agent, AgentStatus
 
 
-def register_agent(name: str, hostname: str, labels: list[str], capacity: int, version: str):
+def register_agent(
+    name: str, hostname: str, labels: list[str], capacity: int, version: str, starting=True
+):
+    """An agent's row, created or refreshed. When its process is `starting`, whatever the
+    previous process was running is lost."""
     now = timezone.now()
+    if starting:
+        fail_jobs_of_lost_agent(name, "restarted while running this job")
     agent, _ = Agent.objects.update_or_create(
         name=name,
         defaults={
@@ -28,11 +37,17 @@ def register_agent(name: str, hostname: str, labels: list[str], capacity: int, v
     return agent
 
 
-def heartbeat(name: str) -> bool:
+def heartbeat(name: str) -> str | None:
+    """Record that the agent is alive; returns its status (None if it is not registered)."""
     now = timezone.now()
-    updated = Agent.objects.filter(name=name).update(last_heartbeat=now)
     Agent.objects.filter(name=name, status=AgentStatus.OFFLINE).update(status=AgentStatus.ONLINE)
-    return bool(updated)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE agents_agent SET last_heartbeat = %s WHERE name = %s RETURNING status",
+            [now, name],
+        )
+        row = cursor.fetchone()
+    return row[0] if row else None
 
 
 def mark_offline(name: str) -> None:
@@ -46,9 +61,29 @@ def set_status(agent: Agent, status: str) -> None:
 
 
 def mark_lost_agents() -> list[str]:
-    """Online agents whose heartbeat is older than the timeout go offline."""
+    """Agents whose heartbeat is older than the timeout are lost: online ones go offline
+    (drained ones stay disabled), and the jobs they were running fail."""
     cutoff = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
-    lost = Agent.objects.filter(status=AgentStatus.ONLINE, last_heartbeat__lt=cutoff)
-    names = list(lost.values_list("name", flat=True))
-    lost.filter(name__in=names).update(status=AgentStatus.OFFLINE)
+    stale = Agent.objects.filter(last_heartbeat__lt=cutoff).exclude(status=AgentStatus.OFFLINE)
+    names = list(stale.values_list("name", flat=True))
+    Agent.objects.filter(name__in=names, status=AgentStatus.ONLINE).update(
+        status=AgentStatus.OFFLINE
+    )
+    for name in names:
+        fail_jobs_of_lost_agent(
+            name, f"stopped heartbeating for {settings.AGENT_OFFLINE_AFTER_SECONDS} s"
+        )
+    # An agent already offline may still be recorded as running a job (a missed sweep).
+    for name in Agent.objects.filter(status=AgentStatus.OFFLINE).values_list("name", flat=True):
+        fail_jobs_of_lost_agent(name, "is offline")
     return names
+
+
+def fail_jobs_of_lost_agent(name: str, why: str) -> list[int]:
+    from builds import services as builds
+
+    return builds.fail_jobs_on_agent(name, f"agent {name} was lost: it {why}")
+
+
+def online_agents_with_label(label: str) -> bool:
+    return Agent.objects.filter(status=AgentStatus.ONLINE, labels__contains=[label]).exists()

@@ -53,7 +53,7 @@ RUN_TRANSITIONS: dict[str, frozenset[str]] = {
     R.QUEUED: frozenset({R.PENDING}),
     R.RUNNING: frozenset({R.PENDING, R.QUEUED}),
     R.SUCCEEDED: frozenset({R.RUNNING}),
-    R.FAILED: frozenset({R.RUNNING}),
+    R.FAILED: frozenset({R.RUNNING, R.QUEUED}),  # QUEUED: no agent took it in time
     R.TIMED_OUT: frozenset({R.RUNNING}),
     R.CANCELED: frozenset({R.PENDING, R.QUEUED, R.RUNNING}),
     R.SKIPPED: frozenset({R.PENDING, R.QUEUED}),

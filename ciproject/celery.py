@@ -61,7 +61,7 @@ app.conf.beat_schedule = {
     },
     "mark-lost-agents": {
         "task": "agents.tasks.mark_lost_agents",
-        "schedule": 10.0,
+        "schedule": float(os.environ.get("AGENT_SWEEP_SECONDS", 5)),
         "options": {"queue": CONTROLLER_QUEUE, "expires": 10},
     },
 }

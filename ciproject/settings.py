@@ -147,6 +147,10 @@ RETRY_SAFETY_MARGIN_SECONDS = env_int("RETRY_SAFETY_MARGIN_SECONDS", 86400)
 AGENT_WORKSPACE_ROOT = Path(os.environ.get("AGENT_WORKSPACE_ROOT", VAR_DIR / "workspaces"))
 AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 5)
 AGENT_OFFLINE_AFTER_SECONDS = env_int("AGENT_OFFLINE_AFTER_SECONDS", 30)
+# How often the controller looks for lost agents (beat).
+AGENT_SWEEP_SECONDS = float(os.environ.get("AGENT_SWEEP_SECONDS", 5))
+# A job no agent takes within this time ends FAILED (no agent with its label came).
+JOB_WAIT_TIMEOUT_SECONDS = env_int("JOB_WAIT_TIMEOUT_SECONDS", 3600)
 STEP_KILL_GRACE_SECONDS = float(os.environ.get("STEP_KILL_GRACE_SECONDS", 10))
 # A cancel the agents have not confirmed after the grace period plus this margin is
 # finished by the watchdog, and those agents are marked suspect.

@@ -15,6 +15,7 @@ from django.utils import timezone
 from agents.models import Agent
 from builds.errors import BuildAlreadyFinished
 from builds.models import Build, JobRun, StepLogChunk, StepRun
+from builds.services.execution import LATE_NOTE_SEQ
 from builds.services.lifecycle import advance_build
 from builds.statuses import BuildStatus, RunStatus, build_allowed_from
 from ciproject import metrics
@@ -164,7 +165,7 @@ def _force_cancel(build_id: int, now) -> None:
                 StepLogChunk(
                     step_id=step_id,
                     attempt=attempt,
-                    seq=1_000_000,  # after anything the agent may still write
+                    seq=LATE_NOTE_SEQ,
                     text=f"\n[ciproject] cancelled; agent {job.agent} did not confirm the stop\n",
                 )
                 for step_id, attempt in steps.values_list("id", "attempt")

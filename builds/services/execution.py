@@ -8,6 +8,8 @@ from builds.models import Build, BuildVariable, JobRun, StepLogChunk, StepRun
 from builds.statuses import BuildStatus, RunStatus, run_allowed_from
 from ciproject.celery import CONTROLLER_QUEUE, app
 
+LATE_NOTE_SEQ = 1_000_000  # a note the server adds to a step's log sorts after the agent's
+
 
 def _build_running(build_id) -> Exists:
     """`the build is RUNNING` as a correlated subquery. A join (build__status=...) would make
@@ -23,7 +25,7 @@ def start_job(job_id: int, attempt: int, agent: str) -> JobRun | None:
         pk=job_id,
         attempt=attempt,
         status__in=run_allowed_from(RunStatus.RUNNING),
-    ).update(status=RunStatus.RUNNING, agent=agent, started_at=timezone.now())
+    ).update(status=RunStatus.RUNNING, agent=agent, reason="", started_at=timezone.now())
     if not updated:
         return None
     return JobRun.objects.select_related("build").get(pk=job_id)
@@ -139,3 +141,25 @@ def build_variables(build_id: int) -> dict[str, str]:
 def step_log(step: StepRun, attempt: int | None = None) -> str:
     chunks = StepLogChunk.objects.filter(step=step, attempt=attempt or step.attempt)
     return "".join(chunks.values_list("text", flat=True))
+
+
+def fail_jobs_on_agent(agent: str, reason: str) -> list[int]:
+    """The jobs recorded as RUNNING on a lost agent end FAILED (CANCELED if their build is
+    being cancelled) with `reason`; their builds move on. The agent, if it still runs them
+    somewhere, is told to stop: its late results are fenced off by the job's status."""
+    from builds.services.cancellation import stop_job_on_agent
+
+    failed = []
+    for job in JobRun.objects.filter(agent=agent, status=RunStatus.RUNNING):
+        cut_short = list(job.steps.filter(status=RunStatus.RUNNING).values_list("id", "attempt"))
+        if not finish_job(job, RunStatus.FAILED, reason):
+            continue
+        # After anything the agent may still have written, should it come back.
+        note = f"\n[ciproject] {reason}\n"
+        StepLogChunk.objects.bulk_create(
+            StepLogChunk(step_id=step_id, attempt=attempt, seq=LATE_NOTE_SEQ, text=note)
+            for step_id, attempt in cut_short
+        )
+        stop_job_on_agent(job.pk, job.attempt, agent)
+        failed.append(job.pk)
+    return failed

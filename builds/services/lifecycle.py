@@ -2,8 +2,10 @@
 
 import json
 import logging
+from datetime import timedelta
 from itertools import groupby
 
+from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
@@ -170,7 +172,27 @@ def _queue_stage(build_id: int, stage_index: int) -> None:
             [RunStatus.QUEUED, timezone.now(), build_id, stage_index, RunStatus.PENDING],
         )
         queued = cursor.fetchall()
+    _explain_waits(queued)
     transaction.on_commit(lambda: _publish_jobs(queued))
+
+
+def _explain_waits(queued) -> None:
+    """A job whose label no online agent has waits QUEUED, saying so (until an agent comes,
+    or JOB_WAIT_TIMEOUT_SECONDS pass)."""
+    from agents.services import online_agents_with_label
+
+    for label in {runs_on for _, _, runs_on in queued}:
+        if not online_agents_with_label(label):
+            ids = [job_id for job_id, _, runs_on in queued if runs_on == label]
+            JobRun.objects.filter(pk__in=ids).update(
+                reason=f"waiting: no online agent has the label {label!r}"
+            )
+
+
+def requeue_job(job_id: int, attempt: int) -> None:
+    """Publish a QUEUED job's message again (an agent handed it back)."""
+    queued = JobRun.objects.filter(pk=job_id, attempt=attempt, status=RunStatus.QUEUED)
+    _publish_jobs(queued.values_list("id", "attempt", "runs_on"))
 
 
 def _publish_jobs(queued) -> None:
@@ -275,4 +297,25 @@ def sweep_queues() -> dict[str, list[int]]:
         .distinct()
     )
     started = [build_id for group in groups for build_id in start_queued_builds(group)]
-    return {"timed_out": timed_out, "started": started}
+    return {"timed_out": timed_out, "started": started, "jobs_failed": fail_unplaced_jobs()}
+
+
+def fail_unplaced_jobs(now=None) -> list[int]:
+    """Jobs no agent took within JOB_WAIT_TIMEOUT_SECONDS end FAILED, saying why."""
+    wait = settings.JOB_WAIT_TIMEOUT_SECONDS
+    cutoff = (now or timezone.now()) - timedelta(seconds=wait)
+    failed = []
+    stale = JobRun.objects.filter(status=RunStatus.QUEUED, queued_at__lt=cutoff)
+    for job_id, build_id, runs_on in stale.values_list("id", "build_id", "runs_on"):
+        updated = JobRun.objects.filter(pk=job_id, status=RunStatus.QUEUED).update(
+            status=RunStatus.FAILED,
+            finished_at=timezone.now(),
+            reason=f"no agent with the label {runs_on!r} took this job within {wait} s",
+        )
+        if updated:
+            StepRun.objects.filter(job_id=job_id, status=RunStatus.PENDING).update(
+                status=RunStatus.SKIPPED
+            )
+            advance_build(build_id)
+            failed.append(job_id)
+    return failed

@@ -1,0 +1,107 @@
+"""Agents as real worker processes: capacity, a killed agent detected and its job failed with
+its slot freed, and draining an agent."""
+
+import signal
+
+import pytest
+import redis
+
+from agents import services as agents
+from agents.models import Agent
+from builds import services
+from builds.models import Build, JobRun
+from ciproject.celery import app
+from concurrency.models import ConcurrencyPolicy
+from tests.conftest import TEST_BROKER_URL
+from tests.support import make_pipeline, one_step, wait_for_build, wait_until
+
+pytestmark = [pytest.mark.usefixtures("workers"), pytest.mark.django_db(transaction=True)]
+
+
+@pytest.fixture
+def dedicated(workers):
+    """Start agents of the test's own; stop them after it."""
+    started = []
+
+    def start(name, labels, capacity=1):
+        workers.start_agent(name, labels, capacity)
+        workers.wait_ready([name])
+        started.append(name)
+
+    yield start
+    for name in started:
+        if name in workers.procs:
+            workers.stop(name)
+
+
+def queue_length(queue: str) -> int:
+    return redis.Redis.from_url(TEST_BROKER_URL).llen(queue)
+
+
+def test_an_agent_never_runs_more_jobs_than_its_capacity(dedicated, tmp_path):
+    dedicated("agent-cap", "cap", capacity=2)
+    gate = tmp_path / "gate"
+    pipeline = make_pipeline(
+        "cap", one_step(f"until [ -f {gate} ]; do sleep 0.05; done", runs_on="cap")
+    )
+    builds = [services.trigger_build(pipeline) for _ in range(3)]
+    running = JobRun.objects.filter(build__in=builds, status="RUNNING")
+    wait_until(lambda: running.count() == 2, message="two jobs to run")
+    assert queue_length("jobs.cap") == 1  # the third waits in the broker, not on the agent
+    assert JobRun.objects.filter(build__in=builds, status="QUEUED").count() == 1
+    gate.touch()
+    for build in builds:
+        assert wait_for_build(build, timeout=30).status == "SUCCEEDED"
+    assert set(JobRun.objects.filter(build__in=builds).values_list("agent", flat=True)) == {
+        "agent-cap"
+    }
+
+
+def test_a_killed_agent_is_detected_its_job_fails_and_its_slot_goes_on(dedicated, workers):
+    dedicated("agent-lost", "lost")
+    policy = ConcurrencyPolicy.objects.create(
+        name="shared", group_key="shared", max_running=1, queue_length=5
+    )
+    doomed_pipeline = make_pipeline("doomed", one_step("sleep 600", runs_on="lost"))
+    next_pipeline = make_pipeline("next", one_step("true", runs_on="linux"))
+    for pipeline in (doomed_pipeline, next_pipeline):
+        pipeline.policy = policy
+        pipeline.save()
+    doomed = services.trigger_build(doomed_pipeline)
+    waiting = services.trigger_build(next_pipeline)
+    assert waiting.status == "QUEUED"
+    wait_until(lambda: JobRun.objects.filter(build=doomed, status="RUNNING").exists())
+    workers.stop("agent-lost", signal.SIGKILL)
+    doomed = wait_for_build(doomed, timeout=30)  # offline after 6 s without a heartbeat
+    job = JobRun.objects.get(build=doomed)
+    assert (doomed.status, job.status) == ("FAILED", "FAILED")
+    assert "agent agent-lost was lost" in job.reason
+    assert Agent.objects.get(name="agent-lost").status == "offline"
+    assert wait_for_build(waiting, timeout=30).status == "SUCCEEDED"  # the slot went on
+
+
+def test_a_disabled_agent_finishes_its_job_and_takes_no_new_one(dedicated, tmp_path):
+    dedicated("agent-drain", "drain")
+    gate = tmp_path / "gate"
+    pipeline = make_pipeline(
+        "drain", one_step(f"until [ -f {gate} ]; do sleep 0.05; done", runs_on="drain")
+    )
+    first = services.trigger_build(pipeline)
+    wait_until(lambda: JobRun.objects.filter(build=first, status="RUNNING").exists())
+    agent = Agent.objects.get(name="agent-drain")
+    agents.set_status(agent, "disabled")
+
+    def stopped_consuming():
+        nodes = app.control.inspect(timeout=1).active_queues() or {}
+        queues = next((qs for node, qs in nodes.items() if node.startswith("agent-drain@")), [])
+        names = [queue["name"] for queue in queues]
+        return names and "jobs.drain" not in names
+
+    wait_until(stopped_consuming, timeout=15, message="the agent to stop taking jobs")
+    second = services.trigger_build(pipeline)
+    gate.touch()
+    assert wait_for_build(first, timeout=30).status == "SUCCEEDED"  # it finished its job
+    assert queue_length("jobs.drain") == 1  # and took no new one
+    assert Build.objects.get(pk=second.pk).status == "RUNNING"
+    agents.set_status(agent, "online")
+    assert wait_for_build(second, timeout=30).status == "SUCCEEDED"
