@@ -47,3 +47,12 @@ def revoke_jobs(state, task_ids):
     compare-and-set fences it anyway, e.g. after a restart that forgot the set)."""
     worker_state.revoked.update(task_ids)
     return {"ok": len(task_ids)}
+
+
+@control_command()
+def sync_consumers(state):
+    """The server changed something about this agent (a lease released): re-read it."""
+    from agents import worker
+
+    threading.Thread(target=worker.sync_consumers, daemon=True).start()
+    return {"ok": True}

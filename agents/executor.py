@@ -72,20 +72,24 @@ class LogWriter:
 
 
 def workspace_for(agent: str, job: JobRun) -> Path:
-    return Path(settings.AGENT_WORKSPACE_ROOT) / agent / f"build-{job.build_id}" / job.key
+    """A job's workspace; a job that reuses another's agent works in that job's."""
+    root = Path(settings.AGENT_WORKSPACE_ROOT) / agent / f"build-{job.build_id}"
+    return root / (job.reuse_of or job.key)
 
 
 def execute_job(job_id: int, attempt: int, agent: str) -> str | None:
     """Run one job attempt to its end. Returns its final status, or None for a stale message."""
-    if worker.draining.is_set():  # disabled: hand the job back for another agent
-        services.requeue_job(job_id, attempt)
-        return None
     # Tracked before it starts, so a stop that races the start is not lost.
     with control.tracking(job_id, attempt) as stop:
-        job = services.start_job(job_id, attempt, agent)
+        job = services.start_job(job_id, attempt, agent, draining=worker.draining.is_set())
+        if job == services.HAND_BACK:  # not for this agent now: another one takes it
+            services.requeue_job(job_id, attempt)
+            return None
         if job is None:
             log.info("job %s attempt %s: stale, duplicate or cancelled; ignored", job_id, attempt)
             return None
+        if job.takes_lease or job.reuse_of:
+            worker.sync_consumers()  # leased to this build now: leave the shared queues
         status, reason = JobExecution(job, workspace_for(agent, job), stop).run()
         persist(services.finish_job, job, status, reason)  # fenced: stale attempts change nothing
         return status
@@ -99,7 +103,10 @@ class JobExecution:
         self.variables = services.build_variables(job.build_id)
 
     def run(self) -> tuple[str, str]:
+        shared = self.job.takes_lease or bool(self.job.reuse_of)
         try:
+            if self.job.takes_lease and self.fresh_start():
+                shutil.rmtree(self.workspace, ignore_errors=True)  # a full job retry: clean
             self.workspace.mkdir(parents=True, exist_ok=True)
             for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
                 step.job = self.job
@@ -113,7 +120,14 @@ class JobExecution:
             log.exception("job %s attempt %s failed on the agent", self.job.pk, self.job.attempt)
             return RunStatus.FAILED, f"agent error: {exc.__class__.__name__}: {exc}"
         finally:
-            shutil.rmtree(self.workspace, ignore_errors=True)
+            if shared:  # the build's later jobs work in it: kept until its lease ends
+                worker.keep_workspace(self.job.build_id, self.workspace)
+            else:
+                shutil.rmtree(self.workspace, ignore_errors=True)
+
+    def fresh_start(self) -> bool:
+        """No step of this job is kept from an earlier attempt (not a step retry)."""
+        return not self.job.steps.exclude(status__in=(RunStatus.PENDING, RunStatus.QUEUED)).exists()
 
     def run_step(self, step: StepRun) -> str | None:
         """Run a step, retrying it automatically up to its `retry` count. Returns the status

@@ -29,3 +29,31 @@ class Agent(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class AgentLease(models.Model):
+    """An agent held by a build whose later jobs reuse it. One row per agent at most (the
+    unique agent is the exclusion, whatever the concurrency of placements)."""
+
+    agent = models.OneToOneField(Agent, on_delete=models.CASCADE, related_name="lease")
+    build = models.ForeignKey("builds.Build", on_delete=models.CASCADE, related_name="leases")
+    acquired_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.agent} leased to build {self.build_id}"
+
+
+class LeaseWait(models.Model):
+    """A job that must run on an agent leased to another build: it waits, first come first
+    served, until the lease is released (or LEASE_WAIT_TIMEOUT_SECONDS pass)."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="lease_waits")
+    build = models.ForeignKey("builds.Build", on_delete=models.CASCADE, related_name="+")
+    job = models.OneToOneField("builds.JobRun", on_delete=models.CASCADE, related_name="+")
+    since = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["since", "id"]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} waits for {self.agent}"

@@ -50,6 +50,10 @@ def heartbeat(name: str) -> str | None:
     return row[0] if row else None
 
 
+def status_of(name: str) -> str | None:
+    return Agent.objects.filter(name=name).values_list("status", flat=True).first()
+
+
 def mark_offline(name: str) -> None:
     Agent.objects.filter(name=name, status=AgentStatus.ONLINE).update(status=AgentStatus.OFFLINE)
 

@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from agents import services
+from agents import leases, services
 from agents.executor import execute_job
 from agents.worker import current_agent
 
@@ -13,3 +13,8 @@ def run_job(job_id: int, attempt: int) -> str | None:
 @shared_task(ignore_result=True)
 def mark_lost_agents() -> list[str]:
     return services.mark_lost_agents()
+
+
+@shared_task(ignore_result=True)
+def sweep_leases() -> dict[str, list]:
+    return leases.sweep()

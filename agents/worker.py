@@ -1,63 +1,88 @@
-"""The agent process: a Celery worker that registers itself, heartbeats, and marks itself
-offline when it stops. `manage.py runagent` starts it."""
+"""The agent process: a Celery worker that registers itself, heartbeats, follows what the
+server says of it (disabled by an operator, leased to a build), and marks itself offline
+when it stops. `manage.py runagent` starts it."""
 
 import ctypes
 import logging
+import shutil
 import socket
 import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from celery.signals import worker_ready
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from agents import services
+from agents import leases, services
 from agents.models import AgentStatus
 from ciproject.celery import agent_queue, app, job_queue, retry_queue
 
 log = logging.getLogger(__name__)
 
 PR_SET_DUMPABLE = 4
-_agent_name: str | None = None
 
 
-def current_agent() -> str:
-    if _agent_name is None:
-        raise RuntimeError("this worker is not an agent: start it with `manage.py runagent`")
-    return _agent_name
+@dataclass
+class Identity:
+    name: str
+    nodename: str
+    pool_queues: list[str]
+    consuming: bool = True  # the shared (label and retry) queues
+    # Workspaces kept for the build leasing this agent: removed once the lease is gone.
+    kept: dict[int, set[Path]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-# Set while an operator has disabled (drained) this agent: it finishes what it runs and takes
-# no new job from the shared queues.
+_me: Identity | None = None
+# Set while an operator has disabled (drained) this agent: it finishes what it runs and
+# takes no new job from the shared queues.
 draining = threading.Event()
 
 
-def _heartbeat_loop(register, name: str, pool_queues: list[str], stop: threading.Event) -> None:
-    nodename = f"{name}@{socket.gethostname()}"
+def current_agent() -> str:
+    if _me is None:
+        raise RuntimeError("this worker is not an agent: start it with `manage.py runagent`")
+    return _me.name
+
+
+def keep_workspace(build_id: int, path: Path) -> None:
+    with _me.lock:
+        _me.kept.setdefault(build_id, set()).add(path)
+
+
+def sync_consumers() -> None:
+    """Consume the shared queues unless disabled or leased to a build (a leased agent runs
+    only its build's jobs, which come on its own queue); drop workspaces of ended leases."""
+    if _me is None:
+        return
+    close_old_connections()
+    status = services.status_of(_me.name)
+    holder = leases.holder(_me.name)
+    draining.set() if status == AgentStatus.DISABLED else draining.clear()
+    wanted = status != AgentStatus.DISABLED and holder is None
+    with _me.lock:
+        if wanted != _me.consuming:
+            command = app.control.add_consumer if wanted else app.control.cancel_consumer
+            for queue in _me.pool_queues:
+                command(queue, destination=[_me.nodename])
+            _me.consuming = wanted
+            log.info("agent %s: %s the shared queues", _me.name, "takes" if wanted else "leaves")
+        for build_id in [b for b in _me.kept if b != holder]:
+            for path in _me.kept.pop(build_id):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _heartbeat_loop(register, stop: threading.Event) -> None:
     while not stop.wait(settings.AGENT_HEARTBEAT_SECONDS):
         try:
             close_old_connections()
-            status = services.heartbeat(name)
-            if status is None:
+            if services.heartbeat(_me.name) is None:
                 register()  # the row was removed under us: put it back
-            _follow_drain(status == AgentStatus.DISABLED, nodename, pool_queues)
+            sync_consumers()
         except Exception:  # the database may be restarting: the next beat tries again
-            log.warning("agent %s: heartbeat failed", name, exc_info=True)
+            log.warning("agent %s: heartbeat failed", _me.name, exc_info=True)
     connection.close()
-
-
-def _follow_drain(disabled: bool, nodename: str, pool_queues: list[str]) -> None:
-    """Stop (or resume) consuming the shared queues when the agent is disabled (enabled)."""
-    if disabled == draining.is_set():
-        return
-    command = app.control.cancel_consumer if disabled else app.control.add_consumer
-    for queue in pool_queues:
-        command(queue, destination=[nodename])
-    if disabled:
-        draining.set()
-        log.info("agent %s: disabled, taking no new jobs", nodename)
-    else:
-        draining.clear()
-        log.info("agent %s: enabled again", nodename)
 
 
 def _hide_environment() -> None:
@@ -70,8 +95,9 @@ def _hide_environment() -> None:
 
 
 def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO") -> None:
-    global _agent_name
-    _agent_name = name
+    global _me
+    pool_queues = [retry_queue(label) for label in labels] + [job_queue(label) for label in labels]
+    _me = Identity(name, f"{name}@{socket.gethostname()}", pool_queues)
     _hide_environment()
     from ciproject import __version__
 
@@ -82,15 +108,12 @@ def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO
 
     register(starting=True)
     stop = threading.Event()
-    pool_queues = [retry_queue(label) for label in labels] + [job_queue(label) for label in labels]
     queues = [agent_queue(name), *pool_queues]
 
     @worker_ready.connect(weak=False)
-    def start_heartbeats(**kwargs):  # once the worker hears control commands (drain)
-        beat = threading.Thread(
-            target=_heartbeat_loop, args=(register, name, pool_queues, stop), daemon=True
-        )
-        beat.start()
+    def start_heartbeats(**kwargs):  # once the worker hears control commands
+        threading.Thread(target=sync_consumers, daemon=True).start()
+        threading.Thread(target=_heartbeat_loop, args=(register, stop), daemon=True).start()
 
     log.info("agent %s consumes %s", name, ", ".join(queues))
     try:

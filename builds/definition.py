@@ -54,6 +54,8 @@ class JobSpec(_Strict):
     runs_on: Annotated[str, Field(pattern=LABEL_PATTERN)] = Field(
         default="default", alias="runs-on"
     )
+    # Run on the agent that ran this job (of an earlier stage), in the same workspace.
+    reuse: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = None
     steps: Annotated[list[StepSpec], Field(min_length=1, max_length=MAX_STEPS_PER_JOB)]
 
 
@@ -83,9 +85,14 @@ class PipelineSpec(_Strict):
                 raise ValueError(f"stages[{s}].name: duplicate stage name {stage.name!r}")
             stage_names.add(stage.name)
             for j, job in enumerate(stage.jobs):
-                if job.id in job_ids:
+                if job.id in job_ids or job.id in {other.id for other in stage.jobs[:j]}:
                     raise ValueError(f"stages[{s}].jobs[{j}].id: duplicate job id {job.id!r}")
-                job_ids.add(job.id)
+                if job.reuse is not None and job.reuse not in job_ids:
+                    raise ValueError(
+                        f"stages[{s}].jobs[{j}].reuse: {job.reuse!r} is not a job of an"
+                        " earlier stage"
+                    )
+            job_ids.update(job.id for job in stage.jobs)
         if len(job_ids) > MAX_JOBS:
             raise ValueError(f"stages: {len(job_ids)} jobs in all; at most {MAX_JOBS} are allowed")
         return self
@@ -189,6 +196,7 @@ def _normalize(spec: PipelineSpec) -> dict:
                     {
                         "id": job.id,
                         "runs_on": job.runs_on,
+                        "reuse": job.reuse,
                         "steps": [
                             {
                                 "name": step.name or f"step {n + 1}",

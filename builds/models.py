@@ -91,6 +91,10 @@ class JobRun(models.Model):
     )
     attempt = models.PositiveIntegerField(default=1)
     agent = models.CharField(max_length=100, blank=True, default="")
+    # Agent reuse: `reuse_of` is the key of the job whose agent (and workspace) this job
+    # must run on; `takes_lease` marks that job, which leases its agent to the build.
+    reuse_of = models.CharField(max_length=64, blank=True, default="")
+    takes_lease = models.BooleanField(default=False)
     reason = models.TextField(blank=True, default="")
     queued_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -59,6 +59,11 @@ app.conf.beat_schedule = {
         "schedule": 15.0,
         "options": {"queue": CONTROLLER_QUEUE, "expires": 15},
     },
+    "sweep-leases": {
+        "task": "agents.tasks.sweep_leases",
+        "schedule": 10.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 10},
+    },
     "mark-lost-agents": {
         "task": "agents.tasks.mark_lost_agents",
         "schedule": float(os.environ.get("AGENT_SWEEP_SECONDS", 5)),

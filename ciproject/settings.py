@@ -149,6 +149,8 @@ AGENT_HEARTBEAT_SECONDS = env_int("AGENT_HEARTBEAT_SECONDS", 5)
 AGENT_OFFLINE_AFTER_SECONDS = env_int("AGENT_OFFLINE_AFTER_SECONDS", 30)
 # How often the controller looks for lost agents (beat).
 AGENT_SWEEP_SECONDS = float(os.environ.get("AGENT_SWEEP_SECONDS", 5))
+# A job waiting for an agent leased to another build ends FAILED after this.
+LEASE_WAIT_TIMEOUT_SECONDS = env_int("LEASE_WAIT_TIMEOUT_SECONDS", 1800)
 # A job no agent takes within this time ends FAILED (no agent with its label came).
 JOB_WAIT_TIMEOUT_SECONDS = env_int("JOB_WAIT_TIMEOUT_SECONDS", 3600)
 STEP_KILL_GRACE_SECONDS = float(os.environ.get("STEP_KILL_GRACE_SECONDS", 10))

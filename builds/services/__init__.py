@@ -4,6 +4,7 @@ leave with transaction.on_commit (DESIGN.md principles 1 and 2)."""
 
 from builds.services.cancellation import cancel_watchdog, finish_cancel, request_cancel
 from builds.services.execution import (
+    HAND_BACK,
     append_log,
     build_variables,
     fail_jobs_on_agent,
@@ -26,6 +27,7 @@ from builds.services.pipelines import save_pipeline, validate_pipeline_name
 from builds.services.retry import can_retry, retry_build, retry_step
 
 __all__ = [
+    "HAND_BACK",
     "advance_build",
     "append_log",
     "build_variables",

@@ -4,6 +4,7 @@ from django.db import connection, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
+from agents import leases
 from builds.models import Build, BuildVariable, JobRun, StepLogChunk, StepRun
 from builds.statuses import BuildStatus, RunStatus, run_allowed_from
 from ciproject.celery import CONTROLLER_QUEUE, app
@@ -18,16 +19,35 @@ def _build_running(build_id) -> Exists:
     return Exists(Build.objects.filter(pk=build_id, status=BuildStatus.RUNNING))
 
 
-def start_job(job_id: int, attempt: int, agent: str) -> JobRun | None:
-    """QUEUED -> RUNNING for this attempt on `agent`; None if the message is stale."""
-    updated = JobRun.objects.filter(
-        _build_running(OuterRef("build_id")),
-        pk=job_id,
-        attempt=attempt,
-        status__in=run_allowed_from(RunStatus.RUNNING),
-    ).update(status=RunStatus.RUNNING, agent=agent, reason="", started_at=timezone.now())
-    if not updated:
-        return None
+HAND_BACK = "hand back"
+
+
+def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun | str | None:
+    """QUEUED -> RUNNING for this attempt on `agent`. Returns the job; None if the message is
+    stale; HAND_BACK if this agent may not run it now (it is drained, or leased to another
+    build, or the job takes a lease another build holds): another agent will."""
+    with transaction.atomic():
+        job = JobRun.objects.filter(pk=job_id, attempt=attempt)
+        job = job.values("build_id", "takes_lease", "reuse_of", "agent").first()
+        if job is None:
+            return None
+        bound = job["reuse_of"] or (job["takes_lease"] and job["agent"])  # sent here on purpose
+        if draining and not bound:
+            return HAND_BACK
+        held_by = leases.holder(agent)
+        if held_by not in (None, job["build_id"]):
+            return HAND_BACK
+        if job["takes_lease"] and not leases.acquire(agent, job["build_id"]):
+            return HAND_BACK
+        updated = JobRun.objects.filter(
+            _build_running(OuterRef("build_id")),
+            pk=job_id,
+            attempt=attempt,
+            status__in=run_allowed_from(RunStatus.RUNNING),
+        ).update(status=RunStatus.RUNNING, agent=agent, reason="", started_at=timezone.now())
+        if not updated:
+            transaction.set_rollback(True)  # and with it any lease taken above
+            return None
     return JobRun.objects.select_related("build").get(pk=job_id)
 
 

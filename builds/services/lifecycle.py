@@ -9,10 +9,12 @@ from django.conf import settings
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from agents import leases
 from builds.definition import normalize_variables
 from builds.errors import VariablePartitionMissing
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
 from builds.statuses import (
+    BUILD_FINAL,
     RUN_FAILED,
     RUN_FINAL,
     BuildStatus,
@@ -20,7 +22,7 @@ from builds.statuses import (
     build_allowed_from,
 )
 from ciproject import metrics
-from ciproject.celery import app, job_queue, retry_queue
+from ciproject.celery import agent_queue, app, job_queue, retry_queue
 from concurrency import services as concurrency
 from concurrency.models import ConcurrencyPolicy
 
@@ -136,14 +138,25 @@ def _store_variables(build: Build, variables: dict, source: str, skip=()) -> Non
 
 def _create_tree(build: Build, spec: dict) -> None:
     jobs, steps = [], []
+    reuse = {j["id"]: j.get("reuse") for stage in spec["stages"] for j in stage["jobs"]}
+
+    def root(key: str) -> str:  # `c` reuses `b` which reuses `a`: all run on a's agent
+        while reuse.get(key):
+            key = reuse[key]
+        return key
+
+    leased = {root(key) for key, target in reuse.items() if target}
     for stage_index, stage in enumerate(spec["stages"]):
         for job_spec in stage["jobs"]:
+            key = job_spec["id"]
             job = JobRun(
                 build=build,
                 stage_index=stage_index,
                 stage_name=stage["name"],
-                key=job_spec["id"],
+                key=key,
                 runs_on=job_spec["runs_on"],
+                reuse_of=root(key) if reuse.get(key) else "",
+                takes_lease=key in leased,
             )
             jobs.append(job)
             steps.extend((job, index, s) for index, s in enumerate(job_spec["steps"]))
@@ -168,12 +181,30 @@ def _queue_stage(build_id: int, stage_index: int) -> None:
         cursor.execute(
             "UPDATE builds_jobrun SET status = %s, queued_at = %s"
             " WHERE build_id = %s AND stage_index = %s AND status = %s"
-            " RETURNING id, attempt, runs_on",
+            " RETURNING id, attempt, runs_on, reuse_of <> '' OR (takes_lease AND agent <> '')",
             [RunStatus.QUEUED, timezone.now(), build_id, stage_index, RunStatus.PENDING],
         )
-        queued = cursor.fetchall()
+        rows = cursor.fetchall()
+    # Jobs bound to one agent (reuse, or a retried job whose workspace is on its agent) go
+    # to that agent's queue; the others to their label's.
+    queued = [(job_id, attempt, runs_on) for job_id, attempt, runs_on, bound in rows if not bound]
+    for job in JobRun.objects.filter(pk__in=[job_id for job_id, *_, bound in rows if bound]):
+        leases.place_on_agent(job, lambda agent, job=job: publish_to_agent(job, agent))
     _explain_waits(queued)
     transaction.on_commit(lambda: _publish_jobs(queued))
+
+
+def publish_to_agent(job: JobRun, agent: str) -> None:
+    """Once committed, send the job to one agent's own queue (agent reuse)."""
+    job_id, attempt = job.pk, job.attempt
+    transaction.on_commit(
+        lambda: app.send_task(
+            "agents.tasks.run_job",
+            args=(job_id, attempt),
+            queue=agent_queue(agent),
+            task_id=f"job-{job_id}-{attempt}",
+        )
+    )
 
 
 def _explain_waits(queued) -> None:
@@ -190,9 +221,15 @@ def _explain_waits(queued) -> None:
 
 
 def requeue_job(job_id: int, attempt: int) -> None:
-    """Publish a QUEUED job's message again (an agent handed it back)."""
-    queued = JobRun.objects.filter(pk=job_id, attempt=attempt, status=RunStatus.QUEUED)
-    _publish_jobs(queued.values_list("id", "attempt", "runs_on"))
+    """Send a QUEUED job again (an agent handed it back: drained, or leased elsewhere)."""
+    job = JobRun.objects.filter(pk=job_id, attempt=attempt, status=RunStatus.QUEUED).first()
+    if job is None:
+        return
+    with transaction.atomic():
+        if job.reuse_of or (job.takes_lease and job.agent):
+            leases.place_on_agent(job, lambda agent: publish_to_agent(job, agent))
+        else:
+            transaction.on_commit(lambda: _publish_jobs([(job.pk, job.attempt, job.runs_on)]))
 
 
 def _publish_jobs(queued) -> None:
@@ -217,7 +254,15 @@ def advance_build(build_id: int) -> str | None:
 
 
 def advance_locked(build: Build) -> str:
-    """advance_build's decision, on a locked build."""
+    """advance_build's decision, on a locked build; then the agent leases it no longer needs
+    are released."""
+    status = _decide(build)
+    build.status = status if status in BUILD_FINAL else build.status
+    leases.release_if_done(build)
+    return status
+
+
+def _decide(build: Build) -> str:
     jobs = JobRun.objects.filter(build_id=build.pk).values_list("stage_index", "status")
     if build.status == BuildStatus.CANCELLING:
         if any(status in (RunStatus.QUEUED, RunStatus.RUNNING) for _, status in jobs):

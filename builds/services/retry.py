@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from builds import partitions
@@ -88,7 +88,9 @@ def _reset_job_from(job: JobRun, step: StepRun) -> None:
     ).update(
         status=RunStatus.PENDING,
         attempt=F("attempt") + 1,
-        agent="",
+        # A job whose agent is leased to the build keeps it: the retry continues its job
+        # there, in its workspace.
+        agent=Case(When(takes_lease=True, then=F("agent")), default=Value("")),
         reason="",
         queued_at=None,
         started_at=None,
