@@ -11,8 +11,9 @@ from agents.models import Agent
 @admin.register(Agent)
 class AgentAdmin(admin.ModelAdmin):
     list_display = ["name", "hostname", "labels_display", "capacity", "status"]
-    list_display += ["last_heartbeat", "heartbeat_age"]
+    list_display += ["last_heartbeat", "heartbeat_age", "leased_to", "suspect_since"]
     list_filter = ["status"]
+    list_select_related = ["lease"]
     search_fields = ["name", "hostname"]
     fields = ["name", "hostname", "labels_display", "capacity", "status", "version"]
     fields += ["started_at", "last_heartbeat", "heartbeat_age"]
@@ -24,6 +25,11 @@ class AgentAdmin(admin.ModelAdmin):
     @admin.display(description="labels")
     def labels_display(self, obj):
         return ", ".join(obj.labels)
+
+    @admin.display(description="leased to build")
+    def leased_to(self, obj):
+        lease = getattr(obj, "lease", None)
+        return lease.build_id if lease else None
 
     @admin.display(description="heartbeat age (s)", ordering="-last_heartbeat")
     def heartbeat_age(self, obj):

@@ -182,3 +182,19 @@ def no_old_partitions(transactional_db):
     drop_old()
     yield
     drop_old()
+
+
+@pytest.fixture
+def dedicated(workers):
+    """Start agents of the test's own; stop them after it."""
+    started = []
+
+    def start(name, labels, capacity=1):
+        workers.start_agent(name, labels, capacity)
+        workers.wait_ready([name])
+        started.append(name)
+
+    yield start
+    for name in started:
+        if name in workers.procs:
+            workers.stop(name)

@@ -18,22 +18,6 @@ from tests.support import make_pipeline, one_step, wait_for_build, wait_until
 pytestmark = [pytest.mark.usefixtures("workers"), pytest.mark.django_db(transaction=True)]
 
 
-@pytest.fixture
-def dedicated(workers):
-    """Start agents of the test's own; stop them after it."""
-    started = []
-
-    def start(name, labels, capacity=1):
-        workers.start_agent(name, labels, capacity)
-        workers.wait_ready([name])
-        started.append(name)
-
-    yield start
-    for name in started:
-        if name in workers.procs:
-            workers.stop(name)
-
-
 def queue_length(queue: str) -> int:
     return redis.Redis.from_url(TEST_BROKER_URL).llen(queue)
 

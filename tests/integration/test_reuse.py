@@ -1,0 +1,98 @@
+"""Agent reuse on real agents: a later job runs on the agent (and in the workspace) of the
+job it reuses; two builds never share a leased agent; a retry lands on the same agent; a
+stale message changes nothing; and no lease is ever left behind."""
+
+import pytest
+from django.contrib.auth.models import User
+from rest_framework.test import APIClient
+
+from agents.models import AgentLease
+from builds import services
+from builds.models import Build, JobRun, StepRun
+from ciproject.celery import agent_queue, app
+from tests.support import make_pipeline, wait_for_build, wait_until
+
+pytestmark = [pytest.mark.usefixtures("workers"), pytest.mark.django_db(transaction=True)]
+
+
+def reuse_pipeline(name: str, label: str, second: str = "cat out.txt", pause: str = "true"):
+    return make_pipeline(
+        name,
+        f"""
+stages:
+  - name: build
+    jobs:
+      - id: make
+        runs-on: {label}
+        steps: [{{run: 'echo "made by $CI_BUILD_NUMBER" > out.txt; {pause}'}}]
+  - name: use
+    jobs:
+      - id: use
+        reuse: make
+        steps: [{{run: '{second}; {pause}'}}]
+""",
+    )
+
+
+def log_of(build, key):
+    return services.step_log(StepRun.objects.get(job__build=build, job__key=key))
+
+
+def test_a_reusing_job_runs_on_the_same_agent_in_the_same_workspace(dedicated):
+    dedicated("agent-r1", "reuse-a")
+    dedicated("agent-r2", "reuse-a")
+    build = wait_for_build(services.trigger_build(reuse_pipeline("reuse", "reuse-a")))
+    assert build.status == "SUCCEEDED"
+    jobs = {j.key: j for j in JobRun.objects.filter(build=build)}
+    assert jobs["use"].agent == jobs["make"].agent
+    assert "made by 1" in log_of(build, "use")  # the file `make` left in its workspace
+    wait_until(lambda: not AgentLease.objects.exists(), timeout=10, message="lease release")
+
+
+def test_two_builds_never_share_a_leased_agent(dedicated):
+    dedicated("agent-solo", "reuse-solo", capacity=2)
+    pipeline = reuse_pipeline("exclusive", "reuse-solo", pause="sleep 0.5")
+    first, second = services.trigger_build(pipeline), services.trigger_build(pipeline)
+    assert wait_for_build(first, timeout=60).status == "SUCCEEDED"
+    assert wait_for_build(second, timeout=60).status == "SUCCEEDED"
+    spans = []
+    for build in (first, second):
+        jobs = JobRun.objects.filter(build=build)
+        spans.append((min(j.started_at for j in jobs), max(j.finished_at for j in jobs)))
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert first_end <= second_start, "the agent ran two builds' jobs while leased to one"
+    wait_until(lambda: not AgentLease.objects.exists(), timeout=10, message="lease release")
+
+
+def test_a_retry_of_a_reusing_job_lands_on_the_same_agent_and_stale_messages_are_ignored(
+    dedicated,
+):
+    dedicated("agent-r3", "reuse-b")
+    dedicated("agent-r4", "reuse-b")
+    pipeline = reuse_pipeline(
+        "retry-reuse",
+        "reuse-b",
+        second='test -f out.txt || echo "no out.txt"; test "$CI_STEP_ATTEMPT" -ge 2',
+    )
+    build = wait_for_build(services.trigger_build(pipeline))
+    assert build.status == "FAILED"
+    first_use = JobRun.objects.get(build=build, key="use")
+    agent = JobRun.objects.get(build=build, key="make").agent
+    assert first_use.agent == agent
+    wait_until(lambda: not AgentLease.objects.exists(), timeout=10, message="lease release")
+
+    client = APIClient()
+    client.force_authenticate(User.objects.create_superuser("ops"))
+    assert client.post(f"/api/builds/{build.pk}/retry/", {}, format="json").status_code == 202
+    build = wait_for_build(build, timeout=60)
+    use = JobRun.objects.get(build=build, key="use")
+    assert (build.status, use.attempt, use.agent) == ("SUCCEEDED", 2, agent)
+    # The build's lease ended with it, and with the lease its workspace: the retry starts clean.
+    assert "no out.txt" in log_of(build, "use")
+
+    stale = app.send_task("agents.tasks.run_job", args=(use.pk, 1), queue=agent_queue(agent))
+    assert stale.get(timeout=20) is None  # attempt 1 is over: the message is fenced off
+    use.refresh_from_db()
+    assert (use.status, use.attempt) == ("SUCCEEDED", 2)
+    assert Build.objects.get(pk=build.pk).status == "SUCCEEDED"
+    wait_until(lambda: not AgentLease.objects.exists(), timeout=10, message="lease release")
