@@ -20,6 +20,7 @@ from builds.errors import StepNotRetryable
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun, VariablePartition
 from builds.services import retry as retry_service
 from builds.statuses import BUILD_FINAL, BuildStatus, build_allowed_from, stage_status
+from ciproject.admin_mixins import ReadOnlyAdmin
 from ciproject.errors import CIError
 from ciproject.formatting import human_duration
 
@@ -92,7 +93,9 @@ class PipelineAdmin(admin.ModelAdmin):
 
 
 @admin.register(Build)
-class BuildAdmin(admin.ModelAdmin):
+class BuildAdmin(ReadOnlyAdmin, admin.ModelAdmin):
+    """Builds change only through the services (trigger, retry, cancel)."""
+
     list_display = ["pipeline", "number", "status", "attempt", "triggered_by", "created_at"]
     list_display += ["duration_display"]
     list_filter = ["status", "pipeline", "created_at"]
@@ -115,16 +118,6 @@ class BuildAdmin(admin.ModelAdmin):
     ]
 
     actions = ["cancel_builds"]
-
-    # History: builds change only through the services (trigger, retry, cancel).
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     def get_queryset(self, request):
         # Annotated so the duration column can be sorted on.
@@ -423,7 +416,7 @@ def _step_retryable(build, job, step) -> bool:
 
 
 @admin.register(VariablePartition)
-class VariablePartitionAdmin(admin.ModelAdmin):
+class VariablePartitionAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     """The partitions of the variable table, as the catalog last showed them (upkeep, beat
     and `manage.py partitions` reconcile this mirror with pg_inherits)."""
 
@@ -431,15 +424,6 @@ class VariablePartitionAdmin(admin.ModelAdmin):
     list_display += ["dropped_at", "dropped_by"]
     list_filter = ["state"]
     readonly_fields = [f.name for f in VariablePartition._meta.fields]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     def changelist_view(self, request, extra_context=None):
         partitions.reconcile()  # show the catalog as it is now, not as it was

@@ -112,7 +112,14 @@ def test_purge_does_not_block_writers_while_it_waits_for_readers():
 
     writer = threading.Thread(target=write)
     writer.start()
-    purge = threading.Thread(target=lambda: partitions.purge(by="test"))
+
+    def purge_in_thread():
+        try:
+            partitions.purge(by="test")
+        finally:
+            connection.close()  # this thread's own connection
+
+    purge = threading.Thread(target=purge_in_thread)
     purge.start()
     time.sleep(1.5)  # the purge is waiting for the reader; writers must not be
     reader.rollback()
