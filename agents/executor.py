@@ -88,7 +88,7 @@ def execute_job(job_id: int, attempt: int, agent: str) -> str | None:
         if job is None:
             log.info("job %s attempt %s: stale, duplicate or cancelled; ignored", job_id, attempt)
             return None
-        if job.takes_lease or job.reuse_of:
+        if job.takes_lease:
             worker.sync_consumers()  # leased to this build now: leave the shared queues
         status, reason = JobExecution(job, workspace_for(agent, job), stop).run()
         persist(services.finish_job, job, status, reason)  # fenced: stale attempts change nothing

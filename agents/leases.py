@@ -9,7 +9,11 @@ placements racing on one agent cannot both hold it.
   for LEASE_WAIT_TIMEOUT_SECONDS at most.
 - The lease is released when no job of the build needs the agent any more, and whenever the
   build ends, however it ends; a sweep releases (and reports) any lease whose build ended.
-- A leased agent stops consuming the shared queues and takes them up again when released.
+- A leased agent leaves the shared queues (and hands back, in start_job, any other build's
+  job it had already received). So that builds which each hold an agent never wait on each
+  other for jobs left in the shared queues, the build's other queued jobs that the agent
+  can run are sent to it too (pull_jobs): the first agent to start one wins, the other
+  message is fenced off by the job's compare-and-set.
 """
 
 import logging
@@ -17,7 +21,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agents.models import Agent, AgentLease, AgentStatus, LeaseWait
@@ -37,9 +41,16 @@ def holder(agent_name: str) -> int | None:
     )
 
 
+def lock_agent(agent_name: str) -> Agent | None:
+    """Lock the agent's row: every decision about its lease is taken holding it, so a
+    placement, a start and a release of one agent never interleave."""
+    return Agent.objects.select_for_update().filter(name=agent_name).first()
+
+
 def acquire(agent_name: str, build_id: int) -> bool:
     """Take the agent's lease for the build, or find the build already holds it. False if
-    another build holds it. Call inside the transaction that places the job."""
+    another build holds it. Call inside the transaction that places the job, the agent's
+    row locked."""
     with connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO agents_agentlease (agent_id, build_id, acquired_at)"
@@ -48,6 +59,19 @@ def acquire(agent_name: str, build_id: int) -> bool:
             [build_id, agent_name],
         )
     return holder(agent_name) == build_id
+
+
+def pull_jobs(agent_name: str, build_id: int) -> None:
+    """Also send the build's queued jobs this agent can run (by label) to its own queue."""
+    from builds.models import JobRun
+    from builds.services.lifecycle import publish_to_agent
+
+    labels = Agent.objects.filter(name=agent_name).values_list("labels", flat=True).first()
+    queued = JobRun.objects.filter(
+        build_id=build_id, status=RunStatus.QUEUED, reuse_of="", runs_on__in=labels or []
+    )
+    for job in queued:
+        publish_to_agent(job, agent_name)
 
 
 def place_on_agent(job, publish) -> None:
@@ -61,7 +85,7 @@ def place_on_agent(job, publish) -> None:
         name = target.agent if target else ""
     else:
         name = job.agent
-    agent = Agent.objects.filter(name=name).first() if name else None
+    agent = lock_agent(name) if name else None
     if agent is None or agent.status == AgentStatus.OFFLINE:
         owner = job.reuse_of or job.key
         _fail(job, f"the agent that ran {owner!r}, {name or '(none)'}, is gone; the job needs it")
@@ -69,7 +93,9 @@ def place_on_agent(job, publish) -> None:
     if acquire(agent.name, job.build_id):
         publish(agent.name)
         return
-    LeaseWait.objects.get_or_create(job=job, defaults={"agent": agent, "build_id": job.build_id})
+    LeaseWait.objects.update_or_create(
+        job=job, defaults={"agent": agent, "build_id": job.build_id, "since": timezone.now()}
+    )
     held_by = holder(agent.name)
     JobRun.objects.filter(pk=job.pk).update(
         reason=f"waiting for agent {agent.name}, leased to build {held_by}"
@@ -80,6 +106,8 @@ def release_if_done(build) -> None:
     """Release the build's leases that no job of it still needs (all of them if it ended)."""
     from builds.models import JobRun
 
+    if build.status in BUILD_FINAL:
+        LeaseWait.objects.filter(build=build).delete()
     for lease in AgentLease.objects.filter(build=build).select_related("agent"):
         needed = (
             build.status not in BUILD_FINAL
@@ -92,8 +120,9 @@ def release_if_done(build) -> None:
 
 
 def release(lease: AgentLease) -> None:
-    """Free the agent: the next waiting build gets it, or it takes up the shared queues."""
-    agent = lease.agent
+    """Free the agent: the next waiting build gets it; the agent drops the released
+    build's kept workspaces."""
+    agent = lock_agent(lease.agent.name)
     lease.delete()
     log.info("agent %s: lease of build %s released", agent.name, lease.build_id)
     _grant_next(agent)
@@ -103,7 +132,10 @@ def release(lease: AgentLease) -> None:
 def _grant_next(agent: Agent) -> None:
     from builds.services.lifecycle import publish_to_agent
 
-    first = LeaseWait.objects.filter(agent=agent).first()
+    waiting = LeaseWait.objects.filter(agent=agent)
+    # A wait whose job no longer waits (its build ended, it was retried) is dropped.
+    waiting.exclude(job__status=RunStatus.QUEUED).delete()
+    first = waiting.first()
     if first is None or not acquire(agent.name, first.build_id):
         return
     waits = LeaseWait.objects.filter(agent=agent, build_id=first.build_id)
@@ -111,6 +143,25 @@ def _grant_next(agent: Agent) -> None:
     waits.delete()
     for job in jobs:
         publish_to_agent(job, agent.name)
+
+
+def agent_lost(agent_name: str, reason: str) -> None:
+    """The agent is gone: the jobs bound to it (waiting for it, or sent to its own queue)
+    fail now rather than wait, and its lease goes."""
+    from builds.models import JobRun
+
+    with transaction.atomic():
+        lock_agent(agent_name)
+        targets = JobRun.objects.filter(
+            build_id=OuterRef("build_id"), key=OuterRef("reuse_of"), agent=agent_name
+        )
+        bound = JobRun.objects.filter(status=RunStatus.QUEUED).filter(
+            Q(takes_lease=True, agent=agent_name) | (~Q(reuse_of="") & Exists(targets))
+        )
+        for job in bound:
+            _fail(job, f"{reason}; this job must run on it")
+        LeaseWait.objects.filter(agent__name=agent_name).delete()
+        AgentLease.objects.filter(agent__name=agent_name).delete()
 
 
 def sweep() -> dict[str, list]:
@@ -149,6 +200,7 @@ def _fail(job, reason: str) -> None:
     updated = JobRun.objects.filter(pk=job.pk, status=RunStatus.QUEUED).update(
         status=RunStatus.FAILED, reason=reason, finished_at=timezone.now()
     )
+    LeaseWait.objects.filter(job_id=job.pk).delete()
     if updated:
         StepRun.objects.filter(job_id=job.pk, status=RunStatus.PENDING).update(
             status=RunStatus.SKIPPED
@@ -158,7 +210,7 @@ def _fail(job, reason: str) -> None:
 
 
 def _tell(agent: Agent) -> None:
-    """Ask the agent to re-read its state (take up or drop the shared queues)."""
+    """Ask the agent to re-read its state (its kept workspaces)."""
     try:
         app.control.broadcast(SYNC_COMMAND, destination=[f"{agent.name}@{agent.hostname}"])
     except Exception:  # its heartbeat re-reads the state anyway

@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from agents import leases
 from agents.models import Agent, AgentStatus
 
 
@@ -68,11 +69,14 @@ def mark_lost_agents() -> list[str]:
     """Agents whose heartbeat is older than the timeout are lost: online ones go offline
     (drained ones stay disabled), and the jobs they were running fail."""
     cutoff = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
-    stale = Agent.objects.filter(last_heartbeat__lt=cutoff).exclude(status=AgentStatus.OFFLINE)
-    names = list(stale.values_list("name", flat=True))
-    Agent.objects.filter(name__in=names, status=AgentStatus.ONLINE).update(
-        status=AgentStatus.OFFLINE
-    )
+    # One statement, so an agent that heartbeats meanwhile is not taken for lost.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE agents_agent SET status = CASE WHEN status = %s THEN %s ELSE status END"
+            " WHERE last_heartbeat < %s AND status <> %s RETURNING name",
+            [AgentStatus.ONLINE, AgentStatus.OFFLINE, cutoff, AgentStatus.OFFLINE],
+        )
+        names = [name for (name,) in cursor.fetchall()]
     for name in names:
         fail_jobs_of_lost_agent(
             name, f"stopped heartbeating for {settings.AGENT_OFFLINE_AFTER_SECONDS} s"
@@ -86,7 +90,10 @@ def mark_lost_agents() -> list[str]:
 def fail_jobs_of_lost_agent(name: str, why: str) -> list[int]:
     from builds import services as builds
 
-    return builds.fail_jobs_on_agent(name, f"agent {name} was lost: it {why}")
+    reason = f"agent {name} was lost: it {why}"
+    failed = builds.fail_jobs_on_agent(name, reason)
+    leases.agent_lost(name, reason)
+    return failed
 
 
 def online_agents_with_label(label: str) -> bool:

@@ -52,20 +52,21 @@ def keep_workspace(build_id: int, path: Path) -> None:
 
 
 def sync_consumers() -> None:
-    """Consume the shared queues unless disabled or leased to a build (a leased agent runs
-    only its build's jobs, which come on its own queue); drop workspaces of ended leases."""
+    """Consume the shared queues unless disabled or leased to a build (a leased agent gets
+    its build's jobs on its own queue: see agents.leases); drop workspaces of ended leases.
+    The wanted state is asserted again on every heartbeat: a control message may be lost."""
     if _me is None:
         return
     close_old_connections()
-    status = services.status_of(_me.name)
-    holder = leases.holder(_me.name)
-    draining.set() if status == AgentStatus.DISABLED else draining.clear()
-    wanted = status != AgentStatus.DISABLED and holder is None
     with _me.lock:
+        status = services.status_of(_me.name)
+        holder = leases.holder(_me.name)
+        draining.set() if status == AgentStatus.DISABLED else draining.clear()
+        wanted = status != AgentStatus.DISABLED and holder is None
+        command = app.control.add_consumer if wanted else app.control.cancel_consumer
+        for queue in _me.pool_queues:
+            command(queue, destination=[_me.nodename])
         if wanted != _me.consuming:
-            command = app.control.add_consumer if wanted else app.control.cancel_consumer
-            for queue in _me.pool_queues:
-                command(queue, destination=[_me.nodename])
             _me.consuming = wanted
             log.info("agent %s: %s the shared queues", _me.name, "takes" if wanted else "leaves")
         for build_id in [b for b in _me.kept if b != holder]:

@@ -54,7 +54,9 @@ def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
     if running < policy.max_running and waiting == 0:
         return BuildStatus.RUNNING
     if waiting >= policy.queue_length:
-        oldest = queued.order_by(*queue_order()).first()
+        # Never a build put back by a step retry (priority 1): it is part of a running
+        # build's work, not a new build.
+        oldest = queued.filter(queue_priority=0).order_by("enqueued_at", "id").first()
         if policy.on_queue_full != OnQueueFull.EVICT_OLDEST or oldest is None:
             raise PipelineQueueFull(
                 f"the queue of group {build.concurrency_group!r} is full: {running} running "

@@ -62,7 +62,7 @@ def worker_env(django_db_setup, tmp_path_factory):
         "CELERY_BROKER_URL": TEST_BROKER_URL,
         "AGENT_WORKSPACE_ROOT": str(tmp_path_factory.mktemp("workspaces")),
         "AGENT_HEARTBEAT_SECONDS": "1",
-        "AGENT_OFFLINE_AFTER_SECONDS": "6",
+        "AGENT_OFFLINE_AFTER_SECONDS": "12",  # later than the cancel watchdog (3 + 2 s)
         "AGENT_SWEEP_SECONDS": "1",
         "STEP_KILL_GRACE_SECONDS": "3",
         "CANCEL_WATCHDOG_MARGIN_SECONDS": "2",

@@ -34,11 +34,14 @@ def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun |
         bound = job["reuse_of"] or (job["takes_lease"] and job["agent"])  # sent here on purpose
         if draining and not bound:
             return HAND_BACK
+        leases.lock_agent(agent)  # its lease is decided by one start (or release) at a time
         held_by = leases.holder(agent)
         if held_by not in (None, job["build_id"]):
             return HAND_BACK
-        if job["takes_lease"] and not leases.acquire(agent, job["build_id"]):
-            return HAND_BACK
+        if job["takes_lease"]:
+            if not leases.acquire(agent, job["build_id"]):
+                return HAND_BACK
+            leases.pull_jobs(agent, job["build_id"])
         updated = JobRun.objects.filter(
             _build_running(OuterRef("build_id")),
             pk=job_id,

@@ -2,6 +2,7 @@
 
 import json
 import logging
+from contextlib import suppress
 from datetime import timedelta
 from itertools import groupby
 
@@ -10,8 +11,9 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from agents import leases
+from agents.models import AgentLease
 from builds.definition import normalize_variables
-from builds.errors import VariablePartitionMissing
+from builds.errors import BuildAlreadyFinished, VariablePartitionMissing
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
 from builds.statuses import (
     BUILD_FINAL,
@@ -28,6 +30,8 @@ from concurrency.models import ConcurrencyPolicy
 
 log = logging.getLogger(__name__)
 
+NO_PARTITION_FOR_ROW = "23514"  # check_violation: "no partition of relation ... for row"
+
 
 def trigger_build(pipeline: Pipeline, variables=None, user=None) -> Build:
     """Create build N+1 of `pipeline` with its variables and status tree, admit it by the
@@ -37,7 +41,7 @@ def trigger_build(pipeline: Pipeline, variables=None, user=None) -> Build:
     try:
         return _trigger(pipeline, overrides, user)
     except IntegrityError as exc:
-        if "no partition" not in str(exc):
+        if getattr(exc.__cause__, "sqlstate", None) != NO_PARTITION_FOR_ROW:
             raise
         raise VariablePartitionMissing(
             "no partition of the variable table holds builds created now; nothing was stored."
@@ -97,7 +101,8 @@ def _admit(build: Build, policy_id: int, variables: dict[str, str]) -> None:
         for other in group.filter(status=BuildStatus.QUEUED):
             cancel_at_once(other, f"cancelled by build #{build.number} (cancel in progress)")
         for other_id in group.filter(status=BuildStatus.RUNNING).values_list("id", flat=True):
-            request_cancel(other_id)  # the real path: its steps are stopped on the agents
+            with suppress(BuildAlreadyFinished):  # it ended meanwhile: nothing to cancel
+                request_cancel(other_id)  # the real path: its steps are stopped on the agents
 
     def evict(oldest: Build) -> None:
         cancel_at_once(
@@ -192,6 +197,8 @@ def _queue_stage(build_id: int, stage_index: int) -> None:
         leases.place_on_agent(job, lambda agent, job=job: publish_to_agent(job, agent))
     _explain_waits(queued)
     transaction.on_commit(lambda: _publish_jobs(queued))
+    for agent in AgentLease.objects.filter(build_id=build_id).values_list("agent__name", flat=True):
+        leases.pull_jobs(agent, build_id)  # the build's leased agents may run them too
 
 
 def publish_to_agent(job: JobRun, agent: str) -> None:
@@ -338,6 +345,7 @@ def sweep_queues() -> dict[str, list[int]]:
                 timed_out.append(build_id)
     groups = (
         Build.objects.filter(status=BuildStatus.QUEUED)
+        .order_by()
         .values_list("concurrency_group", flat=True)
         .distinct()
     )
@@ -346,12 +354,19 @@ def sweep_queues() -> dict[str, list[int]]:
 
 
 def fail_unplaced_jobs(now=None) -> list[int]:
-    """Jobs no agent took within JOB_WAIT_TIMEOUT_SECONDS end FAILED, saying why."""
+    """Jobs that waited JOB_WAIT_TIMEOUT_SECONDS while no agent with their label is online
+    end FAILED, saying why. (A job behind a backlog of busy agents waits on; a job bound to
+    one agent is handled with that agent: agents.leases.)"""
+    from agents.services import online_agents_with_label
+
     wait = settings.JOB_WAIT_TIMEOUT_SECONDS
     cutoff = (now or timezone.now()) - timedelta(seconds=wait)
     failed = []
-    stale = JobRun.objects.filter(status=RunStatus.QUEUED, queued_at__lt=cutoff)
+    stale = JobRun.objects.filter(status=RunStatus.QUEUED, queued_at__lt=cutoff, reuse_of="")
+    stale = stale.exclude(takes_lease=True, agent__gt="")
     for job_id, build_id, runs_on in stale.values_list("id", "build_id", "runs_on"):
+        if online_agents_with_label(runs_on):
+            continue
         updated = JobRun.objects.filter(pk=job_id, status=RunStatus.QUEUED).update(
             status=RunStatus.FAILED,
             finished_at=timezone.now(),

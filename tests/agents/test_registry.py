@@ -73,3 +73,30 @@ def test_a_job_waits_for_an_agent_with_its_label_then_fails(settings):
     assert job.status == "FAILED"
     assert job.reason == "no agent with the label 'gpu' took this job within 600 s"
     assert Build.objects.get(pk=build.pk).status == "FAILED"
+
+
+@pytest.mark.django_db
+def test_a_lost_agent_frees_its_lease_and_fails_the_jobs_bound_to_it(settings):
+    from agents.models import AgentLease
+
+    settings.AGENT_OFFLINE_AFTER_SECONDS = 30
+    services.register_agent("a1", "host", ["unit-tests"], 1, "1")
+    pipeline = make_pipeline(
+        "reuse",
+        "stages:\n  - name: a\n    jobs:\n"
+        "      - {id: make, runs-on: unit-tests, steps: [{run: x}]}\n"
+        "  - name: b\n    jobs:\n      - {id: use, reuse: make, steps: [{run: y}]}\n",
+    )
+    build = builds.trigger_build(pipeline)
+    make = builds.start_job(JobRun.objects.get(build=build, key="make").pk, 1, "a1")
+    assert AgentLease.objects.get().build_id == build.pk  # `make` leased a1 to the build
+    builds.finish_job(make, "SUCCEEDED")
+    assert builds.advance_build(build.pk) == "RUNNING"  # `use` is sent to a1's own queue
+    use = JobRun.objects.get(build=build, key="use")
+    assert use.status == "QUEUED"
+    with time_machine.travel(timezone.now() + timedelta(seconds=31), tick=False):
+        services.mark_lost_agents()
+    use.refresh_from_db()
+    assert use.status == "FAILED"
+    assert "agent a1 was lost" in use.reason
+    assert not AgentLease.objects.exists()

@@ -218,3 +218,18 @@ def test_step_retry_refuses_what_it_cannot_retry():
     with pytest.raises(StepNotFound):
         services.retry_step(a.pk, 10**9)
     assert (StepRun.objects.get(pk=pending.pk).attempt, statuses(a)) == (1, ["RUNNING"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_evict_oldest_never_evicts_a_build_put_back_by_a_step_retry():
+    pipeline = governed("web", policy(max_running=1, queue_length=2, on_queue_full="evict_oldest"))
+    a = services.trigger_build(pipeline)
+    step = fail_fast_job(a)
+    JobRun.objects.filter(build=a, key="slow").update(status="SUCCEEDED")
+    assert services.advance_build(a.pk) == "FAILED"
+    b = services.trigger_build(pipeline)  # takes the slot
+    services.retry_step(a.pk, step.pk)  # A waits at the head of the queue
+    c = services.trigger_build(pipeline)
+    assert statuses(a, b, c) == ["QUEUED", "RUNNING", "QUEUED"]
+    d = services.trigger_build(pipeline)  # the queue is full: C goes, not A (older, retried)
+    assert statuses(a, c, d) == ["QUEUED", "CANCELED", "QUEUED"]

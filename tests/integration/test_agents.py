@@ -46,7 +46,8 @@ def test_a_killed_agent_is_detected_its_job_fails_and_its_slot_goes_on(dedicated
     policy = ConcurrencyPolicy.objects.create(
         name="shared", group_key="shared", max_running=1, queue_length=5
     )
-    doomed_pipeline = make_pipeline("doomed", one_step("sleep 600", runs_on="lost"))
+    # The step outlives its killed agent (its own session): keep it short-lived.
+    doomed_pipeline = make_pipeline("doomed", one_step("sleep 45", runs_on="lost"))
     next_pipeline = make_pipeline("next", one_step("true", runs_on="linux"))
     for pipeline in (doomed_pipeline, next_pipeline):
         pipeline.policy = policy
@@ -56,7 +57,7 @@ def test_a_killed_agent_is_detected_its_job_fails_and_its_slot_goes_on(dedicated
     assert waiting.status == "QUEUED"
     wait_until(lambda: JobRun.objects.filter(build=doomed, status="RUNNING").exists())
     workers.stop("agent-lost", signal.SIGKILL)
-    doomed = wait_for_build(doomed, timeout=30)  # offline after 6 s without a heartbeat
+    doomed = wait_for_build(doomed, timeout=30)  # offline after 12 s without a heartbeat
     job = JobRun.objects.get(build=doomed)
     assert (doomed.status, job.status) == ("FAILED", "FAILED")
     assert "agent agent-lost was lost" in job.reason

@@ -130,10 +130,11 @@ def test_the_concrete_case_with_real_agents(tmp_path):
     pipeline = gated("concrete", gate, policy, first_step='test "$CI_STEP_ATTEMPT" -ge 2')
     a = services.trigger_build(pipeline)
     b, c = services.trigger_build(pipeline), services.trigger_build(pipeline)
-    failed = wait_until(
-        lambda: StepRun.objects.filter(job__build=a, job__key="fast", status="FAILED").first(),
+    wait_until(
+        lambda: JobRun.objects.filter(build=a, key="fast", status="FAILED").exists(),
         message="A's fast job to fail",
     )
+    failed = StepRun.objects.get(job__build=a, job__key="fast")
     client = APIClient()
     client.force_authenticate(User.objects.create_superuser("ops"))
     response = client.post(f"/api/builds/{a.pk}/steps/{failed.pk}/retry/")
