@@ -28,7 +28,7 @@ run: install
 	for f in examples/*.yaml; do \
 		$(BIN)/python manage.py loadpipeline "$$(basename $$f .yaml)" "$$f" || exit 1; done
 	@echo "ciproject: http://127.0.0.1:$(PORT)/admin/ (user $(ADMIN_USER), password $(ADMIN_PASSWORD))"
-	mkdir -p "$(VAR_DIR)"
+	rm -rf "$(VAR_DIR)/metrics" && mkdir -p "$(VAR_DIR)/metrics"  # multiprocess metrics of the last run
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho -d . -f deploy/Procfile start --port $(PORT)
 
 lint: install

@@ -4,26 +4,39 @@ pool thread is busy running steps); the job's runner sees the flag within a tick
 the step's process group. Keyed by attempt: a stop for another attempt stops nothing."""
 
 import threading
+from collections import Counter
 from contextlib import contextmanager
 
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 
 _running: dict[tuple[int, int], threading.Event] = {}
+_holders: Counter[tuple[int, int]] = Counter()
 _lock = threading.Lock()
 
 
 @contextmanager
 def tracking(job_id: int, attempt: int):
-    """Register a job attempt running here; yields the event that asks it to stop."""
-    stop = threading.Event()
+    """Register a job attempt running here; yields the event that asks it to stop. A
+    duplicate delivery of an attempt already running here shares its event and never
+    unregisters it, so a stop still reaches the run that is real."""
+    key = (job_id, attempt)
     with _lock:
-        _running[(job_id, attempt)] = stop
+        stop = _running.setdefault(key, threading.Event())
+        _holders[key] += 1
     try:
         yield stop
     finally:
         with _lock:
-            _running.pop((job_id, attempt), None)
+            _holders[key] -= 1
+            if not _holders[key]:
+                del _holders[key], _running[key]
+
+
+def running_attempts() -> set[tuple[int, int]]:
+    """The (job, attempt) pairs running here now."""
+    with _lock:
+        return set(_running)
 
 
 def request_stop(job_id: int, attempt: int) -> bool:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
+from django.utils import timezone
 
 from agents import control, worker
 from agents.runner import StepOutcome, StepOutput, run_step, step_environment
@@ -88,11 +89,57 @@ def execute_job(job_id: int, attempt: int, agent: str) -> str | None:
         if job is None:
             log.info("job %s attempt %s: stale, duplicate or cancelled; ignored", job_id, attempt)
             return None
-        if job.takes_lease:
-            worker.sync_consumers()  # leased to this build now: leave the shared queues
-        status, reason = JobExecution(job, workspace_for(agent, job), stop).run()
-        persist(services.finish_job, job, status, reason)  # fenced: stale attempts change nothing
-        return status
+        try:
+            if job.takes_lease:
+                worker.sync_consumers()  # leased to this build now: leave the shared queues
+            status, reason = JobExecution(job, workspace_for(agent, job), stop).run()
+            persist(services.finish_job, job, status, reason)  # fenced: stale attempts no-op
+            return status
+        except Exception as exc:
+            # The job is RUNNING on an agent that goes on heartbeating: nothing else would end
+            # it, and its build, concurrency slot and lease would wait for ever. (A step that
+            # was running is already stopped: run_step ends its process group however it
+            # exits.)
+            log.exception("job %s attempt %s: agent error", job_id, attempt)
+            _end_after_error(job, agent_error(agent, exc))
+            return RunStatus.FAILED
+
+
+def agent_error(agent: str, exc: Exception) -> str:
+    return f"agent error on {agent}: {exc.__class__.__name__}: {exc}"
+
+
+def _end_after_error(job: JobRun, reason: str) -> None:
+    try:
+        persist(services.finish_job, job, RunStatus.FAILED, reason)
+    except Exception:
+        log.critical(
+            "job %s attempt %s: could not record it FAILED (%s); this agent's heartbeat ends"
+            " it once the database answers",
+            job.pk,
+            job.attempt,
+            reason,
+            exc_info=True,
+        )
+
+
+def end_orphaned_jobs(agent: str) -> list[int]:
+    """On each heartbeat: end the jobs recorded RUNNING on this agent that it no longer runs
+    (their end could not be recorded). A job is tracked before start_job stamps started_at,
+    and until its end is recorded; so one started before `now` and untracked since has ended
+    here."""
+    now = timezone.now()
+    tracked = control.running_attempts()
+    ended = []
+    running = JobRun.objects.filter(agent=agent, status=RunStatus.RUNNING, started_at__lt=now)
+    for job in running.select_related("build"):
+        if (job.pk, job.attempt) in tracked:
+            continue
+        reason = f"agent error on {agent}: its end could not be recorded (see the agent's log)"
+        if services.finish_job(job, RunStatus.FAILED, reason):
+            log.warning("job %s attempt %s: %s; ended now", job.pk, job.attempt, reason)
+            ended.append(job.pk)
+    return ended
 
 
 class JobExecution:
@@ -118,7 +165,7 @@ class JobExecution:
             return RunStatus.SUCCEEDED, ""
         except Exception as exc:
             log.exception("job %s attempt %s failed on the agent", self.job.pk, self.job.attempt)
-            return RunStatus.FAILED, f"agent error: {exc.__class__.__name__}: {exc}"
+            return RunStatus.FAILED, agent_error(self.job.agent, exc)
         finally:
             if shared:  # the build's later jobs work in it: kept until its lease ends
                 worker.keep_workspace(self.job.build_id, self.workspace)

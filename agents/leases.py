@@ -12,8 +12,8 @@ placements racing on one agent cannot both hold it.
 - A leased agent leaves the shared queues (and hands back, in start_job, any other build's
   job it had already received). So that builds which each hold an agent never wait on each
   other for jobs left in the shared queues, the build's other queued jobs that the agent
-  can run are sent to it too (pull_jobs): the first agent to start one wins, the other
-  message is fenced off by the job's compare-and-set.
+  can run are sent to it too (pull_jobs; not those bound to another agent): the first
+  agent to start one wins, the other message is fenced off by the job's compare-and-set.
 """
 
 import logging
@@ -62,14 +62,15 @@ def acquire(agent_name: str, build_id: int) -> bool:
 
 
 def pull_jobs(agent_name: str, build_id: int) -> None:
-    """Also send the build's queued jobs this agent can run (by label) to its own queue."""
+    """Also send the build's queued jobs this agent can run (by label) to its own queue: not
+    those bound to an agent (reusing jobs, retried lease-taking jobs), which run only there."""
     from builds.models import JobRun
     from builds.services.lifecycle import publish_to_agent
 
     labels = Agent.objects.filter(name=agent_name).values_list("labels", flat=True).first()
     queued = JobRun.objects.filter(
         build_id=build_id, status=RunStatus.QUEUED, reuse_of="", runs_on__in=labels or []
-    )
+    ).exclude(Q(takes_lease=True) & ~Q(agent=""))
     for job in queued:
         publish_to_agent(job, agent_name)
 

@@ -2,6 +2,7 @@
 when it stops heartbeating (or starts again while jobs are recorded as running on it): the
 jobs it was running end FAILED with a reason naming it, and their builds move on."""
 
+from collections import Counter
 from datetime import timedelta
 
 from django.conf import settings
@@ -10,6 +11,7 @@ from django.utils import timezone
 
 from agents import leases
 from agents.models import Agent, AgentStatus
+from ciproject import metrics
 
 
 def register_agent(
@@ -73,10 +75,12 @@ def mark_lost_agents() -> list[str]:
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE agents_agent SET status = CASE WHEN status = %s THEN %s ELSE status END"
-            " WHERE last_heartbeat < %s AND status <> %s RETURNING name",
+            " WHERE last_heartbeat < %s AND status <> %s RETURNING name, status",
             [AgentStatus.ONLINE, AgentStatus.OFFLINE, cutoff, AgentStatus.OFFLINE],
         )
-        names = [name for (name,) in cursor.fetchall()]
+        rows = cursor.fetchall()
+    names = [name for name, _ in rows]
+    metrics.AGENTS_LOST.inc(sum(status == AgentStatus.OFFLINE for _, status in rows))
     for name in names:
         fail_jobs_of_lost_agent(
             name, f"stopped heartbeating for {settings.AGENT_OFFLINE_AFTER_SECONDS} s"
@@ -94,6 +98,22 @@ def fail_jobs_of_lost_agent(name: str, why: str) -> list[int]:
     failed = builds.fail_jobs_on_agent(name, reason)
     leases.agent_lost(name, reason)
     return failed
+
+
+def idle_agents() -> dict[str, tuple[list[str], int | None]]:
+    """Online agents with a free slot now: name -> (labels, the build it is leased to)."""
+    from builds.models import JobRun
+    from builds.statuses import RunStatus
+
+    busy = Counter(JobRun.objects.filter(status=RunStatus.RUNNING).values_list("agent", flat=True))
+    online = Agent.objects.filter(status=AgentStatus.ONLINE)
+    return {
+        name: (labels, leased_to)
+        for name, labels, capacity, leased_to in online.values_list(
+            "name", "labels", "capacity", "lease__build_id"
+        )
+        if busy[name] < capacity
+    }
 
 
 def online_agents_with_label(label: str) -> bool:

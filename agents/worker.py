@@ -21,6 +21,7 @@ from ciproject.celery import agent_queue, app, job_queue, retry_queue
 log = logging.getLogger(__name__)
 
 PR_SET_DUMPABLE = 4
+SHUTDOWN_JOIN_SECONDS = 30  # a beat blocked on the database does not hold the exit for ever
 
 
 @dataclass
@@ -75,12 +76,15 @@ def sync_consumers() -> None:
 
 
 def _heartbeat_loop(register, stop: threading.Event) -> None:
+    from agents.executor import end_orphaned_jobs  # it imports this module
+
     while not stop.wait(settings.AGENT_HEARTBEAT_SECONDS):
         try:
             close_old_connections()
             if services.heartbeat(_me.name) is None:
                 register()  # the row was removed under us: put it back
             sync_consumers()
+            end_orphaned_jobs(_me.name)
         except Exception:  # the database may be restarting: the next beat tries again
             log.warning("agent %s: heartbeat failed", _me.name, exc_info=True)
     connection.close()
@@ -109,12 +113,13 @@ def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO
 
     register(starting=True)
     stop = threading.Event()
+    beats = threading.Thread(target=_heartbeat_loop, args=(register, stop), daemon=True)
     queues = [agent_queue(name), *pool_queues]
 
     @worker_ready.connect(weak=False)
     def start_heartbeats(**kwargs):  # once the worker hears control commands
         threading.Thread(target=sync_consumers, daemon=True).start()
-        threading.Thread(target=_heartbeat_loop, args=(register, stop), daemon=True).start()
+        beats.start()
 
     log.info("agent %s consumes %s", name, ", ".join(queues))
     try:
@@ -131,6 +136,16 @@ def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO
             ]
         )
     finally:
-        stop.set()
-        close_old_connections()
-        services.mark_offline(name)
+        shut_down(name, stop, beats)
+
+
+def shut_down(name: str, stop: threading.Event, beats: threading.Thread) -> None:
+    """Mark the agent offline once its heartbeats have stopped: a beat still in flight would
+    bring it back online (a beat revives an agent the lost-agent sweep marked offline)."""
+    stop.set()
+    if beats.is_alive():
+        beats.join(timeout=SHUTDOWN_JOIN_SECONDS)
+        if beats.is_alive():  # stuck on the database: the lost-agent sweep will see it
+            log.warning("agent %s: heartbeat still in flight at shutdown", name)
+    close_old_connections()
+    services.mark_offline(name)

@@ -34,7 +34,11 @@ def _ci_error(exc: CIError) -> forms.ValidationError:
 class PipelineForm(forms.ModelForm):
     class Meta:
         model = Pipeline
-        fields = ["name", "definition"]
+        fields = ["name", "policy", "definition"]
+        help_texts = {
+            "policy": "Concurrency policy; a `concurrency:` line in the definition sets it"
+            " instead. Empty: no limit."
+        }
         widgets = {
             "definition": forms.Textarea(
                 attrs={
@@ -56,10 +60,21 @@ class PipelineForm(forms.ModelForm):
         # Browsers submit textareas with CRLF line ends; store what the author typed.
         definition = self.cleaned_data["definition"].replace("\r\n", "\n")
         try:
-            parse_definition(definition)
+            self.named_policy = services.policy_named_in(parse_definition(definition))
         except CIError as exc:
             raise _ci_error(exc) from None
         return definition
+
+    def clean(self):
+        cleaned = super().clean()
+        named = getattr(self, "named_policy", None)
+        if named is not None and cleaned.get("policy") not in (None, named):
+            self.add_error(
+                "policy",
+                f"the definition sets the policy {named.name!r} (`concurrency:`); remove that"
+                " line to choose the policy here",
+            )
+        return cleaned
 
 
 @admin.register(Pipeline)
@@ -87,9 +102,8 @@ class PipelineAdmin(admin.ModelAdmin):
     def save_model(self, request, obj, form, change):
         # save_pipeline sets `spec` and saves `obj` itself, so the admin's log entry and
         # redirect see the saved row. The form has already validated the same input.
-        services.save_pipeline(
-            form.cleaned_data["name"], form.cleaned_data["definition"], pipeline=obj
-        )
+        data = form.cleaned_data
+        services.save_pipeline(data["name"], data["definition"], obj, policy=data["policy"])
 
 
 @admin.register(Build)

@@ -42,3 +42,7 @@ class StepNotRetryable(CIError):
 class BuildAlreadyFinished(CIError):
     code = "BUILD_ALREADY_FINISHED"
     http_status = 409
+
+
+class PurgeBeforeTooLate(CIError):
+    code = "PURGE_BEFORE_TOO_LATE"

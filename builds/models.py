@@ -97,6 +97,9 @@ class JobRun(models.Model):
     takes_lease = models.BooleanField(default=False)
     reason = models.TextField(blank=True, default="")
     queued_at = models.DateTimeField(null=True, blank=True)
+    # When the reconcile sweep last sent its message again (a lost message): at most once
+    # per JOB_RESEND_AFTER_SECONDS.
+    resent_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -160,6 +163,10 @@ class BuildVariable(models.Model):
     source = models.CharField(
         max_length=16, choices=[("pipeline", "pipeline"), ("trigger", "trigger"), ("step", "step")]
     )
+    # What a step overwrote: the value and source the build was triggered with, so a full
+    # retry starts from them again.
+    triggered_value = models.TextField(null=True, blank=True)
+    triggered_source = models.CharField(max_length=16, blank=True, default="", db_default="")
 
     class Meta:
         ordering = ["name"]

@@ -10,6 +10,15 @@ for as long as the drop waits; and its migrations create a DEFAULT partition, wh
 DETACH ... CONCURRENTLY and would silently swallow rows whose partition is missing. Here a
 purge detaches concurrently (PostgreSQL 14+), then drops the detached table, and there is no
 default partition: a write with no partition fails loudly (VariablePartitionMissing).
+
+The variable table has a foreign key to builds_build, and that makes the purge lock builds_build
+too (seen in pg_locks on PostgreSQL 15): finishing a detach (the second phase of DETACH
+CONCURRENTLY, or FINALIZE) takes SHARE ROW EXCLUSIVE on it to give the detached table its own
+FK triggers, which waits for any open transaction that wrote a build; dropping the detached
+table takes ACCESS EXCLUSIVE on it to remove those triggers, which waits even for a reader. A
+lock request queued there makes every later build read or write queue behind it, so these
+statements run under a short lock_timeout (VARIABLE_PURGE_LOCK_TIMEOUT_MS) and, when it
+expires, the purge stops and leaves the rest to its next run.
 """
 
 import logging
@@ -18,9 +27,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
+from builds.errors import PurgeBeforeTooLate
 from builds.models import PartitionState, VariablePartition
 from ciproject import metrics
 
@@ -30,6 +40,22 @@ PARENT = "builds_buildvariable"
 NAME_RE = re.compile(rf"{PARENT}_p\d{{8}}(?:_\d{{6}})?")
 BOUND_RE = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# Session-level advisory lock held by a purge (beat or manage.py): one purge at a time. An
+# arbitrary key, used for nothing else in this database.
+PURGE_LOCK_KEY = 7_310_582_476_127_042
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of an expired lock_timeout
+ANOTHER_PURGE = "another purge is running"
+
+
+class PurgeResult(list):
+    """The partitions dropped (on a dry run: that would be), in order; `postponed` those left
+    for the next run, and `reason` why (a lock wait that timed out, or another purge running).
+    A list, so callers that only want the names keep working."""
+
+    def __init__(self, dropped=(), postponed=(), reason: str = ""):
+        super().__init__(dropped)
+        self.postponed = list(postponed)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -117,47 +143,109 @@ def ensure(now: datetime | None = None, ahead: int | None = None) -> list[str]:
     return created
 
 
-def expired(before: datetime | None = None, now: datetime | None = None) -> list[CatalogPartition]:
-    """Partitions wholly older than the retention (or than `before`), oldest first."""
-    cutoff = before or (now or timezone.now()) - retention()
-    return [p for p in catalog() if p.end <= cutoff]
+def cutoff(before: datetime | None = None, now: datetime | None = None) -> datetime:
+    """Partitions ending by this moment are expired: now minus the retention, or an earlier
+    `before`. A later `before` is refused: the retry window promises builds their variables
+    for the whole retention, and the newest partitions are still being written."""
+    limit = (now or timezone.now()) - retention()
+    if before is None:
+        return limit
+    if before > limit:
+        raise PurgeBeforeTooLate(
+            f"Cannot purge the partitions ending by {before:%Y-%m-%d %H:%M} UTC: that is later"
+            f" than the retention cutoff, {limit:%Y-%m-%d %H:%M} UTC (variables are kept for"
+            f" {settings.VARIABLE_RETENTION_DAYS} days). Nothing was changed; give a date on"
+            f" or before {limit:%Y-%m-%d}, or lower VARIABLE_RETENTION_DAYS.",
+            before=before.isoformat(),
+            cutoff=limit.isoformat(),
+            retention_days=settings.VARIABLE_RETENTION_DAYS,
+        )
+    return before
 
 
-def purge(before=None, dry_run=False, by: str = "purge", now=None) -> list[str]:
+def purge(before=None, dry_run=False, by: str = "purge", now=None) -> PurgeResult:
     """Drop the expired partitions without blocking writers: DETACH ... CONCURRENTLY (which
     runs outside any transaction), then DROP the detached table. A purge interrupted half way
-    is finished by the next: pending detaches are FINALIZEd and detached leftovers dropped."""
-    doomed = expired(before, now)
-    leftovers = detached_leftovers()
-    names = [p.name for p in doomed] + leftovers
+    is finished by the next. One purge runs at a time: a second returns at once."""
+    limit = cutoff(before, now)  # before anything: a refused `before` changes nothing
     if dry_run:
-        return names
+        return PurgeResult(name for name, _ in _plan(limit))
     if connection.in_atomic_block:
         raise RuntimeError("purge must run outside a transaction (DETACH CONCURRENTLY)")
-    started = timezone.now()
-    for partition in doomed:
-        _mark(partition.name, PartitionState.DETACHING)
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_try_advisory_lock(%s)", [PURGE_LOCK_KEY])
+        if not cursor.fetchone()[0]:
+            log.info("variable partition purge by %s skipped: %s", by, ANOTHER_PURGE)
+            return PurgeResult(reason=ANOTHER_PURGE)
+    try:
+        return _purge(_plan(limit), by)
+    finally:
         with connection.cursor() as cursor:
-            if partition.detach_pending:  # an earlier purge stopped mid-detach
-                cursor.execute(
-                    f'ALTER TABLE "{PARENT}" DETACH PARTITION "{partition.name}" FINALIZE'
-                )
-            else:
-                cursor.execute(
-                    f'ALTER TABLE "{PARENT}" DETACH PARTITION "{partition.name}" CONCURRENTLY'
-                )
-        _drop(partition.name, by)
-    for name in leftovers:
-        _drop(name, by)
-    if names:
+            cursor.execute("SELECT pg_advisory_unlock(%s)", [PURGE_LOCK_KEY])
+
+
+def _plan(limit: datetime) -> list[tuple[str, str | None]]:
+    """What a purge does, in order: (partition, how to detach it; None when detached already).
+    An interrupted purge's work comes first, whatever its range: PostgreSQL allows one pending
+    detach per table, and while one is left every new DETACH CONCURRENTLY fails."""
+    attached = catalog()
+    return (
+        [(name, None) for name in detached_leftovers()]
+        + [(p.name, "FINALIZE") for p in attached if p.detach_pending]
+        + [(p.name, "CONCURRENTLY") for p in attached if p.end <= limit and not p.detach_pending]
+    )
+
+
+def _purge(plan: list[tuple[str, str | None]], by: str) -> PurgeResult:
+    started = timezone.now()
+    result = PurgeResult()
+    for name, detach in plan:
+        if detach:
+            _mark(name, PartitionState.DETACHING)
+            if not _lock_bounded(f'ALTER TABLE "{PARENT}" DETACH PARTITION "{name}" {detach}'):
+                break
+        if not _lock_bounded(f'DROP TABLE IF EXISTS "{name}"'):
+            break
+        _dropped(name, by)
+        result.append(name)
+    # After a timeout, stop: the lock holder is likely still there, the rest would wait again.
+    result.postponed = [name for name, _ in plan[len(result) :]]
+    if result.postponed:
+        result.reason = (
+            f"a lock wait for {result.postponed[0]} took over"
+            f" {settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS} ms (a long transaction on builds_build"
+            f" or {PARENT}); the next purge will finish"
+        )
+        log.warning(
+            "variable partition purge by %s postponed %s: %s",
+            by, ", ".join(result.postponed), result.reason,
+        )  # fmt: skip
+    if plan:
         metrics.PURGE_SECONDS.observe((timezone.now() - started).total_seconds())
     reconcile()
-    return names
+    return result
 
 
-def _drop(name: str, by: str) -> None:
+def _lock_bounded(sql: str) -> bool:
+    """Run a DETACH or DROP under the purge's lock_timeout (see the module's docstring). False
+    when a lock wait timed out: the statement stopped where it was (a concurrent detach may be
+    left pending, a detached table left behind) and the next purge finishes it."""
+    timeout = f"{settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS}ms"
     with connection.cursor() as cursor:
-        cursor.execute(f'DROP TABLE IF EXISTS "{name}"')
+        # A session setting: SET LOCAL needs a transaction, which DETACH CONCURRENTLY refuses.
+        cursor.execute("SELECT set_config('lock_timeout', %s, false)", [timeout])
+        try:
+            cursor.execute(sql)
+        except OperationalError as exc:
+            if getattr(exc.__cause__, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            return False
+        finally:
+            cursor.execute("RESET lock_timeout")
+    return True
+
+
+def _dropped(name: str, by: str) -> None:
     VariablePartition.objects.filter(name=name).update(
         state=PartitionState.DROPPED, dropped_at=timezone.now(), dropped_by=by
     )

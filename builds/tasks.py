@@ -1,6 +1,7 @@
 from celery import shared_task
 
 from builds import partitions, services
+from builds.services import recovery
 
 
 @shared_task(ignore_result=False)
@@ -24,8 +25,12 @@ def sweep_queues() -> dict[str, list[int]]:
 
 
 @shared_task(ignore_result=True)
-def reconcile_running_builds() -> list[int]:
-    return services.reconcile_running_builds()
+def reconcile_running_builds() -> dict[str, list[int]]:
+    """Re-drive what lost messages left waiting: builds to advance, jobs to send again."""
+    return {
+        "advanced": services.reconcile_running_builds(),
+        "resent": recovery.resend_lost_jobs(),
+    }
 
 
 @shared_task(ignore_result=True)

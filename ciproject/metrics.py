@@ -1,4 +1,7 @@
-"""Prometheus metrics, defined once and observed where things happen."""
+"""Prometheus metrics of events, defined once and observed where things happen. They live in
+prometheus-client's multiprocess files (settings.METRICS_DIR), so /metrics on web also sums
+what the controller and beat observed. The state metrics are read from PostgreSQL at each
+scrape: ciproject.monitoring."""
 
 from prometheus_client import Counter, Histogram
 
@@ -24,4 +27,14 @@ BUILD_RETRIES_REFUSED = Counter(
     "ciproject_build_retries_refused",
     "Build retries refused, by reason (the error code).",
     ["reason"],
+)
+ADMISSIONS = Counter(
+    "ciproject_admissions",
+    "Builds admitted by a concurrency policy, by result: running, queued, rejected (queue"
+    " full), evicted (an older queued build cancelled to make room).",
+    ["result"],
+)
+STEP_RETRIES = Counter("ciproject_step_retries", "Steps retried by hand (API, admin, CLI).")
+AGENTS_LOST = Counter(
+    "ciproject_agents_lost", "Agents marked offline because their heartbeats stopped."
 )

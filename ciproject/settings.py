@@ -142,6 +142,10 @@ VARIABLE_PARTITION_SECONDS = env_int("VARIABLE_PARTITION_SECONDS", 86400)
 VARIABLE_PARTITIONS_AHEAD = env_int("VARIABLE_PARTITIONS_AHEAD", 7)
 VARIABLE_RETENTION_DAYS = env_int("VARIABLE_RETENTION_DAYS", 90)
 RETRY_SAFETY_MARGIN_SECONDS = env_int("RETRY_SAFETY_MARGIN_SECONDS", 86400)
+# How long a purge's DETACH or DROP may wait for a lock (they lock builds_build through the
+# variables' foreign key, and every build read and write would queue behind the wait); past
+# it the purge stops and its next run finishes the job.
+VARIABLE_PURGE_LOCK_TIMEOUT_MS = env_int("VARIABLE_PURGE_LOCK_TIMEOUT_MS", 2000)
 
 # Agents and steps.
 AGENT_WORKSPACE_ROOT = Path(os.environ.get("AGENT_WORKSPACE_ROOT", VAR_DIR / "workspaces"))
@@ -151,6 +155,9 @@ AGENT_OFFLINE_AFTER_SECONDS = env_int("AGENT_OFFLINE_AFTER_SECONDS", 30)
 AGENT_SWEEP_SECONDS = float(os.environ.get("AGENT_SWEEP_SECONDS", 5))
 # A job waiting for an agent leased to another build ends FAILED after this.
 LEASE_WAIT_TIMEOUT_SECONDS = env_int("LEASE_WAIT_TIMEOUT_SECONDS", 1800)
+# A job still queued after this while an agent that may run it is idle is sent again (its
+# message was lost); the reconcile sweep (beat) looks every 15 s.
+JOB_RESEND_AFTER_SECONDS = env_int("JOB_RESEND_AFTER_SECONDS", 60)
 # A job no agent takes within this time ends FAILED (no agent with its label came).
 JOB_WAIT_TIMEOUT_SECONDS = env_int("JOB_WAIT_TIMEOUT_SECONDS", 3600)
 STEP_KILL_GRACE_SECONDS = float(os.environ.get("STEP_KILL_GRACE_SECONDS", 10))
@@ -161,6 +168,19 @@ STEP_LOG_MAX_BYTES = env_int("STEP_LOG_MAX_BYTES", 1024 * 1024)
 STEP_LOG_FLUSH_SECONDS = float(os.environ.get("STEP_LOG_FLUSH_SECONDS", 1))
 # How long an agent keeps retrying a result it could not write (PostgreSQL restarting).
 AGENT_DB_RETRY_SECONDS = float(os.environ.get("AGENT_DB_RETRY_SECONDS", 120))
+
+# Metrics (/metrics, Prometheus text format). Events observed in web, controller and beat are
+# shared through prometheus-client's multiprocess files in METRICS_DIR (one per host; wiped
+# when the stack starts); the state (builds, queues, agents, leases, partitions) is read from
+# PostgreSQL at each scrape. /metrics answers a request from METRICS_ALLOWED_IPS, or one
+# carrying `Authorization: Bearer $METRICS_TOKEN` when a token is set; others get 403.
+METRICS_DIR = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", VAR_DIR / "metrics"))
+METRICS_DIR.mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)  # before prometheus_client loads
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+METRICS_ALLOWED_IPS = [
+    ip for ip in os.environ.get("METRICS_ALLOWED_IPS", "127.0.0.1,::1").split(",") if ip
+]
 
 LOGGING = {
     "version": 1,

@@ -21,9 +21,9 @@ from builds.statuses import BuildStatus
 from ciproject.errors import CIError
 from ciproject.formatting import human_duration
 from concurrency.models import ConcurrencyPolicy
-from concurrency.services import OCCUPYING, group_overview
+from concurrency.services import LIVE_RUNNING, group_overview
 
-LIVE = (*OCCUPYING, BuildStatus.QUEUED)
+LIVE = (*LIVE_RUNNING, BuildStatus.QUEUED)
 
 
 class ConcurrencyPolicyForm(forms.ModelForm):
@@ -71,7 +71,7 @@ class ConcurrencyPolicyAdmin(admin.ModelAdmin):
             .get_queryset(request)
             .annotate(live_builds=live)
             .annotate(
-                running=Count("live_builds", filter=Q(live_builds__status__in=OCCUPYING)),
+                running=Count("live_builds", filter=Q(live_builds__status__in=LIVE_RUNNING)),
                 queued=Count("live_builds", filter=Q(live_builds__status=BuildStatus.QUEUED)),
             )
         )

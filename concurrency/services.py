@@ -5,17 +5,26 @@ queued build is started twice, whatever the interleaving across processes and ho
 
 from datetime import timedelta
 
-from django.db import connection
-from django.db.models import F
+from django.db import connection, transaction
+from django.db.models import F, Q
 from django.utils import timezone
 
 from builds.models import Build
 from builds.statuses import BuildStatus
+from ciproject import metrics
 from concurrency import keys
 from concurrency.errors import PipelineQueueFull
 from concurrency.models import ConcurrencyPolicy, OnQueueFull
 
-OCCUPYING = (BuildStatus.RUNNING, BuildStatus.CANCELLING)  # what holds a running slot
+LIVE_RUNNING = (BuildStatus.RUNNING, BuildStatus.CANCELLING)  # shown as running
+
+
+def occupying() -> Q:
+    """The builds that hold a running slot: RUNNING ones, and CANCELLING ones that had
+    started (a build cancelled while it waited in the queue never ran, and holds none)."""
+    return Q(status=BuildStatus.RUNNING) | Q(
+        status=BuildStatus.CANCELLING, started_at__isnull=False
+    )
 
 
 def lock_group(key: str) -> None:
@@ -48,16 +57,19 @@ def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
     lock_group(build.concurrency_group)
     policy = ConcurrencyPolicy.objects.get(pk=policy.pk)  # the limits as they are now
     group = Build.objects.filter(concurrency_group=build.concurrency_group).exclude(pk=build.pk)
-    running = group.filter(status__in=OCCUPYING).count()
+    running = group.filter(occupying()).count()
     queued = group.filter(status=BuildStatus.QUEUED)
     waiting = queued.count()
     if running < policy.max_running and waiting == 0:
-        return BuildStatus.RUNNING
-    if waiting >= policy.queue_length:
+        return _admitted(BuildStatus.RUNNING)
+    # With cancel_in_progress the new build replaces the ones it cancelled: it waits for
+    # them to stop even when the policy keeps no queue.
+    if waiting >= policy.queue_length and not policy.cancel_in_progress:
         # Never a build put back by a step retry (priority 1): it is part of a running
         # build's work, not a new build.
         oldest = queued.filter(queue_priority=0).order_by("enqueued_at", "id").first()
         if policy.on_queue_full != OnQueueFull.EVICT_OLDEST or oldest is None:
+            metrics.ADMISSIONS.labels("rejected").inc()
             raise PipelineQueueFull(
                 f"the queue of group {build.concurrency_group!r} is full: {running} running "
                 f"(at most {policy.max_running}) and {waiting} queued (at most "
@@ -67,7 +79,13 @@ def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
                 queued=waiting,
             )
         on_evict(oldest)
-    return BuildStatus.QUEUED
+        transaction.on_commit(metrics.ADMISSIONS.labels("evicted").inc)
+    return _admitted(BuildStatus.QUEUED)
+
+
+def _admitted(status: str) -> str:
+    transaction.on_commit(metrics.ADMISSIONS.labels(status.lower()).inc)
+    return status
 
 
 def builds_to_start(group: str) -> list[int]:
@@ -77,9 +95,11 @@ def builds_to_start(group: str) -> list[int]:
     members = Build.objects.filter(concurrency_group=group)
     queued = members.filter(status=BuildStatus.QUEUED).order_by(*queue_order())
     head = queued.select_related("policy").first()
-    if head is None or head.policy is None:
+    if head is None:
         return []
-    free = head.policy.max_running - members.filter(status__in=OCCUPYING).count()
+    if head.policy is None:  # its policy was deleted: the group has no limit any more
+        return list(queued.values_list("id", flat=True))
+    free = head.policy.max_running - members.filter(occupying()).count()
     return list(queued.values_list("id", flat=True)[: max(free, 0)])
 
 
@@ -100,7 +120,7 @@ def group_overview(policy: ConcurrencyPolicy) -> list[dict]:
     """Per group of the policy: running and queued builds (in order, with waiting time)."""
     now = timezone.now()
     groups = []
-    live = Build.objects.filter(policy=policy, status__in=(*OCCUPYING, BuildStatus.QUEUED))
+    live = Build.objects.filter(policy=policy, status__in=(*LIVE_RUNNING, BuildStatus.QUEUED))
     for key in (
         live.order_by("concurrency_group").values_list("concurrency_group", flat=True).distinct()
     ):
@@ -109,7 +129,7 @@ def group_overview(policy: ConcurrencyPolicy) -> list[dict]:
         groups.append(
             {
                 "key": key,
-                "running": list(members.filter(status__in=OCCUPYING)),
+                "running": list(members.filter(occupying())),
                 "queued": [(b, now - b.enqueued_at) for b in queued],
             }
         )

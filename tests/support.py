@@ -5,9 +5,10 @@ import time
 import psycopg
 import pytest
 from django.conf import settings
+from django.utils import timezone
 
 from builds import services
-from builds.models import Build
+from builds.models import Build, JobRun, StepRun
 from builds.statuses import BUILD_FINAL
 
 
@@ -51,3 +52,27 @@ def raw_connection():
         host=db["HOST"], port=db["PORT"] or 5432, user=db["USER"], dbname=db["NAME"],
         autocommit=True,
     )  # fmt: skip
+
+
+# No agent serves "unit-tests": these builds' job messages are never run.
+PARALLEL = """
+stages:
+  - name: s
+    jobs:
+      - {id: fast, runs-on: unit-tests, steps: [{run: "exit 1"}]}
+      - {id: slow, runs-on: unit-tests, steps: [{run: "sleep 60"}]}
+  - name: t
+    jobs:
+      - {id: last, runs-on: unit-tests, steps: [{run: "true"}]}
+"""
+
+
+def fail_fast_job(build) -> StepRun:
+    """As an agent would record it: job `fast` ran and failed."""
+    job = JobRun.objects.get(build=build, key="fast")
+    JobRun.objects.filter(pk=job.pk).update(status="FAILED", started_at=timezone.now())
+    step = job.steps.get()
+    StepRun.objects.filter(pk=step.pk).update(
+        status="FAILED", exit_code=1, started_at=timezone.now()
+    )
+    return step

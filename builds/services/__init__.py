@@ -23,7 +23,7 @@ from builds.services.lifecycle import (
     sweep_queues,
     trigger_build,
 )
-from builds.services.pipelines import save_pipeline, validate_pipeline_name
+from builds.services.pipelines import policy_named_in, save_pipeline, validate_pipeline_name
 from builds.services.retry import can_retry, retry_build, retry_step
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "finish_job",
     "finish_step",
     "next_attempt",
+    "policy_named_in",
     "reconcile_running_builds",
     "request_cancel",
     "requeue_job",

@@ -113,11 +113,18 @@ def finish_step(step: StepRun, attempt: int, status: str, exit_code, variables: 
 
 
 def _upsert_variables(build_id, build_created_at, variables: dict, source: str) -> None:
+    """Set variables; the first time a step overwrites a triggered one, keep the triggered
+    value aside (a full retry restores it)."""
     with connection.cursor() as cursor:
         cursor.executemany(
-            "INSERT INTO builds_buildvariable (build_created_at, build_id, name, value, source)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (build_created_at, build_id, name)"
-            " DO UPDATE SET value = EXCLUDED.value, source = EXCLUDED.source",
+            "INSERT INTO builds_buildvariable AS v"
+            " (build_created_at, build_id, name, value, source, triggered_source)"
+            " VALUES (%s, %s, %s, %s, %s, '') ON CONFLICT (build_created_at, build_id, name)"
+            " DO UPDATE SET value = EXCLUDED.value, source = EXCLUDED.source,"
+            " triggered_value = CASE WHEN v.source = 'step' THEN v.triggered_value"
+            " ELSE v.value END,"
+            " triggered_source = CASE WHEN v.source = 'step' THEN v.triggered_source"
+            " ELSE v.source END",
             [(build_created_at, build_id, k, v, source) for k, v in variables.items()],
         )
 
@@ -154,8 +161,10 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
 
 
 def build_variables(build_id: int) -> dict[str, str]:
+    # Filtered by the partition key too, so PostgreSQL reads one partition only.
+    created_at = Build.objects.filter(pk=build_id).values("created_at")[:1]
     return dict(
-        BuildVariable.objects.filter(build_id=build_id)
+        BuildVariable.objects.filter(build_created_at=created_at, build_id=build_id)
         .order_by("name")
         .values_list("name", "value")
     )

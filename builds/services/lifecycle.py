@@ -196,7 +196,7 @@ def _queue_stage(build_id: int, stage_index: int) -> None:
     for job in JobRun.objects.filter(pk__in=[job_id for job_id, *_, bound in rows if bound]):
         leases.place_on_agent(job, lambda agent, job=job: publish_to_agent(job, agent))
     _explain_waits(queued)
-    transaction.on_commit(lambda: _publish_jobs(queued))
+    transaction.on_commit(lambda: publish_jobs(queued))
     for agent in AgentLease.objects.filter(build_id=build_id).values_list("agent__name", flat=True):
         leases.pull_jobs(agent, build_id)  # the build's leased agents may run them too
 
@@ -236,10 +236,10 @@ def requeue_job(job_id: int, attempt: int) -> None:
         if job.reuse_of or (job.takes_lease and job.agent):
             leases.place_on_agent(job, lambda agent: publish_to_agent(job, agent))
         else:
-            transaction.on_commit(lambda: _publish_jobs([(job.pk, job.attempt, job.runs_on)]))
+            transaction.on_commit(lambda: publish_jobs([(job.pk, job.attempt, job.runs_on)]))
 
 
-def _publish_jobs(queued) -> None:
+def publish_jobs(queued) -> None:
     for job_id, attempt, runs_on in queued:
         app.send_task(
             "agents.tasks.run_job",

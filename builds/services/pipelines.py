@@ -20,19 +20,37 @@ def validate_pipeline_name(name) -> str:
     return name
 
 
-def save_pipeline(name: str, definition: str, pipeline: Pipeline | None = None) -> Pipeline:
-    """Create a pipeline, or update `pipeline`; nothing is stored unless all of it is valid."""
+KEEP = object()  # save_pipeline's policy: leave it as it is
+
+
+def policy_named_in(spec: dict) -> ConcurrencyPolicy | None:
+    """The policy the definition names with `concurrency:`, if any; an unknown name is
+    invalid."""
+    name = spec["concurrency"]
+    if name is None:
+        return None
+    policy = ConcurrencyPolicy.objects.filter(name=name).first()
+    if policy is None:
+        raise InvalidPipeline(f"concurrency: there is no concurrency policy named {name!r}")
+    return policy
+
+
+def save_pipeline(
+    name: str, definition: str, pipeline: Pipeline | None = None, policy=KEEP
+) -> Pipeline:
+    """Create a pipeline, or update `pipeline`; nothing is stored unless all of it is valid.
+    Its policy is the one the definition names, else `policy` (chosen in the admin), else
+    the one it had."""
     name = validate_pipeline_name(name)
     spec = parse_definition(definition)
+    named = policy_named_in(spec)
     creating = pipeline is None or pipeline.pk is None
     pipeline = pipeline or Pipeline()
     pipeline.name, pipeline.definition, pipeline.spec = name, definition, spec
-    if spec["concurrency"] is not None:  # else the policy chosen in the admin stays
-        pipeline.policy = ConcurrencyPolicy.objects.filter(name=spec["concurrency"]).first()
-        if pipeline.policy is None:
-            raise InvalidPipeline(
-                f"concurrency: there is no concurrency policy named {spec['concurrency']!r}"
-            )
+    if named is not None:
+        pipeline.policy = named
+    elif policy is not KEEP:
+        pipeline.policy = policy
     # An update writes only what it changes: this row may be stale, and writing back its
     # last_build_number would undo the builds triggered meanwhile.
     fields = None if creating else ["name", "definition", "spec", "policy", "updated_at"]

@@ -53,6 +53,7 @@ def retry_step(build_id: int, step_id: int) -> StepRun:
             _take_back(build)
         if build.status == BuildStatus.RUNNING:
             advance_locked(build)  # queues the job again, on its retry queue
+        transaction.on_commit(metrics.STEP_RETRIES.inc)
     step.refresh_from_db()
     return step
 
@@ -112,9 +113,9 @@ def _take_back(build: Build) -> None:
     status = BuildStatus.RUNNING
     if build.concurrency_group:
         running = Build.objects.filter(
-            concurrency_group=build.concurrency_group, status__in=concurrency.OCCUPYING
+            concurrency.occupying(), concurrency_group=build.concurrency_group
         ).count()
-        if build.policy is None or running >= build.policy.max_running:
+        if build.policy is not None and running >= build.policy.max_running:
             status = BuildStatus.QUEUED
     now = timezone.now()
     Build.objects.filter(pk=build.pk, status__in=BUILD_RETRY_TRANSITIONS[status]).update(
@@ -185,17 +186,12 @@ def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
     from the variable table: with failed_only, its failed and cancelled jobs and everything
     after them; else every job. It goes through its concurrency policy like a new build."""
     build = Build.objects.select_related("pipeline").get(pk=build_id)
-    decision = can_retry(build, include_succeeded=not failed_only)
-    if not decision.allowed:
-        metrics.BUILD_RETRIES_REFUSED.labels(decision.code).inc()
-        error = RetryWindowExpired if decision.code == "RETRY_WINDOW_EXPIRED" else BuildNotRetryable
-        raise error(decision.reason, **decision.fields)
+    _refuse_unless(can_retry(build, include_succeeded=not failed_only))
     with transaction.atomic():
         if build.concurrency_group:
             concurrency.lock_group(build.concurrency_group)
         build = Build.objects.select_for_update().select_related("pipeline").get(pk=build_id)
-        if not can_retry(build, include_succeeded=not failed_only).allowed:  # changed meanwhile
-            raise BuildNotRetryable(f"build #{build.number} changed; try again")
+        _refuse_unless(can_retry(build, include_succeeded=not failed_only))  # it may have changed
         _reset_for_retry(build, failed_only)
         status = BuildStatus.RUNNING
         if build.policy_id:
@@ -218,6 +214,13 @@ def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
     return build
 
 
+def _refuse_unless(decision: Decision) -> None:
+    if not decision.allowed:
+        metrics.BUILD_RETRIES_REFUSED.labels(decision.code).inc()
+        error = RetryWindowExpired if decision.code == "RETRY_WINDOW_EXPIRED" else BuildNotRetryable
+        raise error(decision.reason, **decision.fields)
+
+
 def _reset_for_retry(build: Build, failed_only: bool) -> None:
     jobs = JobRun.objects.filter(build=build)
     if failed_only:
@@ -236,9 +239,16 @@ def _reset_for_retry(build: Build, failed_only: bool) -> None:
         )
     else:
         # A full retry starts from the variables the build was triggered with.
-        BuildVariable.objects.filter(build_created_at=build.created_at, build=build).filter(
-            source="step"
-        ).delete()
+        by_steps = BuildVariable.objects.filter(
+            build_created_at=build.created_at, build=build, source="step"
+        )
+        by_steps.filter(triggered_value=None).delete()
+        by_steps.update(
+            value=F("triggered_value"),
+            source=F("triggered_source"),
+            triggered_value=None,
+            triggered_source="",
+        )
     steps = StepRun.objects.filter(job__in=jobs)
     steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
     steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)

@@ -12,6 +12,7 @@ from agents.admin import AgentAdmin
 from agents.models import Agent, AgentStatus
 from builds import services
 from builds.models import Build, JobRun, Pipeline, StepLogChunk, StepRun
+from concurrency.models import ConcurrencyPolicy
 
 DEFINITION = """\
 variables:
@@ -130,6 +131,38 @@ def test_pipeline_name_taken_is_a_form_error(admin_client, pipeline):
     assert response.status_code == 200
     assert "name" in response.context["adminform"].form.errors
     assert Pipeline.objects.count() == 1
+
+
+def test_the_policy_is_chosen_in_the_admin_and_can_be_removed(admin_client, pipeline):
+    policy = ConcurrencyPolicy.objects.create(name="deploys", max_running=1)
+    url = reverse("admin:builds_pipeline_change", args=(pipeline.pk,))
+    form = {"name": "demo", "definition": DEFINITION}
+    assert admin_client.post(url, {**form, "policy": policy.pk}).status_code == 302
+    assert Pipeline.objects.get(pk=pipeline.pk).policy == policy
+    assert admin_client.post(url, {**form, "policy": ""}).status_code == 302
+    assert Pipeline.objects.get(pk=pipeline.pk).policy is None
+
+
+def test_a_policy_named_in_the_definition_must_exist_and_wins(admin_client, pipeline):
+    ConcurrencyPolicy.objects.create(name="deploys", max_running=1)
+    other = ConcurrencyPolicy.objects.create(name="other", max_running=1)
+    url = reverse("admin:builds_pipeline_change", args=(pipeline.pk,))
+
+    response = admin_client.post(
+        url, {"name": "demo", "definition": "concurrency: nosuch\n" + DEFINITION}
+    )
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert errors["definition"] == [
+        "INVALID_PIPELINE: concurrency: there is no concurrency policy named 'nosuch'"
+    ]
+    response = admin_client.post(
+        url,
+        {"name": "demo", "definition": "concurrency: deploys\n" + DEFINITION, "policy": other.pk},
+    )
+    assert response.status_code == 200
+    assert "remove that line" in response.context["adminform"].form.errors["policy"][0]
+    assert Pipeline.objects.get(pk=pipeline.pk).policy is None  # nothing was saved
 
 
 # Builds ---------------------------------------------------------------------------------

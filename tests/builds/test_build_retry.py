@@ -62,6 +62,20 @@ def test_failed_only_reruns_the_failed_jobs_and_what_follows():
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_full_retry_restores_the_triggered_values_that_steps_overwrote():
+    from builds.services.execution import _upsert_variables
+
+    build = failed_build()
+    _upsert_variables(build.pk, build.created_at, {"WHO": "step", "GREETING": "a"}, "step")
+    _upsert_variables(build.pk, build.created_at, {"WHO": "again"}, "step")
+    assert services.build_variables(build.pk) == {"GREETING": "a", "SET": "x", "WHO": "again"}
+    services.retry_build(build.pk, failed_only=False)
+    assert services.build_variables(build.pk) == {"GREETING": "hello", "WHO": "me"}
+    sources = dict(BuildVariable.objects.filter(build=build).values_list("name", "source"))
+    assert sources == {"GREETING": "pipeline", "WHO": "trigger"}
+
+
+@pytest.mark.django_db(transaction=True)
 def test_all_reruns_every_job_with_the_variables_it_was_triggered_with():
     build = failed_build()
     retried = services.retry_build(build.pk, failed_only=False)

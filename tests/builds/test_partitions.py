@@ -1,21 +1,28 @@
 """The partitioned variable table on the real PostgreSQL: partitions ahead, rows in the
-right partition, purge (dry run, exactness, not blocking writers, finishing an interrupted
-detach), the retry window read from the catalog, and a write with no partition."""
+right partition, purge (dry run, exactness, not blocking writers, giving up a lock wait that
+would stall builds, finishing an interrupted detach, one at a time, the management command),
+the retry window read from the catalog, and a write with no partition."""
 
+import subprocess
+import sys
 import threading
 import time
-from datetime import timedelta
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from io import StringIO
 
 import psycopg
 import pytest
 import time_machine
+from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
 from builds import partitions, services
-from builds.errors import RetryWindowExpired, VariablePartitionMissing
+from builds.errors import PurgeBeforeTooLate, RetryWindowExpired, VariablePartitionMissing
+from builds.management.commands.partitions import parse_date
 from builds.models import Build, BuildVariable, PartitionState, VariablePartition
-from tests.support import make_pipeline, one_step, raw_connection
+from tests.support import make_pipeline, one_step, raw_connection, wait_until
 
 DAY = timedelta(days=1)
 pytestmark = pytest.mark.usefixtures("no_old_partitions")
@@ -41,6 +48,95 @@ def partition_of(build) -> str:
         )
         (name,) = cursor.fetchone()
         return name
+
+
+def catalog_names() -> list[str]:
+    return [p.name for p in partitions.catalog()]
+
+
+@contextmanager
+def holding(sql: str, params=()):
+    """A transaction on a connection of its own that ran `sql` and stays open, holding its
+    locks, until the block ends (or the test rolls it back)."""
+    holder = raw_connection()
+    holder.autocommit = False
+    try:
+        holder.execute(sql, params)
+        yield holder
+    finally:
+        holder.rollback()
+        holder.close()
+
+
+@contextmanager
+def writing(sql: str, params):
+    """A thread on a connection of its own running `sql` with `params(n)` every 10 ms, as
+    builds do, while the block runs. Yields the list of how long each run took (seconds)."""
+    stalls, stop = [], threading.Event()
+
+    def write():
+        with raw_connection() as writer:
+            n = 0
+            while not stop.is_set():
+                started = time.monotonic()
+                writer.execute(sql, params(n))
+                stalls.append(time.monotonic() - started)
+                n += 1
+                time.sleep(0.01)  # pacing, not waiting for anything
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        yield stalls
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+class Background(threading.Thread):
+    """`fn()` started in a thread with its own Django connection; keeps its result or error."""
+
+    def __init__(self, fn):
+        super().__init__(daemon=True)
+        self.fn, self.result, self.error = fn, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.result = self.fn()
+        except Exception as exc:  # the test looks at it
+            self.error = exc
+        finally:
+            connection.close()  # this thread's own connection
+
+
+def waiting_for_a_lock(conn, statement: str) -> bool:
+    """Whether a session of the test database runs `statement...` and waits for a lock."""
+    (count,) = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query LIKE %s",
+        [f"{statement}%"],
+    ).fetchone()
+    return count > 0
+
+
+def interrupt_detach(name: str) -> None:
+    """Leave `name` "detach pending", as a purge killed mid-detach would: a reader keeps the
+    concurrent detach waiting, and a statement timeout interrupts it."""
+    with raw_connection() as admin, holding("SELECT count(*) FROM builds_buildvariable"):
+        admin.execute("SET statement_timeout = '300ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            admin.execute(
+                f'ALTER TABLE builds_buildvariable DETACH PARTITION "{name}" CONCURRENTLY'
+            )
+    assert [p.detach_pending for p in partitions.catalog() if p.name == name] == [True]
+
+
+def purge_command(*args) -> str:
+    out = StringIO()
+    call_command("partitions", "purge", *args, stdout=out)
+    return out.getvalue()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -86,50 +182,79 @@ def test_purge_drops_exactly_the_expired_partitions_and_dry_run_changes_nothing(
 
 
 @pytest.mark.django_db(transaction=True)
-def test_purge_does_not_block_writers_while_it_waits_for_readers():
+def test_purge_does_not_block_writers_while_it_waits_for_readers(settings):
     """A long reader holds the old partition; DETACH CONCURRENTLY waits for it, and meanwhile
     builds keep writing variables. (A DROP TABLE would queue an ACCESS EXCLUSIVE lock on the
     parent behind the reader, and every writer behind that.)"""
+    settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS = 10_000  # the wait must outlast the reader here
     old = build_at(timezone.now() - 100 * DAY)
+    name = partition_of(old)
     current = services.trigger_build(make_pipeline("w", one_step("true", runs_on="unit-tests")))
-    reader = raw_connection()
-    reader.autocommit = False
-    reader.execute("SELECT count(*) FROM builds_buildvariable WHERE build_id = %s", [old.pk])
-    stalls, stop = [], threading.Event()
-
-    def write():
-        with raw_connection() as writer:
-            n = 0
-            while not stop.is_set():
-                started = time.monotonic()
-                writer.execute(
-                    "INSERT INTO builds_buildvariable VALUES (%s, %s, %s, 'x', 'step')",
-                    [current.created_at, current.pk, f"V{n}"],
-                )
-                stalls.append(time.monotonic() - started)
-                n += 1
-                time.sleep(0.01)
-
-    writer = threading.Thread(target=write)
-    writer.start()
-
-    def purge_in_thread():
-        try:
-            partitions.purge(by="test")
-        finally:
-            connection.close()  # this thread's own connection
-
-    purge = threading.Thread(target=purge_in_thread)
-    purge.start()
-    time.sleep(1.5)  # the purge is waiting for the reader; writers must not be
-    reader.rollback()
-    reader.close()
-    purge.join(timeout=30)
-    stop.set()
-    writer.join(timeout=10)
+    insert = "INSERT INTO builds_buildvariable VALUES (%s, %s, %s, 'x', 'step')"
+    with (
+        raw_connection() as watcher,
+        writing(insert, lambda n: [current.created_at, current.pk, f"V{n}"]) as stalls,
+    ):
+        with holding("SELECT count(*) FROM builds_buildvariable WHERE build_id = %s", [old.pk]):
+            purge = Background(lambda: partitions.purge(by="test"))
+            wait_until(
+                lambda: waiting_for_a_lock(watcher, "ALTER TABLE"),
+                timeout=10,
+                message="the purge to wait for the reader",
+            )
+            seen = len(stalls)
+            wait_until(lambda: len(stalls) > seen + 20, timeout=10, message="20 more writes")
+        purge.join(timeout=30)
     assert not purge.is_alive()
-    assert len(stalls) > 50
+    assert purge.error is None
+    assert purge.result == [name]
     assert max(stalls) < 0.5, f"a writer waited {max(stalls):.2f} s"
+    assert not BuildVariable.objects.filter(build=old).exists()
+
+
+@pytest.mark.parametrize(
+    ("holder_sql", "left_as"),
+    [
+        # An open transaction that wrote a build: finishing the detach waits for it (SHARE ROW
+        # EXCLUSIVE on builds_build, for the detached table's FK triggers): left pending.
+        ("UPDATE builds_build SET status = status WHERE id = %s", "pending"),
+        # Even one that only read builds: the DROP waits for it (ACCESS EXCLUSIVE on
+        # builds_build, to remove those triggers): the detached table is left behind.
+        ("SELECT count(*) FROM builds_build WHERE id >= %s", "leftover"),
+    ],
+)
+@pytest.mark.django_db(transaction=True)
+def test_a_long_transaction_on_builds_makes_the_purge_give_up_not_stall_builds(
+    settings, holder_sql, left_as
+):
+    settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS = 300
+    old = build_at(timezone.now() - 100 * DAY)
+    name = partition_of(old)
+    current = services.trigger_build(make_pipeline("w", one_step("true", runs_on="unit-tests")))
+    update = "UPDATE builds_build SET status = status WHERE id = %s"
+    with writing(update, lambda n: [current.pk]) as stalls:
+        wait_until(lambda: len(stalls) >= 5, timeout=10, message="the writer to write")
+        with holding(holder_sql, [old.pk]) as holder:
+            purge = Background(lambda: partitions.purge(by="beat"))
+            purge.join(timeout=10)  # the deadline; the lock timeout is 0.3 s
+            gave_up = not purge.is_alive()
+            holder.rollback()  # so that a purge that did not give up can end
+        purge.join(timeout=30)
+        seen = len(stalls)
+        wait_until(lambda: len(stalls) > seen + 5, timeout=10, message="the writer to go on")
+    assert gave_up, "the purge waited for the long transaction, and builds queued behind it"
+    assert purge.error is None
+    assert (purge.result, purge.result.postponed) == ([], [name])
+    assert f"a lock wait for {name} took over 300 ms" in purge.result.reason
+    assert max(stalls) < 1.0, f"a build write waited {max(stalls):.2f} s behind the purge"
+    pending = [p.detach_pending for p in partitions.catalog() if p.name == name]
+    leftover = name in partitions.detached_leftovers()
+    assert (pending, leftover) == (([True], False) if left_as == "pending" else ([], True))
+    assert VariablePartition.objects.get(name=name).state == PartitionState.DETACHING
+    # The next run, the long transaction gone, finishes the job.
+    assert partitions.purge(by="beat") == [name]
+    assert name not in catalog_names()
+    assert partitions.detached_leftovers() == []
     assert not BuildVariable.objects.filter(build=old).exists()
 
 
@@ -140,23 +265,126 @@ def test_an_interrupted_detach_and_a_detached_leftover_are_finished():
     leftover = partition_of(build_at(now - 110 * DAY, "b"))
     with raw_connection() as admin:
         admin.execute(f'ALTER TABLE builds_buildvariable DETACH PARTITION "{leftover}"')
-        # A reader keeps the second phase of a concurrent detach waiting; a timeout then
-        # interrupts it, leaving the partition "detach pending", as a killed purge would.
-        reader = raw_connection()
-        reader.autocommit = False
-        reader.execute("SELECT count(*) FROM builds_buildvariable")
-        admin.execute("SET statement_timeout = '300ms'")
-        with pytest.raises(psycopg.errors.QueryCanceled):
-            admin.execute(
-                f'ALTER TABLE builds_buildvariable DETACH PARTITION "{pending}" CONCURRENTLY'
-            )
-        reader.rollback()
-        reader.close()
-    assert [p.detach_pending for p in partitions.catalog() if p.name == pending] == [True]
+    interrupt_detach(pending)
     assert leftover in partitions.detached_leftovers()
-    assert sorted(partitions.purge(by="test")) == sorted([pending, leftover])
-    assert pending not in [p.name for p in partitions.catalog()]
+    assert partitions.purge(by="test") == [leftover, pending]
+    assert pending not in catalog_names()
     assert partitions.detached_leftovers() == []
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_pending_detach_is_finished_whatever_the_cutoff():
+    """PostgreSQL allows one pending detach per table: one the purge's cutoff does not reach
+    (left by a run under a shorter retention, or by hand) would make every new detach fail."""
+    now = timezone.now()
+    oldest = build_at(now - 120 * DAY, "oldest")
+    expired = partition_of(build_at(now - 100 * DAY, "expired"))
+    pending = partition_of(build_at(now - 80 * DAY, "pending"))  # within the retention
+    interrupt_detach(pending)
+    before = partitions.bounds_for(oldest.created_at)[1]  # reaches the oldest only
+    oldest = partition_of(oldest)
+    assert partitions.purge(before=before, dry_run=True) == [pending, oldest]
+    assert partitions.purge(before=before, by="test") == [pending, oldest]
+    assert partitions.purge(by="test") == [expired]
+    assert not {pending, oldest, expired} & set(catalog_names())
+
+
+@pytest.mark.django_db(transaction=True)
+def test_one_purge_at_a_time(settings):
+    settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS = 20_000
+    name = partition_of(build_at(timezone.now() - 100 * DAY))
+    with raw_connection() as watcher:
+        with holding("SELECT count(*) FROM builds_build"):  # keeps the first at its DROP
+            first = Background(lambda: partitions.purge(by="beat"))
+            wait_until(
+                lambda: waiting_for_a_lock(watcher, "DROP TABLE"),
+                timeout=10,
+                message="the first purge to wait at its DROP",
+            )
+            started = time.monotonic()
+            output = purge_command()
+            second = partitions.purge(by="test")
+            elapsed = time.monotonic() - started
+            assert name in partitions.detached_leftovers()  # left to the first
+        first.join(timeout=30)
+        (advisory,) = watcher.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+        ).fetchone()
+    assert elapsed < 2, f"the second purge took {elapsed:.1f} s to give way"
+    assert output == "dropped 0 partition(s)\nstopped: another purge is running\n"
+    assert (second, second.postponed, second.reason) == ([], [], partitions.ANOTHER_PURGE)
+    assert first.error is None
+    assert first.result == [name]
+    assert advisory == 0  # released when the first ended
+    assert partitions.purge(by="test").reason == ""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_purge_command_parses_dates_dry_runs_and_refuses_a_late_before():
+    now = timezone.now()
+    older = build_at(now - 120 * DAY, "older")
+    old = partition_of(build_at(now - 100 * DAY, "old"))
+    end = partitions.bounds_for(older.created_at)[1]  # midnight UTC, where a partition ends
+    older = partition_of(older)
+
+    def state():
+        return catalog_names(), sorted(VariablePartition.objects.values_list("name", "state"))
+
+    unchanged = state()
+    assert purge_command("--dry-run") == f"would drop 2 partition(s)\n  {older}\n  {old}\n"
+    assert purge_command("--dry-run", "--before", f"{end:%Y-%m-%d}") == (
+        f"would drop 1 partition(s)\n  {older}\n"
+    )
+    assert state() == unchanged
+    # A bare date is midnight UTC, an offset is honoured, anything else is a usage error.
+    assert parse_date("2026-08-01") == datetime(2026, 8, 1, tzinfo=UTC)
+    assert parse_date("2026-08-01T02:00+02:00") == datetime(2026, 8, 1, tzinfo=UTC)
+    with pytest.raises(CommandError, match="'yesterday' is not a date such as 2026-08-01"):
+        purge_command("--before", "yesterday")
+    # Later than the retention cutoff (a day inside the retention, today, a future day):
+    # refused with its code, dry run or not, and nothing changes.
+    cutoff = now - partitions.retention()
+    for late in (cutoff + DAY, now, now + DAY):
+        for dry_run in ([], ["--dry-run"]):
+            with pytest.raises(CommandError) as refused:
+                purge_command(*dry_run, "--before", f"{late:%Y-%m-%d}")
+            assert str(refused.value).startswith("PURGE_BEFORE_TOO_LATE: Cannot purge")
+            assert f"give a date on or before {cutoff:%Y-%m-%d}" in str(refused.value)
+    assert state() == unchanged
+    assert purge_command("--before", f"{end:%Y-%m-%d}") == f"dropped 1 partition(s)\n  {older}\n"
+    assert purge_command() == f"dropped 1 partition(s)\n  {old}\n"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_purge_command_line_reports_a_bad_date_and_a_refusal_without_a_traceback(worker_env):
+    def run(*args):
+        argv = [sys.executable, "manage.py", "partitions", "purge", *args]
+        return subprocess.run(argv, env=worker_env, capture_output=True, text=True, timeout=60)
+
+    bad = run("--before", "yesterday")
+    assert bad.returncode == 2  # a usage error
+    assert "argument --before: 'yesterday' is not a date such as 2026-08-01" in bad.stderr
+    late = run("--before", f"{timezone.now():%Y-%m-%d}")
+    assert late.returncode == 1
+    assert "CommandError: PURGE_BEFORE_TOO_LATE: Cannot purge" in late.stderr
+    assert "Traceback" not in bad.stderr + late.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_purge_refuses_a_before_later_than_the_retention_cutoff():
+    now = timezone.now()
+    cutoff = now - partitions.retention()
+    with pytest.raises(PurgeBeforeTooLate) as refused:
+        partitions.purge(before=cutoff + timedelta(seconds=1), now=now)
+    assert (refused.value.code, refused.value.fields) == (
+        "PURGE_BEFORE_TOO_LATE",
+        {
+            "before": (cutoff + timedelta(seconds=1)).isoformat(),
+            "cutoff": cutoff.isoformat(),
+            "retention_days": 90,
+        },
+    )
+    assert partitions.purge(before=cutoff, now=now) == []  # the cutoff itself is allowed
 
 
 @pytest.mark.django_db(transaction=True)

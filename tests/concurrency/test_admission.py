@@ -12,19 +12,7 @@ from builds.errors import StepNotFound, StepNotRetryable
 from builds.models import Build, JobRun, StepRun
 from concurrency.errors import PipelineQueueFull
 from concurrency.models import ConcurrencyPolicy
-from tests.support import make_pipeline
-
-# No agent serves "unit-tests": these builds' job messages are never run.
-PARALLEL = """
-stages:
-  - name: s
-    jobs:
-      - {id: fast, runs-on: unit-tests, steps: [{run: "exit 1"}]}
-      - {id: slow, runs-on: unit-tests, steps: [{run: "sleep 60"}]}
-  - name: t
-    jobs:
-      - {id: last, runs-on: unit-tests, steps: [{run: "true"}]}
-"""
+from tests.support import PARALLEL, fail_fast_job, make_pipeline
 
 
 def policy(**limits) -> ConcurrencyPolicy:
@@ -148,17 +136,6 @@ def test_queue_timeout_sweep_is_idempotent():
     assert statuses(a) == ["RUNNING"]
 
 
-def fail_fast_job(build) -> StepRun:
-    """As an agent would record it: job `fast` ran and failed."""
-    job = JobRun.objects.get(build=build, key="fast")
-    JobRun.objects.filter(pk=job.pk).update(status="FAILED", started_at=timezone.now())
-    step = job.steps.get()
-    StepRun.objects.filter(pk=step.pk).update(
-        status="FAILED", exit_code=1, started_at=timezone.now()
-    )
-    return step
-
-
 @pytest.mark.django_db(transaction=True)
 def test_the_concrete_case_step_retry_bypasses_a_full_queue():
     """max_running 1, queue_length 2: A runs (fast fails, slow goes on); B and C fill the
@@ -233,3 +210,35 @@ def test_evict_oldest_never_evicts_a_build_put_back_by_a_step_retry():
     assert statuses(a, b, c) == ["QUEUED", "RUNNING", "QUEUED"]
     d = services.trigger_build(pipeline)  # the queue is full: C goes, not A (older, retried)
     assert statuses(a, c, d) == ["QUEUED", "CANCELED", "QUEUED"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_build_cancelled_while_queued_holds_no_slot():
+    pipeline = governed("web", policy(queue_length=5))
+    a, b = services.trigger_build(pipeline), services.trigger_build(pipeline)
+    assert services.request_cancel(b.pk) == "CANCELLING"  # the controller has not finished it
+    finish(a)
+    assert statuses(a, b) == ["SUCCEEDED", "CANCELLING"]
+    assert services.trigger_build(pipeline).status == "RUNNING"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_cancel_in_progress_works_without_a_queue():
+    pipeline = governed("web", policy(cancel_in_progress=True, queue_length=0))
+    a = services.trigger_build(pipeline)
+    b = services.trigger_build(pipeline)  # replaces A: it waits for A to stop, not refused
+    assert statuses(a, b) == ["CANCELLING", "QUEUED"]
+    assert services.finish_cancel(a.pk) == "CANCELED"
+    assert statuses(b) == ["RUNNING"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_builds_queued_by_a_deleted_policy_start_without_limit():
+    pol = policy(queue_length=5)
+    pipeline = governed("web", pol)
+    a, b, c = (services.trigger_build(pipeline) for _ in range(3))
+    pipeline.policy = None
+    pipeline.save()
+    pol.delete()
+    assert services.sweep_queues()["started"] == [b.pk, c.pk]
+    assert statuses(a, b, c) == ["RUNNING", "RUNNING", "RUNNING"]

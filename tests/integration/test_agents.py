@@ -1,7 +1,8 @@
 """Agents as real worker processes: capacity, a killed agent detected and its job failed with
-its slot freed, and draining an agent."""
+its slot freed, draining an agent, and a clean shutdown."""
 
 import signal
+import time
 
 import pytest
 import redis
@@ -90,3 +91,17 @@ def test_a_disabled_agent_finishes_its_job_and_takes_no_new_one(dedicated, tmp_p
     assert Build.objects.get(pk=second.pk).status == "RUNNING"
     agents.set_status(agent, "online")
     assert wait_for_build(second, timeout=30).status == "SUCCEEDED"
+
+
+def test_an_agent_stopped_cleanly_goes_offline_and_stays_offline(dedicated, workers):
+    dedicated("agent-stop", "stop")
+    agent = Agent.objects.filter(name="agent-stop")
+    wait_until(lambda: agent.get().last_heartbeat > agent.get().started_at, message="a beat")
+    process = workers.procs["agent-stop"]
+    workers.stop("agent-stop")  # SIGTERM: a warm shutdown
+    assert process.returncode == 0
+    assert agent.get().status == "offline"  # marked by the agent itself, on its way out
+    deadline = time.monotonic() + 3  # three heartbeat intervals: no late beat revives it
+    while time.monotonic() < deadline:
+        assert agent.get().status == "offline"
+        time.sleep(0.1)

@@ -3,6 +3,7 @@ the step's whole process group dies, and the build always ends CANCELED."""
 
 import os
 import signal
+import time
 
 import pytest
 from django.contrib.auth.models import User
@@ -112,14 +113,16 @@ def test_cancel_racing_with_completion_ends_consistently():
     pipeline = make_pipeline("racy", one_step("true"))
     client = api_client()
     outcomes = []
-    for _ in range(15):
+    for i in range(15):
         build = services.trigger_build(pipeline)
+        time.sleep(i * 0.005)  # not a wait: lands the cancel in a different phase each time
         answer = client.post(f"/api/builds/{build.pk}/cancel/").status_code
         build = wait_for_build(build, timeout=20)
         steps = set(StepRun.objects.filter(job__build=build).values_list("status", flat=True))
         if answer == 202:
+            # A step that ended before the cancel keeps its result; the build is CANCELED.
             assert build.status == "CANCELED"
-            assert steps <= {"CANCELED"}
+            assert steps <= {"CANCELED", "SUCCEEDED"}
         else:
             assert (answer, build.status, steps) == (409, "SUCCEEDED", {"SUCCEEDED"})
         outcomes.append(build.status)

@@ -1,15 +1,19 @@
+from argparse import ArgumentTypeError
 from datetime import UTC, datetime
 
 from django.core.management.base import BaseCommand, CommandError
 
 from builds import partitions
+from ciproject.errors import CIError
 
 
 def parse_date(text: str) -> datetime:
+    # ArgumentTypeError, not CommandError: argparse turns it into a usage error, whereas a
+    # CommandError raised while parsing escapes run_from_argv as a traceback.
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise CommandError(f"--before {text!r}: expected a date such as 2026-08-01") from None
+        raise ArgumentTypeError(f"{text!r} is not a date such as 2026-08-01") from None
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
@@ -25,7 +29,14 @@ class Command(BaseCommand):
         ensure.add_argument("--ahead", type=int, default=None)
         purge = sub.add_parser("purge", help="drop expired partitions")
         purge.add_argument("--dry-run", action="store_true", help="print, change nothing")
-        purge.add_argument("--before", type=parse_date, help="drop partitions ending by DATE")
+        purge.add_argument(
+            "--before",
+            type=parse_date,
+            metavar="DATE",
+            help="drop only the partitions ending by DATE (ISO 8601, UTC unless it says), to"
+            " purge less than the retention would; a DATE later than the retention cutoff"
+            " (now - VARIABLE_RETENTION_DAYS) is refused with PURGE_BEFORE_TOO_LATE",
+        )
 
     def handle(self, *args, action, **options):
         if action == "ensure":
@@ -35,8 +46,15 @@ class Command(BaseCommand):
                 self.stdout.write(f"  {name}")
             return
         dry_run = options["dry_run"]
-        names = partitions.purge(before=options["before"], dry_run=dry_run, by="manage.py")
+        try:
+            result = partitions.purge(before=options["before"], dry_run=dry_run, by="manage.py")
+        except CIError as exc:
+            raise CommandError(f"{exc.code}: {exc.detail}") from None
         verb = "would drop" if dry_run else "dropped"
-        self.stdout.write(f"{verb} {len(names)} partition(s)")
-        for name in names:
+        self.stdout.write(f"{verb} {len(result)} partition(s)")
+        for name in result:
             self.stdout.write(f"  {name}")
+        if result.reason:
+            self.stdout.write(f"stopped: {result.reason}")
+            for name in result.postponed:
+                self.stdout.write(f"  left for the next run: {name}")

@@ -1,0 +1,108 @@
+"""A job run in-process by the agent's executor, on the real database: whatever fails on the
+agent after the job has started, the job ends (FAILED, naming the agent), never stays
+RUNNING on an agent that goes on heartbeating."""
+
+import pytest
+from django.db import OperationalError
+
+from agents import control, executor
+from agents import services as agents
+from builds import services as builds
+from builds.models import JobRun
+from tests.agents.test_runner import alive
+from tests.support import make_pipeline, one_step, wait_until
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def agent(settings, tmp_path):
+    settings.AGENT_WORKSPACE_ROOT = str(tmp_path / "workspaces")
+    settings.AGENT_DB_RETRY_SECONDS = 0  # a failed write is given up at once
+    agents.register_agent("a1", "host", ["unit-tests"], 1, "1")
+
+
+def queued_job(run: str = "true") -> JobRun:
+    pipeline = make_pipeline(f"p{JobRun.objects.count()}", one_step(run, runs_on="unit-tests"))
+    build = builds.trigger_build(pipeline)
+    return JobRun.objects.get(build=build)
+
+
+def test_an_error_before_the_steps_fails_the_job_naming_the_agent(monkeypatch):
+    def unreadable(build_id):
+        raise RuntimeError("variables unreadable")
+
+    monkeypatch.setattr(builds, "build_variables", unreadable)  # read in JobExecution()
+    job = queued_job()
+    assert executor.execute_job(job.pk, 1, "a1") == "FAILED"
+    job.refresh_from_db()
+    assert (job.status, job.reason) == (
+        "FAILED",
+        "agent error on a1: RuntimeError: variables unreadable",
+    )
+    assert job.steps.get().status == "SKIPPED"
+    assert builds.advance_build(job.build_id) == "FAILED"  # the build moves on
+
+
+def test_a_result_that_cannot_be_recorded_still_ends_the_job(monkeypatch):
+    finish_job, calls = builds.finish_job, []
+
+    def database_gone_once(*args):  # PostgreSQL is away beyond AGENT_DB_RETRY_SECONDS
+        calls.append(args[1])
+        if len(calls) == 1:
+            raise OperationalError("server closed the connection unexpectedly")
+        return finish_job(*args)
+
+    monkeypatch.setattr(builds, "finish_job", database_gone_once)
+    job = queued_job()
+    assert executor.execute_job(job.pk, 1, "a1") == "FAILED"
+    assert calls == ["SUCCEEDED", "FAILED"]
+    job.refresh_from_db()
+    assert job.status == "FAILED"
+    assert job.reason.startswith("agent error on a1: OperationalError: server closed")
+
+
+def test_an_error_while_a_step_runs_kills_its_group_and_fails_the_job(
+    monkeypatch, settings, tmp_path
+):
+    pid_file = tmp_path / "pid"
+    append_log = builds.append_log
+
+    def log_store_broken(*args):  # the step is running: its log cannot be written
+        if pid_file.exists():
+            raise RuntimeError("log store broken")
+        return append_log(*args)
+
+    monkeypatch.setattr(builds, "append_log", log_store_broken)
+    settings.STEP_LOG_FLUSH_SECONDS = 0
+    job = queued_job(f"sleep 600 & echo $! > {pid_file}; echo started; wait")
+    assert executor.execute_job(job.pk, 1, "a1") == "FAILED"
+    job.refresh_from_db()
+    assert job.reason == "agent error on a1: RuntimeError: log store broken"
+    assert job.steps.get().status == "FAILED"
+    wait_until(lambda: not alive(int(pid_file.read_text())), timeout=5, message="group to die")
+
+
+def test_a_job_whose_end_was_never_recorded_is_ended_by_the_heartbeat(monkeypatch):
+    finish_job = builds.finish_job
+
+    def database_gone(*args):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(builds, "finish_job", database_gone)
+    orphan = queued_job()
+    assert executor.execute_job(orphan.pk, 1, "a1") == "FAILED"  # logged, not recorded
+    orphan.refresh_from_db()
+    assert orphan.status == "RUNNING"
+    monkeypatch.setattr(builds, "finish_job", finish_job)  # the database is back
+
+    running = builds.start_job(queued_job().pk, 1, "a1")
+    with control.tracking(running.pk, running.attempt):  # still running here: left alone
+        assert executor.end_orphaned_jobs("a1") == [orphan.pk]
+    orphan.refresh_from_db()
+    assert (orphan.status, orphan.reason) == (
+        "FAILED",
+        "agent error on a1: its end could not be recorded (see the agent's log)",
+    )
+    running.refresh_from_db()
+    assert running.status == "RUNNING"
