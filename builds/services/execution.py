@@ -82,7 +82,10 @@ def next_attempt(step: StepRun) -> bool:
 
 
 def append_log(step_id: int, attempt: int, seq: int, text: str) -> None:
-    StepLogChunk.objects.create(step_id=step_id, attempt=attempt, seq=seq, text=text)
+    """Idempotent: a chunk sent again (its commit went through, the answer was lost with the
+    connection) is already there and is ignored."""
+    chunk = StepLogChunk(step_id=step_id, attempt=attempt, seq=seq, text=text)
+    StepLogChunk.objects.bulk_create([chunk], ignore_conflicts=True)
 
 
 def _cancel_wins(build_id: int, status: str) -> str:

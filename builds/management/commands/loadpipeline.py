@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from builds import services
 from builds.models import Pipeline
 from ciproject.errors import CIError
+from ciproject.services_check import check_database
 
 
 class Command(BaseCommand):
@@ -15,6 +16,7 @@ class Command(BaseCommand):
         parser.add_argument("file", type=Path)
 
     def handle(self, *args, name, file, **options):
+        check_database()  # one clear message naming a service that is down
         try:
             definition = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:

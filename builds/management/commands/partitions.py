@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from builds import partitions
 from ciproject.errors import CIError
+from ciproject.services_check import check_database
 
 
 def parse_date(text: str) -> datetime:
@@ -39,6 +40,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, action, **options):
+        check_database()  # one clear message naming a service that is down
         if action == "ensure":
             created = partitions.ensure(ahead=options["ahead"])
             self.stdout.write(f"created {len(created)} partition(s)")

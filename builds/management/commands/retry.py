@@ -3,6 +3,7 @@ from django.core.management.base import BaseCommand, CommandError
 from builds import services
 from builds.models import Build
 from ciproject.errors import CIError
+from ciproject.services_check import require_services
 
 
 class Command(BaseCommand):
@@ -16,6 +17,7 @@ class Command(BaseCommand):
         parser.add_argument("--all", action="store_true", help="re-run every job")
 
     def handle(self, *args, build_id, all, **options):
+        require_services()  # one clear message naming a service that is down
         try:
             build = services.retry_build(build_id, failed_only=not all)
         except CIError as exc:

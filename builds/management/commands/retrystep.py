@@ -2,6 +2,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from builds import services
 from ciproject.errors import CIError
+from ciproject.services_check import require_services
 
 
 class Command(BaseCommand):
@@ -12,6 +13,7 @@ class Command(BaseCommand):
         parser.add_argument("step_id", type=int)
 
     def handle(self, *args, build_id, step_id, **options):
+        require_services()  # one clear message naming a service that is down
         try:
             step = services.retry_step(build_id, step_id)
         except CIError as exc:

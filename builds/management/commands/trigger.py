@@ -6,6 +6,7 @@ from builds import services
 from builds.models import Build, Pipeline
 from builds.statuses import BUILD_FINAL, BuildStatus
 from ciproject.errors import CIError
+from ciproject.services_check import require_services
 
 
 def parse_var(text: str) -> tuple[str, str]:
@@ -25,6 +26,7 @@ class Command(BaseCommand):
         parser.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
 
     def handle(self, *args, name, var, wait, timeout, **options):
+        require_services()  # one clear message naming a service that is down
         pipeline = Pipeline.objects.filter(name=name).first()
         if pipeline is None:
             raise CommandError(f"PIPELINE_NOT_FOUND: there is no pipeline named {name!r}")
