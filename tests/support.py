@@ -5,7 +5,10 @@ import time
 import psycopg
 import pytest
 from django.conf import settings
+from django.contrib.auth.models import Permission, User
 from django.utils import timezone
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
 
 from builds import services
 from builds.models import Build, JobRun, StepRun
@@ -76,3 +79,15 @@ def fail_fast_job(build) -> StepRun:
         status="FAILED", exit_code=1, started_at=timezone.now()
     )
     return step
+
+
+def client_for(*perms: str) -> APIClient:
+    user = User.objects.create_user(f"user{User.objects.count()}")
+    for perm in perms:
+        app_label, codename = perm.split(".")
+        user.user_permissions.add(
+            Permission.objects.get(content_type__app_label=app_label, codename=codename)
+        )
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return client

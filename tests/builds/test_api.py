@@ -5,14 +5,13 @@ import logging
 
 import pytest
 from django.conf import settings
-from django.contrib.auth.models import Permission, User
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from builds import services
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepLogChunk, StepRun
 from builds.statuses import BuildStatus
+from tests.support import client_for
 
 DEFINITION = """
 variables:
@@ -29,18 +28,6 @@ stages:
       - {id: unit, steps: [{run: "true"}, {run: "true"}]}
       - {id: lint, steps: [{run: "true"}]}
 """
-
-
-def client_for(*perms: str) -> APIClient:
-    user = User.objects.create_user(f"user{User.objects.count()}")
-    for perm in perms:
-        app_label, codename = perm.split(".")
-        user.user_permissions.add(
-            Permission.objects.get(content_type__app_label=app_label, codename=codename)
-        )
-    client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
-    return client
 
 
 ALL = (
