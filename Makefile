@@ -9,7 +9,7 @@ export VAR_DIR
 ADMIN_USER ?= admin
 ADMIN_PASSWORD ?= admin
 
-.PHONY: install run test lint bench lock demo clean
+.PHONY: install prepare run test lint bench lock demo clean
 
 $(BIN)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -19,16 +19,22 @@ $(BIN)/.installed: requirements.lock
 
 install: $(BIN)/.installed
 
-# Prepare the database and start web, controller, beat and two agents (deploy/Procfile).
-run: install
+# Prepare a stack for deploy/Procfile, for the DATABASE_URL, CELERY_BROKER_URL and VAR_DIR
+# of the environment: create the database if missing, migrate, collect the static files,
+# create the admin user (printing its API token), load examples/*.yaml. `run` and
+# tests/integration/test_stack.py both use it, so the test prepares its stack as `run` does.
+prepare: install
 	$(BIN)/python manage.py checkservices --create-database
 	$(BIN)/python manage.py migrate --noinput
 	$(BIN)/python manage.py collectstatic --noinput -v0
 	$(BIN)/python manage.py ensureadmin --username "$(ADMIN_USER)" --password "$(ADMIN_PASSWORD)"
 	for f in examples/*.yaml; do \
 		$(BIN)/python manage.py loadpipeline "$$(basename $$f .yaml)" "$$f" || exit 1; done
-	@echo "ciproject: http://127.0.0.1:$(PORT)/admin/ (user $(ADMIN_USER), password $(ADMIN_PASSWORD))"
 	rm -rf "$(VAR_DIR)/metrics" && mkdir -p "$(VAR_DIR)/metrics"  # multiprocess metrics of the last run
+
+# Prepare, then start web, controller, beat and two agents (deploy/Procfile).
+run: prepare
+	@echo "ciproject: http://127.0.0.1:$(PORT)/admin/ (user $(ADMIN_USER), password $(ADMIN_PASSWORD))"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho -d . -f deploy/Procfile start --port $(PORT)
 
 lint: install

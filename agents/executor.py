@@ -16,6 +16,7 @@ from agents.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
 from builds.models import JobRun, StepRun
 from builds.statuses import RunStatus
+from ciproject.log_format import log_context
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def workspace_for(agent: str, job: JobRun) -> Path:
 def execute_job(job_id: int, attempt: int, agent: str) -> str | None:
     """Run one job attempt to its end. Returns its final status, or None for a stale message."""
     # Tracked before it starts, so a stop that races the start is not lost.
-    with control.tracking(job_id, attempt) as stop:
+    with log_context(job_id=job_id, attempt=attempt), control.tracking(job_id, attempt) as stop:
         job = services.start_job(job_id, attempt, agent, draining=worker.draining.is_set())
         if job == services.HAND_BACK:  # not for this agent now: another one takes it
             services.requeue_job(job_id, attempt)
@@ -89,20 +90,32 @@ def execute_job(job_id: int, attempt: int, agent: str) -> str | None:
         if job is None:
             log.info("job %s attempt %s: stale, duplicate or cancelled; ignored", job_id, attempt)
             return None
-        try:
-            if job.takes_lease:
-                worker.sync_consumers()  # leased to this build now: leave the shared queues
-            status, reason = JobExecution(job, workspace_for(agent, job), stop).run()
-            persist(services.finish_job, job, status, reason)  # fenced: stale attempts no-op
-            return status
-        except Exception as exc:
-            # The job is RUNNING on an agent that goes on heartbeating: nothing else would end
-            # it, and its build, concurrency slot and lease would wait for ever. (A step that
-            # was running is already stopped: run_step ends its process group however it
-            # exits.)
-            log.exception("job %s attempt %s: agent error", job_id, attempt)
-            _end_after_error(job, agent_error(agent, exc))
-            return RunStatus.FAILED
+        with log_context(build_id=job.build_id):
+            return _run_started_job(job, agent, stop)
+
+
+def _run_started_job(job: JobRun, agent: str, stop: threading.Event) -> str:
+    log.info("job %s attempt %s: running on %s", job.pk, job.attempt, agent)
+    try:
+        if job.takes_lease:
+            worker.sync_consumers()  # leased to this build now: leave the shared queues
+        status, reason = JobExecution(job, workspace_for(agent, job), stop).run()
+        # Fenced: a stale attempt changes nothing.
+        recorded = persist(services.finish_job, job, status, reason)
+        log.info(
+            "job %s attempt %s: ended %s%s%s",
+            job.pk, job.attempt, status, f" ({reason})" if reason else "",
+            "" if recorded else "; not recorded: no longer this attempt's to end",
+        )  # fmt: skip
+        return status
+    except Exception as exc:
+        # The job is RUNNING on an agent that goes on heartbeating: nothing else would end
+        # it, and its build, concurrency slot and lease would wait for ever. (A step that
+        # was running is already stopped: run_step ends its process group however it
+        # exits.)
+        log.exception("job %s attempt %s: agent error", job.pk, job.attempt)
+        _end_after_error(job, agent_error(agent, exc))
+        return RunStatus.FAILED
 
 
 def agent_error(agent: str, exc: Exception) -> str:
@@ -136,9 +149,10 @@ def end_orphaned_jobs(agent: str) -> list[int]:
         if (job.pk, job.attempt) in tracked:
             continue
         reason = f"agent error on {agent}: its end could not be recorded (see the agent's log)"
-        if services.finish_job(job, RunStatus.FAILED, reason):
-            log.warning("job %s attempt %s: %s; ended now", job.pk, job.attempt, reason)
-            ended.append(job.pk)
+        with log_context(build_id=job.build_id, job_id=job.pk, attempt=job.attempt):
+            if services.finish_job(job, RunStatus.FAILED, reason):
+                log.warning("job %s attempt %s: %s; ended now", job.pk, job.attempt, reason)
+                ended.append(job.pk)
     return ended
 
 
@@ -179,32 +193,43 @@ class JobExecution:
     def run_step(self, step: StepRun) -> str | None:
         """Run a step, retrying it automatically up to its `retry` count. Returns the status
         recorded, or None if the step could not start or finish as this attempt's."""
+        with log_context(step_id=step.pk):
+            return self._run_step(step)
+
+    def _run_step(self, step: StepRun) -> str | None:
         if not services.start_step(step):
             return None
         retries_left = step.max_retries
         while True:
-            writer = LogWriter(step)
-            outcome, notice = self.run_attempt(step, writer)
-            status = _status_of(outcome)
-            if status not in (RunStatus.SUCCEEDED, RunStatus.CANCELED) and retries_left > 0:
-                retrying = f"[ciproject] retrying automatically ({retries_left} left)\n"
-                writer.write(notice + retrying, final=True)
-                if not persist(services.next_attempt, step):
-                    return None
-                retries_left -= 1
-                continue
-            writer.write(notice, final=True)
-            recorded = persist(
-                services.finish_step,
-                step,
-                step.attempt,
-                status,
-                outcome.exit_code,
-                outcome.variables,
-            )
-            if recorded and recorded != RunStatus.CANCELED:
-                self.variables.update(outcome.variables)
-            return recorded
+            with log_context(step_attempt=step.attempt):
+                writer = LogWriter(step)
+                outcome, notice = self.run_attempt(step, writer)
+                status = _status_of(outcome)
+                if status not in (RunStatus.SUCCEEDED, RunStatus.CANCELED) and retries_left > 0:
+                    retrying = f"[ciproject] retrying automatically ({retries_left} left)\n"
+                    writer.write(notice + retrying, final=True)
+                    if not persist(services.next_attempt, step):
+                        return None
+                    log.info("step %s: %s; retrying automatically", step.pk, status)
+                    retries_left -= 1
+                    continue
+                writer.write(notice, final=True)
+                recorded = persist(
+                    services.finish_step,
+                    step,
+                    step.attempt,
+                    status,
+                    outcome.exit_code,
+                    outcome.variables,
+                )
+                if recorded and recorded != RunStatus.CANCELED:
+                    self.variables.update(outcome.variables)
+                log.info(
+                    "step %s attempt %s: ended %s%s",
+                    step.pk, step.attempt, recorded or status,
+                    "" if recorded else "; not recorded: no longer this attempt's to end",
+                )  # fmt: skip
+                return recorded
 
     def run_attempt(self, step: StepRun, writer: LogWriter) -> tuple[StepOutcome, str]:
         env = step_environment(

@@ -2,16 +2,18 @@ from celery import shared_task
 
 from builds import partitions, services
 from builds.services import recovery
+from ciproject.log_format import log_context
 
 
 @shared_task(ignore_result=False)
 def advance_build(build_id: int) -> str | None:
-    return services.advance_build(build_id)
+    return services.advance_build(build_id)  # its log lines carry the build id
 
 
 @shared_task(ignore_result=False)
 def finish_cancel(build_id: int) -> str | None:
-    return services.finish_cancel(build_id)
+    with log_context(build_id=build_id):
+        return services.finish_cancel(build_id)
 
 
 @shared_task(ignore_result=True)

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Where this instance keeps its files (static files, workspaces, the beat schedule): a second
@@ -182,10 +183,38 @@ METRICS_ALLOWED_IPS = [
     ip for ip in os.environ.get("METRICS_ALLOWED_IPS", "127.0.0.1,::1").split(",") if ip
 ]
 
+# Logs go to stderr, through one handler, from every process (web, controller, beat, agents;
+# Celery's own lines too). LOG_FORMAT=json writes one JSON object a line; either way a line
+# logged while working on a build, job or step carries its ids (ciproject.log_format).
+LOG_FORMAT = (os.environ.get("LOG_FORMAT") or "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use plain or json")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"ids": {"()": "ciproject.log_format.ContextFilter"}},
+    "formatters": {
+        "plain": {
+            "()": "ciproject.log_format.PlainFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(id_label)s%(message)s",
+        },
+        "json": {"()": "ciproject.log_format.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["ids"],
+        }
+    },
     "root": {"handlers": ["console"], "level": os.environ.get("LOG_LEVEL", "INFO")},
+    # Loggers that Django or Celery would otherwise give handlers of their own (in their own
+    # format) go to the same one: Django's propagate to the root, Celery's task and
+    # multiprocessing loggers (which Celery stops from propagating) use it directly.
+    "loggers": {
+        "django": {"handlers": [], "level": "INFO", "propagate": True},
+        "django.server": {"handlers": [], "level": "INFO", "propagate": True},
+        "celery.task": {"handlers": ["console"], "propagate": False},
+        "multiprocessing": {"handlers": ["console"], "propagate": False},
+    },
 }

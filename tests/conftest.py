@@ -24,6 +24,14 @@ TEST_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
 AGENTS = {"agent-1": "linux,default", "agent-2": "linux,default,big"}
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items):
+    """Tests with the real workers run last: once started, the controller and agents consume
+    what any later test publishes, and would move on the builds a unit test checks between
+    two steps."""
+    items.sort(key=lambda item: "workers" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _services_up():
     """Fail at once, with a clear message, when a service the suite needs is down."""

@@ -25,6 +25,7 @@ from builds.statuses import (
 )
 from ciproject import metrics
 from ciproject.celery import agent_queue, app, job_queue, retry_queue
+from ciproject.log_format import log_context
 from concurrency import services as concurrency
 from concurrency.models import ConcurrencyPolicy
 
@@ -68,11 +69,12 @@ def _trigger(pipeline: Pipeline, overrides: dict[str, str], user) -> Build:
         else:
             build.enqueued_at = now
         build.save(force_insert=True)
-        _store_variables(build, spec["variables"], "pipeline", skip=overrides)
-        _store_variables(build, overrides, "trigger")
-        _create_tree(build, spec)
-        if build.status == BuildStatus.RUNNING:
-            _queue_stage(build.pk, 0)
+        with log_context(build_id=build.pk):
+            _store_variables(build, spec["variables"], "pipeline", skip=overrides)
+            _store_variables(build, overrides, "trigger")
+            _create_tree(build, spec)
+            if build.status == BuildStatus.RUNNING:
+                _queue_stage(build.pk, 0)
     return build
 
 
@@ -126,7 +128,8 @@ def start_queued_builds(group: str) -> list[int]:
             ).update(status=BuildStatus.RUNNING, started_at=build.started_at or timezone.now())
             if updated:
                 build.status = BuildStatus.RUNNING
-                advance_locked(build)
+                with log_context(build_id=build_id):
+                    advance_locked(build)
                 started.append(build_id)
     return started
 
@@ -253,7 +256,7 @@ def advance_build(build_id: int) -> str | None:
     """Move a build on after a job ended: queue the next stage, or finish the build (a
     CANCELLING one as CANCELED once nothing of it runs any more). Idempotent: the build row
     is locked and everything is re-read."""
-    with transaction.atomic():
+    with log_context(build_id=build_id), transaction.atomic():
         build = Build.objects.select_for_update().filter(pk=build_id).first()
         if build is None or build.status not in (BuildStatus.RUNNING, BuildStatus.CANCELLING):
             return None
@@ -326,7 +329,10 @@ def finish_build(build: Build, status: str, reason: str = "") -> bool:
     StepRun.objects.filter(
         job__build=build, status__in=(RunStatus.PENDING, RunStatus.QUEUED)
     ).update(status=leftover)
-    log.info("build %s of %s ended %s", build.number, build.pipeline_id, status)
+    log.info(
+        "build %s of %s ended %s", build.number, build.pipeline_id, status,
+        extra={"build_id": build.pk},
+    )  # fmt: skip
     if status == BuildStatus.CANCELED and build.cancel_requested_at:
         waited = (now - build.cancel_requested_at).total_seconds()
         transaction.on_commit(lambda: metrics.CANCEL_TO_CANCELED.observe(waited))
