@@ -16,6 +16,7 @@ from agents.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
 from builds.models import JobRun, StepRun
 from builds.statuses import RunStatus
+from ciproject import metrics
 from ciproject.log_format import log_context
 
 log = logging.getLogger(__name__)
@@ -203,8 +204,13 @@ class JobExecution:
         while True:
             with log_context(step_attempt=step.attempt):
                 writer = LogWriter(step)
+                started = time.monotonic()
                 outcome, notice = self.run_attempt(step, writer)
                 status = _status_of(outcome)
+                metrics.AGENT_STEPS.labels(self.job.agent, status).inc()
+                metrics.AGENT_STEP_SECONDS.labels(self.job.agent).observe(
+                    time.monotonic() - started
+                )
                 if status not in (RunStatus.SUCCEEDED, RunStatus.CANCELED) and retries_left > 0:
                     retrying = f"[ciproject] retrying automatically ({retries_left} left)\n"
                     writer.write(notice + retrying, final=True)

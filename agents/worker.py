@@ -15,6 +15,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection
 
 from agents import leases, services
+from agents import metrics as agent_metrics
 from agents.models import AgentStatus
 from ciproject.celery import agent_queue, app, job_queue, retry_queue
 
@@ -112,6 +113,7 @@ def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO
         )
 
     register(starting=True)
+    agent_metrics.serve(name)
     stop = threading.Event()
     beats = threading.Thread(target=_heartbeat_loop, args=(register, stop), daemon=True)
     queues = [agent_queue(name), *pool_queues]

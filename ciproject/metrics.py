@@ -38,3 +38,14 @@ STEP_RETRIES = Counter("ciproject_step_retries", "Steps retried by hand (API, ad
 AGENTS_LOST = Counter(
     "ciproject_agents_lost", "Agents marked offline because their heartbeats stopped."
 )
+
+# Observed on the agents, served by each build node itself (AGENT_METRICS_PORT): agents.metrics.
+AGENT_STEPS = Counter(
+    "ciproject_agent_steps", "Step attempts run by an agent, by result.", ["agent", "status"]
+)
+AGENT_STEP_SECONDS = Histogram(
+    "ciproject_agent_step_seconds",
+    "How long a step attempt ran on an agent.",
+    ["agent"],
+    buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600),
+)

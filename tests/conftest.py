@@ -86,20 +86,20 @@ class Workers:
         self.env, self.log_dir = env, log_dir
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, argv: list[str]) -> None:
+    def start(self, name: str, argv: list[str], env=None) -> None:
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
         self.procs[name] = subprocess.Popen(
             argv,
             cwd=ROOT,
-            env=self.env,
+            env={**self.env, **(env or {})},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
-    def start_agent(self, name: str, labels: str, capacity: int = 1) -> None:
+    def start_agent(self, name: str, labels: str, capacity: int = 1, env=None) -> None:
         argv = f"manage.py runagent --name {name} --labels {labels} --capacity {capacity}"
-        self.start(name, [sys.executable, *argv.split()])
+        self.start(name, [sys.executable, *argv.split()], env)
 
     def start_controller(self) -> None:
         argv = (
@@ -197,8 +197,8 @@ def dedicated(workers):
     """Start agents of the test's own; stop them after it."""
     started = []
 
-    def start(name, labels, capacity=1):
-        workers.start_agent(name, labels, capacity)
+    def start(name, labels, capacity=1, env=None):
+        workers.start_agent(name, labels, capacity, env)
         workers.wait_ready([name])
         started.append(name)
 

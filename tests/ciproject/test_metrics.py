@@ -9,8 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agents import services as agent_services
 from agents.models import Agent
-from builds import services
+from builds import partitions, services
 from builds.errors import BuildNotRetryable
+from builds.models import JobRun
 from concurrency.errors import PipelineQueueFull
 from concurrency.models import ConcurrencyPolicy
 from tests.support import PARALLEL, fail_fast_job, make_pipeline
@@ -84,3 +85,32 @@ def test_the_figures_move_with_triggers_queues_cancels_and_retries(client):
     assert after[("ciproject_agents", (("status", "online"),))] == 1
     assert after[("ciproject_agents", (("status", "offline"),))] == 1
     assert after[("ciproject_variable_partitions_live", ())] >= 1
+
+
+@pytest.mark.usefixtures("no_old_partitions")
+@pytest.mark.django_db(transaction=True)
+def test_leases_and_partition_figures_move(client):
+    before = scrape(client)
+    agent_services.register_agent("m1", "host", ["unit-tests"], 1, "1")
+    reuse = make_pipeline(
+        "reuse",
+        "stages:\n  - name: a\n    jobs:\n"
+        "      - {id: make, runs-on: unit-tests, steps: [{run: x}]}\n"
+        "  - name: b\n    jobs:\n      - {id: use, reuse: make, steps: [{run: y}]}\n",
+    )
+    build = services.trigger_build(reuse)
+    services.start_job(JobRun.objects.get(build=build, key="make").pk, 1, "m1")  # leases m1
+    old = timezone.now() - timedelta(days=settings.VARIABLE_RETENTION_DAYS + 5)
+    partitions.ensure(now=old, ahead=0)
+    during = scrape(client)
+    assert during[("ciproject_agent_leases", ())] == 1
+    live = during[("ciproject_variable_partitions_live", ())]
+    assert live == before[("ciproject_variable_partitions_live", ())] + 1
+
+    assert len(partitions.purge(by="test")) == 1
+    after = scrape(client)
+    assert after[("ciproject_variable_partitions_live", ())] == live - 1
+    dropped = ("ciproject_variable_partitions_dropped", ())
+    assert after[dropped] == before[dropped] + 1
+    purges = ("ciproject_partition_purge_seconds_count", ())
+    assert after[purges] == before.get(purges, 0) + 1

@@ -2,10 +2,13 @@
 its slot freed, draining an agent, and a clean shutdown."""
 
 import signal
+import socket
 import time
+import urllib.request
 
 import pytest
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from agents import services as agents
 from agents.models import Agent
@@ -105,3 +108,36 @@ def test_an_agent_stopped_cleanly_goes_offline_and_stays_offline(dedicated, work
     while time.monotonic() < deadline:
         assert agent.get().status == "offline"
         time.sleep(0.1)
+
+
+def agent_metrics(port: int) -> tuple[set[str], dict[tuple, float]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        families = list(text_string_to_metric_families(response.read().decode()))
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples
+    }
+    return {f.name for f in families}, samples
+
+
+def test_a_build_node_serves_its_agents_own_metrics(dedicated):
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dedicated("agent-metrics", "metrics", env={"AGENT_METRICS_PORT": str(port)})
+    _, before = agent_metrics(port)  # what an earlier run on this machine left counted
+    ok = make_pipeline("m-ok", one_step("true", runs_on="metrics"))
+    bad = make_pipeline("m-bad", one_step("exit 3", runs_on="metrics"))
+    assert wait_for_build(services.trigger_build(ok)).status == "SUCCEEDED"
+    assert wait_for_build(services.trigger_build(bad)).status == "FAILED"
+
+    names, after = agent_metrics(port)
+    mine = (("agent", "agent-metrics"),)
+
+    def moved(name, *labels):
+        key = (name, (*mine, *labels))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert moved("ciproject_agent_steps_total", ("status", "SUCCEEDED")) == 1
+    assert moved("ciproject_agent_steps_total", ("status", "FAILED")) == 1
+    assert moved("ciproject_agent_step_seconds_count") == 2
+    assert names <= {"ciproject_agent_steps", "ciproject_agent_step_seconds"}  # nothing else
