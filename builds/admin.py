@@ -1,5 +1,5 @@
-"""Admin for pipelines (edited through the services, like the API) and builds (read-only
-history, with the stage/job/step tree and the step logs)."""
+"""Admin for pipelines (edited through the services, like the API, and triggered from their
+page) and builds (read-only history, with the stage/job/step tree and the step logs)."""
 
 from urllib.parse import urlencode
 
@@ -16,7 +16,7 @@ from django.utils.html import format_html, format_html_join
 
 from builds import partitions, services
 from builds.definition import parse_definition
-from builds.errors import StepNotRetryable
+from builds.errors import InvalidVariables, StepNotRetryable
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun, VariablePartition
 from builds.services import retry as retry_service
 from builds.statuses import BUILD_FINAL, BuildStatus, build_allowed_from, stage_status
@@ -77,6 +77,39 @@ class PipelineForm(forms.ModelForm):
         return cleaned
 
 
+class TriggerForm(forms.Form):
+    variables = forms.CharField(
+        required=False,
+        strip=False,
+        help_text="One KEY=VALUE a line (the value is the rest of the line); they override"
+        " the pipeline's defaults. Empty: the defaults.",
+        widget=forms.Textarea(
+            attrs={
+                "rows": 8,
+                "spellcheck": "false",
+                "style": "font-family: monospace; width: 100%; box-sizing: border-box;",
+            }
+        ),
+    )
+
+
+def parse_variable_lines(text: str) -> dict[str, str]:
+    """`KEY=VALUE` lines (blank lines ignored) as a mapping; trigger_build checks the names and
+    sizes as it does for the API. Raises InvalidVariables for a line it cannot read."""
+    variables = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        name, equals, value = line.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise InvalidVariables(f"variables, line {number}: expected KEY=VALUE, got {line!r}")
+        if name in variables:
+            raise InvalidVariables(f"variables, line {number}: {name} is given twice")
+        variables[name] = value
+    return variables
+
+
 @admin.register(Pipeline)
 class PipelineAdmin(admin.ModelAdmin):
     form = PipelineForm
@@ -104,6 +137,65 @@ class PipelineAdmin(admin.ModelAdmin):
         # redirect see the saved row. The form has already validated the same input.
         data = form.cleaned_data
         services.save_pipeline(data["name"], data["definition"], obj, policy=data["policy"])
+
+    # Triggering creates a build: the API's permission for it (POST /api/pipelines/{id}/builds/).
+    def has_trigger_permission(self, request):
+        return request.user.has_perm("builds.add_build")
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None and self.has_trigger_permission(request):
+            context["trigger_url"] = reverse(
+                f"{self.admin_site.name}:builds_pipeline_trigger", args=(obj.pk,)
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def trigger_view(self, request, pipeline_id):
+        """A form of variables (GET) that triggers a build (POST) through the service the API
+        calls, then shows the new build; a refusal is a message, and the form keeps its input."""
+        if request.method not in ("GET", "POST"):
+            return HttpResponseNotAllowed(["GET", "POST"])
+        # Checked before the lookup, so a 404 tells nothing to who may not trigger.
+        if not self.has_trigger_permission(request):
+            raise PermissionDenied
+        pipeline = get_object_or_404(Pipeline, pk=pipeline_id)
+        form = TriggerForm(request.POST if request.method == "POST" else None)
+        if form.is_valid():
+            try:
+                variables = parse_variable_lines(form.cleaned_data["variables"])
+                build = services.trigger_build(pipeline, variables, request.user)
+            except CIError as exc:
+                self.message_user(request, f"{exc.code}: {exc.detail}", messages.ERROR)
+            else:
+                reason = f" ({build.reason})" if build.reason else ""
+                self.message_user(
+                    request, f"Build {build} triggered: {build.status}{reason}", messages.SUCCESS
+                )
+                return redirect(
+                    reverse(f"{self.admin_site.name}:builds_build_change", args=(build.pk,))
+                )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Trigger a build of {pipeline}",
+            "pipeline": pipeline,
+            "defaults": sorted((pipeline.spec or {}).get("variables", {}).items()),
+            "form": form,
+            "pipeline_url": reverse(
+                f"{self.admin_site.name}:builds_pipeline_change", args=(pipeline.pk,)
+            ),
+        }
+        return TemplateResponse(request, "admin/builds/pipeline/trigger.html", context)
+
+    def get_urls(self):
+        # Before the defaults: their "<path:object_id>/" would swallow this URL.
+        return [
+            path(
+                "<int:pipeline_id>/trigger/",
+                self.admin_site.admin_view(self.trigger_view),
+                name="builds_pipeline_trigger",
+            ),
+            *super().get_urls(),
+        ]
 
 
 @admin.register(Build)
@@ -138,8 +230,11 @@ class BuildAdmin(ReadOnlyAdmin, admin.ModelAdmin):
         return super().get_queryset(request).annotate(run_time=F("finished_at") - F("started_at"))
 
     @admin.display(description="duration", ordering="run_time")
+    # The read-only fields of the change page show None as "None": give the admin's "-".
     def duration_display(self, obj):
-        return human_duration(obj.duration) if obj.duration is not None else None
+        if obj.duration is None:
+            return self.get_empty_value_display()
+        return human_duration(obj.duration)
 
     @admin.display(description="variables")
     def variables_table(self, obj):
@@ -147,7 +242,7 @@ class BuildAdmin(ReadOnlyAdmin, admin.ModelAdmin):
         rows = BuildVariable.objects.filter(build_created_at=obj.created_at, build=obj)
         rows = rows.order_by("name").values_list("name", "value", "source")
         if not rows:
-            return None
+            return self.get_empty_value_display()
         return format_html(
             "<table><thead><tr><th>name</th><th>value</th><th>source</th></tr></thead>"
             "<tbody>{}</tbody></table>",
@@ -194,7 +289,7 @@ class BuildAdmin(ReadOnlyAdmin, admin.ModelAdmin):
         jobs = self._tree(obj)
         retryable = {step.pk for step in self._retryable_steps(obj)}
         if not jobs:
-            return None
+            return self.get_empty_value_display()
         rows = []
         for stage_index in sorted({job.stage_index for job in jobs}):
             stage_jobs = [job for job in jobs if job.stage_index == stage_index]
@@ -246,9 +341,10 @@ class BuildAdmin(ReadOnlyAdmin, admin.ModelAdmin):
             else ""
         )
         return format_html(
-            '<tr><td style="padding-left: 2em">{}<details><summary>command</summary>'
+            '<tr id="step-{}"><td style="padding-left: 2em">{}<details><summary>command</summary>'
             "<pre>{}</pre></details></td><td>{}</td><td>{}</td><td></td><td>{}</td><td>{}</td>"
             '<td>{}</td><td><a href="{}">log</a>{}</td></tr>',
+            step.pk,
             step.name,
             step.command,
             step.status,
