@@ -70,6 +70,18 @@ stages:
 """
 
 
+# Job `use` must run on the agent that ran `make` (which leases it to the build).
+REUSE = """
+stages:
+  - name: a
+    jobs:
+      - {id: make, runs-on: unit-tests, steps: [{run: x}]}
+  - name: b
+    jobs:
+      - {id: use, reuse: make, steps: [{run: y}]}
+"""
+
+
 def fail_fast_job(build) -> StepRun:
     """As an agent would record it: job `fast` ran and failed."""
     job = JobRun.objects.get(build=build, key="fast")

@@ -12,7 +12,7 @@ from agents.models import Agent
 from builds import services as builds
 from builds.models import Build, JobRun
 from builds.services.lifecycle import fail_unplaced_jobs
-from tests.support import make_pipeline, one_step
+from tests.support import REUSE, make_pipeline, one_step
 
 
 def running_job_on(agent: str):
@@ -81,12 +81,7 @@ def test_a_lost_agent_frees_its_lease_and_fails_the_jobs_bound_to_it(settings):
 
     settings.AGENT_OFFLINE_AFTER_SECONDS = 30
     services.register_agent("a1", "host", ["unit-tests"], 1, "1")
-    pipeline = make_pipeline(
-        "reuse",
-        "stages:\n  - name: a\n    jobs:\n"
-        "      - {id: make, runs-on: unit-tests, steps: [{run: x}]}\n"
-        "  - name: b\n    jobs:\n      - {id: use, reuse: make, steps: [{run: y}]}\n",
-    )
+    pipeline = make_pipeline("reuse", REUSE)
     build = builds.trigger_build(pipeline)
     make = builds.start_job(JobRun.objects.get(build=build, key="make").pk, 1, "a1")
     assert AgentLease.objects.get().build_id == build.pk  # `make` leased a1 to the build

@@ -14,7 +14,7 @@ from builds.errors import BuildNotRetryable
 from builds.models import JobRun
 from concurrency.errors import PipelineQueueFull
 from concurrency.models import ConcurrencyPolicy
-from tests.support import PARALLEL, fail_fast_job, make_pipeline
+from tests.support import PARALLEL, REUSE, fail_fast_job, make_pipeline
 
 
 def scrape(client) -> dict[tuple, float]:
@@ -92,12 +92,7 @@ def test_the_figures_move_with_triggers_queues_cancels_and_retries(client):
 def test_leases_and_partition_figures_move(client):
     before = scrape(client)
     agent_services.register_agent("m1", "host", ["unit-tests"], 1, "1")
-    reuse = make_pipeline(
-        "reuse",
-        "stages:\n  - name: a\n    jobs:\n"
-        "      - {id: make, runs-on: unit-tests, steps: [{run: x}]}\n"
-        "  - name: b\n    jobs:\n      - {id: use, reuse: make, steps: [{run: y}]}\n",
-    )
+    reuse = make_pipeline("reuse", REUSE)
     build = services.trigger_build(reuse)
     services.start_job(JobRun.objects.get(build=build, key="make").pk, 1, "m1")  # leases m1
     old = timezone.now() - timedelta(days=settings.VARIABLE_RETENTION_DAYS + 5)
