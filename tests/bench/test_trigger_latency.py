@@ -22,10 +22,11 @@ def test_trigger_to_first_step_latency(workers):
     pipeline = make_pipeline("bench-latency", one_step("true"))
     client = APIClient()
     client.force_authenticate(User.objects.create_superuser("bench"))
-    latencies = []
+    latencies, answers = [], []
     for n in range(BUILDS + 10):
         started = datetime.now(UTC)
         response = client.post(f"/api/pipelines/{pipeline.pk}/builds/", {}, format="json")
+        answered = datetime.now(UTC)
         assert response.status_code == 201
         build_id = response.json()["id"]
         step_start = wait_until(
@@ -35,10 +36,12 @@ def test_trigger_to_first_step_latency(workers):
                 .first()
             ),
             timeout=30,
-            interval=0.002,
+            # The agent records the start: polling more often would only load the machine.
+            interval=0.02,
         )
         if n >= 10:  # the first builds warm connections and caches up
             latencies.append((step_start - started).total_seconds() * 1000)
+            answers.append((answered - started).total_seconds() * 1000)
         wait_for_build(build_id)
     latencies.sort()
     p50 = statistics.median(latencies)
@@ -47,4 +50,6 @@ def test_trigger_to_first_step_latency(workers):
         f"\ntrigger-to-first-step-start over {len(latencies)} builds: "
         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {latencies[-1]:.1f} ms "
         "(targets: p50 < 50 ms, p99 < 200 ms)"
+        f"\n  of which the API's answer (trigger, commit, publish): p50"
+        f" {statistics.median(answers):.1f} ms"
     )
