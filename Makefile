@@ -9,7 +9,7 @@ export VAR_DIR
 ADMIN_USER ?= admin
 ADMIN_PASSWORD ?= admin
 
-.PHONY: install prepare run test lint bench lock demo clean
+.PHONY: install prepare run test lint chromium bench lock demo clean
 
 $(BIN)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -41,7 +41,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The browser tests (tests/browser) drive Debian's Chromium; nothing downloads a browser.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+chromium:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; }
+
+test: lint chromium
 	$(BIN)/pytest
 
 bench: install
