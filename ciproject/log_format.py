@@ -20,9 +20,14 @@ from types import MappingProxyType
 
 from celery.signals import celeryd_init
 
-# From the outermost to the innermost: a job's attempt is the job's, a step's the step's.
-LEVELS = (("build_id",), ("job_id", "attempt"), ("step_id", "step_attempt"))
-ID_FIELDS = tuple(name for level in LEVELS for name in level)
+# From the outermost to the innermost: (id, its attempt, its word in plain text); a job's
+# attempt is the job's, a step's the step's.
+LEVELS = (
+    ("build_id", None, "build"),
+    ("job_id", "attempt", "job"),
+    ("step_id", "step_attempt", "step"),
+)
+ID_FIELDS = tuple(name for id_name, attempt, _ in LEVELS for name in (id_name, attempt) if name)
 
 _ids: ContextVar[Mapping[str, int]] = ContextVar("ciproject_log_ids", default=MappingProxyType({}))
 
@@ -50,12 +55,12 @@ class ContextFilter(logging.Filter):
         context = _ids.get()
         if not context:
             return True
-        for level in LEVELS:
-            own = getattr(record, level[0], None)
-            if own is not None and level[0] in context and own != context[level[0]]:
+        for id_name, attempt, _ in LEVELS:
+            own = getattr(record, id_name, None)
+            if own is not None and id_name in context and own != context[id_name]:
                 break
-            for name in level:
-                if getattr(record, name, None) is None and name in context:
+            for name in (id_name, attempt):
+                if name and getattr(record, name, None) is None and name in context:
                     setattr(record, name, context[name])
         return True
 
@@ -97,11 +102,7 @@ class JsonFormatter(logging.Formatter):
 def ids_label(ids: dict[str, int]) -> str:
     """`build 12 job 40/1 step 7/2`: a job or step with its attempt."""
     parts = []
-    for name, attempt, word in (
-        ("build_id", None, "build"),
-        ("job_id", "attempt", "job"),
-        ("step_id", "step_attempt", "step"),
-    ):
+    for name, attempt, word in LEVELS:
         if name in ids:
             suffix = f"/{ids[attempt]}" if attempt in ids else ""
             parts.append(f"{word} {ids[name]}{suffix}")

@@ -179,13 +179,13 @@ METRICS_DIR = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", VAR_DIR / "metrics
 METRICS_DIR.mkdir(parents=True, exist_ok=True)
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(METRICS_DIR)  # before prometheus_client loads
 METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "")
+METRICS_ALLOWED_IPS = [
+    ip for ip in os.environ.get("METRICS_ALLOWED_IPS", "127.0.0.1,::1").split(",") if ip
+]
 # A build node serves its agents' own metrics (ciproject_agent_*) on this port; 0: off. Two
 # agents on one host need a port each (set it per runagent process).
 AGENT_METRICS_PORT = env_int("AGENT_METRICS_PORT", 0)
 AGENT_METRICS_ADDR = os.environ.get("AGENT_METRICS_ADDR", "127.0.0.1")
-METRICS_ALLOWED_IPS = [
-    ip for ip in os.environ.get("METRICS_ALLOWED_IPS", "127.0.0.1,::1").split(",") if ip
-]
 
 # Logs go to stderr, through one handler, from every process (web, controller, beat, agents;
 # Celery's own lines too). LOG_FORMAT=json writes one JSON object a line; either way a line

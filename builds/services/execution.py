@@ -121,8 +121,8 @@ def _upsert_variables(build_id, build_created_at, variables: dict, source: str) 
     with connection.cursor() as cursor:
         cursor.executemany(
             "INSERT INTO builds_buildvariable AS v"
-            " (build_created_at, build_id, name, value, source, triggered_source)"
-            " VALUES (%s, %s, %s, %s, %s, '') ON CONFLICT (build_created_at, build_id, name)"
+            " (build_created_at, build_id, name, value, source) VALUES (%s, %s, %s, %s, %s)"
+            " ON CONFLICT (build_created_at, build_id, name)"
             " DO UPDATE SET value = EXCLUDED.value, source = EXCLUDED.source,"
             " triggered_value = CASE WHEN v.source = 'step' THEN v.triggered_value"
             " ELSE v.value END,"

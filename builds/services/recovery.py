@@ -27,7 +27,7 @@ def resend_lost_jobs(now=None) -> list[int]:
     idle = idle_agents()
     if not idle or not waiting.exists():
         return []
-    resent = []
+    resent, to_label_queues = [], []
     with transaction.atomic():
         for job in waiting.select_for_update(skip_locked=True):
             agent = _idle_agent_for(job, idle)
@@ -36,10 +36,10 @@ def resend_lost_jobs(now=None) -> list[int]:
             if job.reuse_of or (job.takes_lease and job.agent):
                 publish_to_agent(job, agent)
             else:
-                queued = [(job.pk, job.attempt, job.runs_on)]
-                transaction.on_commit(lambda queued=queued: publish_jobs(queued))
+                to_label_queues.append((job.pk, job.attempt, job.runs_on))
             resent.append(job.pk)
         JobRun.objects.filter(pk__in=resent).update(resent_at=now)
+        transaction.on_commit(lambda: publish_jobs(to_label_queues))
     return resent
 
 
