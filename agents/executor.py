@@ -11,7 +11,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 from django.utils import timezone
 
-from agents import control, worker
+from agents import control, orphans, worker
 from agents.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
 from builds.models import JobRun, StepRun
@@ -267,6 +267,7 @@ class JobExecution:
             output=output,
             grace=settings.STEP_KILL_GRACE_SECONDS,
             on_tick=on_tick,
+            markers=orphans.directory(self.job.agent),
         )
         elapsed = time.monotonic() - started
         notice = output.take() + output.truncation_notice()

@@ -16,7 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from agents import orphans
 from builds.definition import (
     MAX_VARIABLE_NAME,
     MAX_VARIABLE_VALUE,
@@ -175,10 +177,12 @@ def run_step(
     grace: float,
     on_tick: Callable[[], bool] = lambda: False,
     tick: float = 0.1,
+    markers: Path | None = None,
 ) -> StepOutcome:
     """Run `command` to its end or its timeout. `on_tick` is called about every `tick`
     seconds while it runs (to flush logs); it returns True to stop the step. If it raises,
-    the step is ended all the same and the exception propagates."""
+    the step is ended all the same and the exception propagates. While it runs, the step is
+    recorded in `markers` (agents.orphans), for a restarted agent to end it."""
     proc = subprocess.Popen(
         [SHELL, *SHELL_ARGS, command],
         cwd=cwd,
@@ -188,6 +192,7 @@ def run_step(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    marker = orphans.record(markers, proc.pid) if markers else None
     stop_reading = threading.Event()
     reader = threading.Thread(target=_read, args=(proc.stdout, output, stop_reading), daemon=True)
     deadline = time.monotonic() + timeout
@@ -222,6 +227,7 @@ def run_step(
             if reader.is_alive():
                 reader.join(timeout=1)
             output.close()
+            orphans.forget(marker)
     return StepOutcome(
         exit_code=proc.returncode,
         timed_out=timed_out,

@@ -14,7 +14,7 @@ from celery.signals import worker_ready
 from django.conf import settings
 from django.db import close_old_connections, connection
 
-from agents import leases, services
+from agents import leases, orphans, services
 from agents import metrics as agent_metrics
 from agents.models import AgentStatus
 from ciproject.celery import agent_queue, app, job_queue, retry_queue
@@ -112,6 +112,7 @@ def run_agent(name: str, labels: list[str], capacity: int, loglevel: str = "INFO
             name, socket.gethostname(), labels, capacity, __version__, starting=starting
         )
 
+    orphans.reap(orphans.directory(name))  # steps a killed run of this agent left running
     register(starting=True)
     agent_metrics.serve(name)
     stop = threading.Event()

@@ -56,7 +56,7 @@ app.conf.beat_schedule = {
     },
     "reconcile-running-builds": {
         "task": "builds.tasks.reconcile_running_builds",
-        "schedule": 15.0,
+        "schedule": float(os.environ.get("RECONCILE_SECONDS", 15)),
         "options": {"queue": CONTROLLER_QUEUE, "expires": 15},
     },
     "sweep-leases": {

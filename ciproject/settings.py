@@ -100,7 +100,7 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["ciproject.permissions.ModelPermissions"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "ciproject.api.AutoSchema",
     "EXCEPTION_HANDLER": "ciproject.api.exception_handler",
     # JSON only: the API speaks JSON, and form/multipart bodies (file parts) would escape the
     # body size limit below.
@@ -157,8 +157,11 @@ AGENT_SWEEP_SECONDS = float(os.environ.get("AGENT_SWEEP_SECONDS", 5))
 # A job waiting for an agent leased to another build ends FAILED after this.
 LEASE_WAIT_TIMEOUT_SECONDS = env_int("LEASE_WAIT_TIMEOUT_SECONDS", 1800)
 # A job still queued after this while an agent that may run it is idle is sent again (its
-# message was lost); the reconcile sweep (beat) looks every 15 s.
+# message was lost); the reconcile sweep (beat) looks every RECONCILE_SECONDS.
 JOB_RESEND_AFTER_SECONDS = env_int("JOB_RESEND_AFTER_SECONDS", 60)
+# How often the reconcile sweep re-drives builds and jobs whose message was lost (a broker
+# restart, a controller killed mid-task).
+RECONCILE_SECONDS = float(os.environ.get("RECONCILE_SECONDS", 15))
 # A job no agent takes within this time ends FAILED (no agent with its label came).
 JOB_WAIT_TIMEOUT_SECONDS = env_int("JOB_WAIT_TIMEOUT_SECONDS", 3600)
 STEP_KILL_GRACE_SECONDS = float(os.environ.get("STEP_KILL_GRACE_SECONDS", 10))

@@ -3,11 +3,7 @@ the `workers` fixture also run a real controller and real agents (`manage.py run
 as separate processes on the test database."""
 
 import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -20,9 +16,9 @@ from django.utils import timezone
 
 from builds import partitions
 from ciproject.celery import app
+from tests.processes import Workers
 from tests.support import raw_connection, wait_until
 
-ROOT = Path(__file__).resolve().parent.parent
 TEST_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
 AGENTS = {"agent-1": "linux,default", "agent-2": "linux,default,big"}
 
@@ -104,68 +100,6 @@ def worker_env(django_db_setup, tmp_path_factory):
         "STEP_LOG_FLUSH_SECONDS": "0.2",
         "PYTHONUNBUFFERED": "1",
     }
-
-
-class Workers:
-    """Real worker processes: one controller and the agents in AGENTS."""
-
-    def __init__(self, env: dict, log_dir: Path):
-        self.env, self.log_dir = env, log_dir
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, argv: list[str], env=None) -> None:
-        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
-        self.procs[name] = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env={**self.env, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def start_agent(self, name: str, labels: str, capacity: int = 1, env=None) -> None:
-        argv = f"manage.py runagent --name {name} --labels {labels} --capacity {capacity}"
-        self.start(name, [sys.executable, *argv.split()], env)
-
-    def start_controller(self) -> None:
-        argv = (
-            "-m celery -A ciproject worker -Q controller -n controller@%h --pool=threads"
-            " --concurrency=4 --without-gossip --without-mingle --loglevel=INFO"
-        )
-        self.start("controller", [sys.executable, *argv.split()])
-
-    def start_beat(self) -> None:
-        schedule = self.log_dir / "beat-schedule"
-        argv = f"-m celery -A ciproject beat --schedule {schedule}"
-        self.start("beat", [sys.executable, *argv.split()])
-
-    def wait_ready(self, names, timeout: float = 60) -> None:
-        wanted = {f"{n}@" for n in names}
-
-        def ready():
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    pytest.fail(f"{name} exited with {proc.returncode}; see {self.log_dir}")
-            replies = app.control.ping(timeout=0.5)
-            hosts = {host.split("@")[0] + "@" for reply in replies for host in reply}
-            return wanted <= hosts
-
-        wait_until(ready, timeout, interval=0.2, message=f"workers {sorted(names)} to answer")
-
-    def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 20) -> None:
-        proc = self.procs.pop(name)
-        if proc.poll() is None:
-            os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from django.core.management import CommandError, call_command
 
 from builds import services
 from builds.models import Build, JobRun, StepRun
-from tests.conftest import ROOT
+from tests.processes import ROOT
 from tests.support import PARALLEL, fail_fast_job, make_pipeline
 
 

@@ -18,7 +18,7 @@ from agents import services as agents
 from builds import services
 from builds.models import JobRun
 from ciproject.log_format import ContextFilter, JsonFormatter, PlainFormatter, log_context
-from tests.conftest import ROOT, Workers
+from tests.processes import ROOT, Workers
 from tests.support import make_pipeline, one_step, wait_for_build, wait_until
 
 log = logging.getLogger("tests.logging")

@@ -1,0 +1,155 @@
+"""SIGKILL each kind of process at its worst moment: an agent mid-step, the controller
+mid-advance, web mid-trigger. Every build still ends, nothing runs twice, nothing stays held."""
+
+import contextlib
+import os
+import threading
+
+import psycopg
+import pytest
+
+from tests.faults.stack import assert_settled
+from tests.support import wait_until
+
+# Each step appends `job/attempt/step` to $RUNS when it starts: a line twice is a step attempt
+# run twice.
+RECORD = 'echo "$CI_JOB_ID/$CI_STEP_ATTEMPT/{name}" >> "$RUNS"'
+
+SLEEPER = f"""
+stages:
+  - name: only
+    jobs:
+      - id: j
+        runs-on: default
+        steps:
+          - run: '{RECORD.format(name="sleep")}; echo $$ > "$RUNS.$CI_BUILD_ID.pid"; sleep "$SLEEP"'
+"""
+
+TWO_STAGES = f"""
+stages:
+  - name: first
+    jobs:
+      - {{id: a, runs-on: default, steps: [{{run: '{RECORD.format(name="a")}'}}]}}
+  - name: second
+    jobs:
+      - {{id: b, runs-on: default, steps: [{{run: '{RECORD.format(name="b")}'}}]}}
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead: it only waits to be reaped by its parent.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_agent_killed_mid_step(stack, runs):
+    """The job on the killed agent ends FAILED naming it once it is found lost; the other
+    agent's build is untouched; the restarted agent kills the step its killed run left
+    behind and takes work again."""
+    pipeline = stack.pipeline("agent-kill", SLEEPER)
+    doomed = stack.trigger(pipeline, RUNS=str(runs), SLEEP="300")
+    pid_file = runs.with_name(f"{runs.name}.{doomed['id']}.pid")
+    wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=30,
+               message="the long step to start")  # fmt: skip
+    step_pid = int(pid_file.read_text())
+    [(agent,)] = stack.sql("SELECT agent FROM builds_jobrun WHERE build_id = %s", doomed["id"])
+    bystander = stack.trigger(pipeline, RUNS=str(runs), SLEEP="3")
+
+    stack.kill(agent)
+
+    statuses = stack.wait_final([doomed["id"], bystander["id"]], timeout=60)
+    assert statuses == {doomed["id"]: "FAILED", bystander["id"]: "SUCCEEDED"}
+    [(reason,)] = stack.sql("SELECT reason FROM builds_jobrun WHERE build_id = %s", doomed["id"])
+    assert agent in reason
+    assert alive(step_pid)  # a step leads its own process group: the kill did not reach it
+
+    stack.restart(agent)
+    wait_until(lambda: not alive(step_pid), timeout=10, message="the orphaned step to be killed")
+    again = [stack.trigger(pipeline, RUNS=str(runs), SLEEP="0") for _ in range(4)]
+    assert set(stack.wait_final(b["id"] for b in again).values()) == {"SUCCEEDED"}
+    assert_settled(stack, runs)
+
+
+@contextlib.contextmanager
+def holding(stack, query: str, *args):
+    """Hold the row locks `query` (a SELECT ... FOR UPDATE) takes until the block ends."""
+    with psycopg.connect(stack.database_url) as locker:
+        locker.execute(query, args)
+        yield locker.info.backend_pid
+        locker.rollback()
+
+
+def wait_blocked_by(stack, locker_pid: int) -> int:
+    """Wait until a session waits on `locker_pid`'s locks; return that session's pid."""
+
+    def blocked():
+        rows = stack.sql(
+            "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", locker_pid
+        )
+        return rows[0][0] if rows else None
+
+    return wait_until(blocked, timeout=30, message=f"a session to wait on {locker_pid}")
+
+
+def test_controller_killed_mid_advance(stack, runs):
+    """The controller dies inside advance_build's transaction (it holds the build's row lock
+    and waits to queue the second stage): the transaction is rolled back, and once a
+    controller is back the reconcile sweep queues the stage; the build ends SUCCEEDED."""
+    pipeline = stack.pipeline("controller-kill", TWO_STAGES)
+    build = stack.trigger(pipeline, RUNS=str(runs))
+    second = "SELECT id FROM builds_jobrun WHERE build_id = %s AND key = 'b' FOR UPDATE"
+    with holding(stack, second, build["id"]) as locker:
+        wait_blocked_by(stack, locker)  # the first stage ended; advance_build waits on us
+        stack.kill("controller")
+    stack.restart("controller")
+
+    assert stack.wait_final([build["id"]], timeout=30) == {build["id"]: "SUCCEEDED"}
+    assert_settled(stack, runs)
+    assert len(runs.read_text().splitlines()) == 2
+
+
+def test_web_killed_mid_trigger(stack, runs):
+    """web dies while its trigger transaction holds the pipeline's number: nothing of that
+    build is written, the client gets an error rather than a build, and the next trigger
+    takes the next number. No number is given twice."""
+    pipeline = stack.pipeline("web-kill", TWO_STAGES)
+    first = stack.trigger(pipeline, RUNS=str(runs))
+    lock_pipeline = "SELECT id FROM builds_pipeline WHERE id = %s FOR UPDATE"
+    answer = {}
+
+    def trigger():
+        try:
+            answer["response"] = stack.api(
+                "POST", f"/api/pipelines/{pipeline}/builds/", {"variables": {"RUNS": str(runs)}}
+            )
+        except OSError as exc:  # the connection was cut: the client knows nothing was made
+            answer["error"] = exc
+
+    with holding(stack, lock_pipeline, pipeline) as locker:
+        caller = threading.Thread(target=trigger)
+        caller.start()
+        wait_blocked_by(stack, locker)
+        stack.kill("web")
+    caller.join(timeout=15)
+    assert "error" in answer, answer
+    stack.restart("web")
+
+    after = stack.trigger(pipeline, RUNS=str(runs))
+    assert after["number"] == first["number"] + 1
+    numbers = stack.sql("SELECT number FROM builds_build WHERE pipeline_id = %s", pipeline)
+    assert sorted(n for (n,) in numbers) == [first["number"], after["number"]]
+    stack.wait_final([first["id"], after["id"]])
+    assert_settled(stack, runs)
+
+
+@pytest.fixture(autouse=True)
+def _stack_whole(stack):
+    """Whatever a test killed is running again for the next one."""
+    yield
+    for name in ("web", "controller", "beat", *stack.AGENTS):
+        if name not in stack.procs:
+            stack.restart(name)

@@ -1,0 +1,99 @@
+"""Real ciproject processes for tests: controller, beat, agents and web, each in its own
+process group with its output in a log file."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from ciproject.celery import app
+from tests.support import wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Workers:
+    """Real worker processes on the broker of `env` (the test broker unless it says)."""
+
+    def __init__(self, env: dict, log_dir: Path, broker_url: str | None = None):
+        self.env, self.log_dir = env, log_dir
+        # The workers' broker, when it is not this process's: an app of its own pings them.
+        self.app = Celery(broker=broker_url) if broker_url else app
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str], env=None) -> None:
+        log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the process
+        self.procs[name] = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def start_agent(self, name: str, labels: str, capacity: int = 1, env=None) -> None:
+        argv = f"manage.py runagent --name {name} --labels {labels} --capacity {capacity}"
+        self.start(name, [sys.executable, *argv.split()], env)
+
+    def start_controller(self) -> None:
+        argv = (
+            "-m celery -A ciproject worker -Q controller -n controller@%h --pool=threads"
+            " --concurrency=4 --without-gossip --without-mingle --loglevel=INFO"
+        )
+        self.start("controller", [sys.executable, *argv.split()])
+
+    def start_beat(self) -> None:
+        schedule = self.log_dir / "beat-schedule"
+        argv = f"-m celery -A ciproject beat --schedule {schedule}"
+        self.start("beat", [sys.executable, *argv.split()])
+
+    def check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                pytest.fail(f"{name} exited with {proc.returncode}; see {self.log_dir}")
+
+    def wait_ready(self, names, timeout: float = 60) -> None:
+        wanted = {f"{n}@" for n in names}
+
+        def ready():
+            self.check_alive()
+            replies = self.app.control.ping(timeout=0.5)
+            hosts = {host.split("@")[0] + "@" for reply in replies for host in reply}
+            return wanted <= hosts
+
+        wait_until(ready, timeout, interval=0.2, message=f"workers {sorted(names)} to answer")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process and its children (not the steps an agent runs: each step leads
+        a process group of its own), as the kernel's OOM killer or a crash would."""
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self, name: str, sig=signal.SIGTERM, timeout: float = 20) -> None:
+        proc = self.procs.pop(name)
+        if proc.poll() is None:
+            os.killpg(proc.pid, sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
