@@ -1,6 +1,7 @@
 """Settings, driven by the environment; the defaults fit a development machine with
 PostgreSQL and Redis on localhost. deploy/env.example documents every variable."""
 
+import json
 import os
 from pathlib import Path
 
@@ -133,6 +134,9 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": env_int("CELERY_VISIBILITY_TIMEOUT", 12 * 3600),
     "socket_connect_timeout": 5,
+    # More kombu transport options, as JSON: e.g. {"unacked_restore_interval": 1} for Redis
+    # to look for messages past their visibility timeout every second.
+    **json.loads(os.environ.get("CELERY_TRANSPORT_OPTIONS") or "{}"),
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 

@@ -42,11 +42,13 @@ def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun |
             if not leases.acquire(agent, job["build_id"]):
                 return HAND_BACK
             leases.pull_jobs(agent, job["build_id"])
+        # QUEUED only: a job is sent once its stage is queued, so a message for a PENDING job
+        # (a duplicate, sent early) must not start it before the stages ahead of it end.
         updated = JobRun.objects.filter(
             _build_running(OuterRef("build_id")),
             pk=job_id,
             attempt=attempt,
-            status__in=run_allowed_from(RunStatus.RUNNING),
+            status=RunStatus.QUEUED,
         ).update(status=RunStatus.RUNNING, agent=agent, reason="", started_at=timezone.now())
         if not updated:
             transaction.set_rollback(True)  # and with it any lease taken above

@@ -22,6 +22,10 @@ import redis
 from tests.processes import ROOT, Workers, free_port
 from tests.support import wait_until
 
+# A step command's start: append `job/attempt/name` to $RUNS (a build variable). The same line
+# twice is a step attempt run twice.
+RECORD = 'echo "$CI_JOB_ID/$CI_STEP_ATTEMPT/{name}" >> "$RUNS"'
+
 FINAL = ("SUCCEEDED", "FAILED", "CANCELED", "QUEUE_TIMEOUT")
 RUN_FINAL = ("SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELED", "SKIPPED")
 
@@ -215,13 +219,23 @@ class Stack(Workers):
         assert status == 201, body
         return body
 
+    def policy(self, name: str, max_running: int, queue_length: int) -> None:
+        """A concurrency policy, as an operator saves it in the admin."""
+        self.sql(
+            "INSERT INTO concurrency_concurrencypolicy (name, group_key, max_running,"
+            " queue_length, queue_timeout, on_queue_full, cancel_in_progress)"
+            " VALUES (%s, '${pipeline_id}', %s, %s, 3600, 'reject', false)",
+            name, max_running, queue_length,
+        )  # fmt: skip
+
     def sql(self, query: str, *args) -> list[tuple]:
         """Run a query on the stack's database, reconnecting once if it was restarted."""
         for attempt in (1, 2):
             try:
                 if self._db is None or self._db.closed:
                     self._db = psycopg.connect(self.database_url, autocommit=True)
-                return self._db.execute(query, args).fetchall()
+                cursor = self._db.execute(query, args)
+                return cursor.fetchall() if cursor.description else []
             except psycopg.OperationalError:
                 self._db = None
                 if attempt == 2:

@@ -8,12 +8,8 @@ import threading
 import psycopg
 import pytest
 
-from tests.faults.stack import assert_settled
+from tests.faults.stack import RECORD, assert_settled
 from tests.support import wait_until
-
-# Each step appends `job/attempt/step` to $RUNS when it starts: a line twice is a step attempt
-# run twice.
-RECORD = 'echo "$CI_JOB_ID/$CI_STEP_ATTEMPT/{name}" >> "$RUNS"'
 
 SLEEPER = f"""
 stages:
