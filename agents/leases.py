@@ -26,7 +26,7 @@ from django.utils import timezone
 
 from agents.models import Agent, AgentLease, AgentStatus, LeaseWait
 from builds.statuses import BUILD_FINAL, RunStatus
-from ciproject.celery import app
+from ciproject.celery import app, publish
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +211,6 @@ def _fail(job, reason: str) -> None:
 
 
 def _tell(agent: Agent) -> None:
-    """Ask the agent to re-read its state (its kept workspaces)."""
-    try:
-        app.control.broadcast(SYNC_COMMAND, destination=[f"{agent.name}@{agent.hostname}"])
-    except Exception:  # its heartbeat re-reads the state anyway
-        log.warning("agent %s: could not send %s", agent.name, SYNC_COMMAND, exc_info=True)
+    """Ask the agent to re-read its state (its kept workspaces); its heartbeat re-reads it
+    anyway."""
+    publish(app.control.broadcast, SYNC_COMMAND, destination=[f"{agent.name}@{agent.hostname}"])

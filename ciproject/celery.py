@@ -6,9 +6,12 @@
 - agent.<name>: work pinned to one agent.
 """
 
+import logging
 import os
 
 from celery import Celery
+
+log = logging.getLogger(__name__)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ciproject.settings")
 
@@ -31,6 +34,20 @@ def retry_queue(label: str) -> str:
 
 def agent_queue(name: str) -> str:
     return f"agent.{name}"
+
+
+def publish(call, *args, **kwargs) -> bool:
+    """Send a message about what PostgreSQL already holds (`call` is app.send_task or a
+    control command). If the broker cannot take it, log and go on: beat's sweeps re-drive
+    from the database what the message would have done, so no request and no job's end
+    fails, or waits long, because the broker is down."""
+    try:
+        call(*args, **kwargs)
+        return True
+    except Exception as exc:
+        name = args[0] if args and isinstance(args[0], str) else call.__name__
+        log.warning("broker unreachable, %s not sent (the sweeps re-drive it): %s", name, exc)
+        return False
 
 
 app.conf.beat_schedule = {

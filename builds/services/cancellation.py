@@ -19,7 +19,7 @@ from builds.services.execution import LATE_NOTE_SEQ
 from builds.services.lifecycle import advance_build
 from builds.statuses import BuildStatus, RunStatus, build_allowed_from
 from ciproject import metrics
-from ciproject.celery import CONTROLLER_QUEUE, app
+from ciproject.celery import CONTROLLER_QUEUE, app, publish
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
 
         def notify():
             if revoked:
-                _quietly(app.control.broadcast, REVOKE_COMMAND, arguments={"task_ids": revoked})
+                publish(app.control.broadcast, REVOKE_COMMAND, arguments={"task_ids": revoked})
             for job_id, attempt, agent in running:
                 stop_job_on_agent(job_id, attempt, agent)
 
@@ -107,7 +107,7 @@ def stop_job_on_agent(job_id: int, attempt: int, agent: str) -> None:
     """Tell the agent running this job attempt to stop it (SIGTERM, grace, SIGKILL)."""
     hostname = Agent.objects.filter(name=agent).values_list("hostname", flat=True).first()
     destination = [f"{agent}@{hostname}"] if hostname else None
-    _quietly(
+    publish(
         app.control.broadcast,
         STOP_COMMAND,
         arguments={"job_id": job_id, "attempt": attempt},
@@ -186,13 +186,6 @@ def _force_cancel(build_id: int, now) -> None:
 
 
 def _send_quietly(task: str, *args) -> None:
-    _quietly(app.send_task, task, args=args, queue=CONTROLLER_QUEUE, retry=False)
-
-
-def _quietly(call, *args, **kwargs) -> None:
-    """Messages after a cancel are best effort: when the broker is down the watchdog (beat)
-    takes over, so a cancel never waits on, or fails because of, the broker."""
-    try:
-        call(*args, **kwargs)
-    except Exception:
-        log.warning("cancel: could not reach the broker; the watchdog will finish", exc_info=True)
+    """Without retries: a cancel answers at once, and the watchdog (beat) finishes it when the
+    broker is down."""
+    publish(app.send_task, task, args=args, queue=CONTROLLER_QUEUE, retry=False)

@@ -7,7 +7,7 @@ from django.utils import timezone
 from agents import leases
 from builds.models import Build, BuildVariable, JobRun, StepLogChunk, StepRun
 from builds.statuses import BuildStatus, RunStatus, run_allowed_from
-from ciproject.celery import CONTROLLER_QUEUE, app
+from ciproject.celery import CONTROLLER_QUEUE, app, publish
 
 LATE_NOTE_SEQ = 1_000_000  # a note the server adds to a step's log sorts after the agent's
 
@@ -158,8 +158,11 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
         )
         build_id = job.build_id
         transaction.on_commit(
-            lambda: app.send_task(
-                "builds.tasks.advance_build", args=(build_id,), queue=CONTROLLER_QUEUE
+            lambda: publish(
+                app.send_task,
+                "builds.tasks.advance_build",
+                args=(build_id,),
+                queue=CONTROLLER_QUEUE,
             )
         )
     return True

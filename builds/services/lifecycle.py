@@ -24,7 +24,7 @@ from builds.statuses import (
     build_allowed_from,
 )
 from ciproject import metrics
-from ciproject.celery import agent_queue, app, job_queue, retry_queue
+from ciproject.celery import agent_queue, app, job_queue, publish, retry_queue
 from ciproject.log_format import log_context
 from concurrency import services as concurrency
 from concurrency.models import ConcurrencyPolicy
@@ -208,7 +208,8 @@ def publish_to_agent(job: JobRun, agent: str) -> None:
     """Once committed, send the job to one agent's own queue (agent reuse)."""
     job_id, attempt = job.pk, job.attempt
     transaction.on_commit(
-        lambda: app.send_task(
+        lambda: publish(
+            app.send_task,
             "agents.tasks.run_job",
             args=(job_id, attempt),
             queue=agent_queue(agent),
@@ -244,12 +245,15 @@ def requeue_job(job_id: int, attempt: int) -> None:
 
 def publish_jobs(queued) -> None:
     for job_id, attempt, runs_on in queued:
-        app.send_task(
+        sent = publish(
+            app.send_task,
             "agents.tasks.run_job",
             args=(job_id, attempt),
             queue=retry_queue(runs_on) if attempt > 1 else job_queue(runs_on),
             task_id=f"job-{job_id}-{attempt}",
         )
+        if not sent:  # the broker is down: the resend sweep sends the rest too
+            return
 
 
 def advance_build(build_id: int) -> str | None:
