@@ -2,7 +2,13 @@ from django.db.models import Prefetch
 from django.http import HttpResponse
 from django.shortcuts import get_object_or_404
 from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_field
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_view,
+)
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
@@ -10,7 +16,7 @@ from rest_framework.response import Response
 from builds import services
 from builds.models import Build, JobRun, Pipeline, StepRun
 from builds.statuses import stage_status
-from ciproject.api import router
+from ciproject.api import ErrorSerializer, router
 from ciproject.permissions import requires
 
 
@@ -101,6 +107,18 @@ class BuildSerializer(BuildSummarySerializer):
         return StageSerializer([stages[i] for i in sorted(stages)], many=True).data
 
 
+def conflict(*codes: str) -> OpenApiResponse:
+    """A 409 in the error format, naming the codes it may carry."""
+    return OpenApiResponse(ErrorSerializer, description="conflict: " + ", ".join(codes))
+
+
+@extend_schema_view(
+    create=extend_schema(responses={201: PipelineSerializer, 409: conflict("PIPELINE_NAME_TAKEN")}),
+    update=extend_schema(responses={200: PipelineSerializer, 409: conflict("PIPELINE_NAME_TAKEN")}),
+    partial_update=extend_schema(
+        responses={200: PipelineSerializer, 409: conflict("PIPELINE_NAME_TAKEN")}
+    ),
+)
 class PipelineViewSet(
     mixins.CreateModelMixin,
     mixins.RetrieveModelMixin,
@@ -122,7 +140,7 @@ class PipelineViewSet(
     @extend_schema(
         methods=["POST"],
         request=TriggerSerializer,
-        responses={201: BuildSummarySerializer},
+        responses={201: BuildSummarySerializer, 409: conflict("PIPELINE_QUEUE_FULL")},
         summary="Trigger a build",
     )
     @extend_schema(methods=["GET"], responses=BuildSummarySerializer(many=True))
@@ -162,7 +180,12 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
         return super().get_permissions()
 
     @extend_schema(
-        request=RetrySerializer, responses={202: BuildSummarySerializer}, summary="Retry a build"
+        request=RetrySerializer,
+        responses={
+            202: BuildSummarySerializer,
+            409: conflict("RETRY_WINDOW_EXPIRED", "BUILD_NOT_RETRYABLE", "PIPELINE_QUEUE_FULL"),
+        },
+        summary="Retry a build",
     )
     @action(detail=True, methods=["post"])
     def retry(self, request, pk=None):
@@ -172,14 +195,22 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
         build = services.retry_build(build.pk, body.validated_data["failed_only"], request.user)
         return Response(BuildSummarySerializer(build).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: StepSerializer}, summary="Retry a failed step")
+    @extend_schema(
+        request=None,
+        responses={202: StepSerializer, 409: conflict("STEP_NOT_RETRYABLE")},
+        summary="Retry a failed step",
+    )
     @action(detail=True, methods=["post"], url_path=r"steps/(?P<step_id>[0-9]+)/retry")
     def retry_step(self, request, pk=None, step_id=None):
         build = self.get_object()
         step = services.retry_step(build.pk, int(step_id))
         return Response(StepSerializer(step).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: CancelSerializer}, summary="Cancel a build")
+    @extend_schema(
+        request=None,
+        responses={202: CancelSerializer, 409: conflict("BUILD_ALREADY_FINISHED")},
+        summary="Cancel a build",
+    )
     @action(detail=True, methods=["post"])
     def cancel(self, request, pk=None):
         build = self.get_object()

@@ -6,7 +6,8 @@ import logging
 from django.core.exceptions import RequestDataTooBig
 from django.http import Http404
 from django.urls import re_path
-from rest_framework import exceptions, status
+from drf_spectacular import openapi
+from rest_framework import exceptions, serializers, status
 from rest_framework.response import Response
 from rest_framework.routers import DefaultRouter
 from rest_framework.views import APIView, set_rollback
@@ -32,10 +33,39 @@ class _NotFound(APIView):
 class Router(DefaultRouter):
     def get_urls(self):
         # Last, and only for paths ending in "/", so APPEND_SLASH still redirects /api/builds/1.
-        return [*super().get_urls(), re_path(r"^.*/$", _NotFound.as_view())]
+        # [\s\S], not ".": a path with a newline (%0A) in it is ours too, not Django's HTML
+        # 404. (Not (?s): Django's reverse() cannot read inline flags, in any pattern.)
+        return [*super().get_urls(), re_path(r"^[\s\S]*/$", _NotFound.as_view())]
 
 
 router = Router()
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The body of every error (see exception_handler); some codes add fields, such as
+    INVALID_REQUEST's `errors`."""
+
+    code = serializers.CharField(help_text="stable, UPPER_SNAKE: what clients branch on")
+    detail = serializers.CharField(help_text="what happened, for people")
+
+
+class AutoSchema(openapi.AutoSchema):
+    """drf-spectacular's schema plus the errors the handler answers for every operation, so
+    the schema documents them; views declare only their own (a 409) with extend_schema."""
+
+    def _get_response_bodies(self, direction="response"):
+        responses = super()._get_response_bodies(direction)
+        codes = [401, 403]  # token missing or wrong; a model permission missing
+        if "{" in self.path:
+            codes.append(404)
+        if self.method in ("POST", "PUT", "PATCH") and self.get_request_serializer():
+            codes += [400, 413, 415]  # invalid, too large, not JSON
+        for code in map(str, codes):
+            if code not in responses:
+                responses[code] = self._get_response_for_code(
+                    ErrorSerializer, code, None, direction
+                )
+        return dict(sorted(responses.items()))
 
 
 def exception_handler(exc, context):

@@ -1,6 +1,6 @@
 import pytest
 
-from tests.faults.stack import PostgresServer, RedisServer, Stack
+from tests.faults.stack import PostgresServer, RedisServer, running_stack
 
 
 @pytest.fixture(scope="package")
@@ -16,25 +16,20 @@ def broker(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
-    server.kill()
+    server.stop()
 
 
 @pytest.fixture(scope="package")
 def stack(postgres, broker, tmp_path_factory):
     """The whole stack on its own PostgreSQL and Redis. A test that kills or restarts a part
     brings it back before it ends, so the next one finds the stack whole."""
-    stack = Stack(postgres.url("faults"), broker.url, tmp_path_factory.mktemp("stack-logs"))
-    stack.prepare()
-    try:
-        stack.start_all()
+    with running_stack(postgres.url("faults"), broker.url, tmp_path_factory) as stack:
         yield stack
-    finally:
-        stack.stop_all()
 
 
 @pytest.fixture
-def runs(stack, request):
-    """A file the test's steps append `job/attempt/step` to, one line each time one runs."""
-    path = stack.work / f"runs-{request.node.name}.log"
+def runs(tmp_path):
+    """A file the test's steps append `job/attempt/step` to, a line each time one starts."""
+    path = tmp_path / "runs.log"
     path.touch()
     return path

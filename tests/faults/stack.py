@@ -80,6 +80,8 @@ class RedisServer:
     """A Redis of its own, keeping nothing on disk, as the machine's: a restart loses every
     message it held."""
 
+    loses_messages = True
+
     def __init__(self, log_dir: Path):
         self.port, self.log_dir = free_port(), log_dir
         self.proc: subprocess.Popen | None = None
@@ -103,9 +105,39 @@ class RedisServer:
 
         wait_until(answers, timeout=10, message="redis-server to start")
 
-    def kill(self) -> None:
+    def stop(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
+
+
+class RabbitBroker:
+    """A virtual host of its own on the machine's RabbitMQ. stop() stops the node's broker
+    (every connection is cut; durable queues keep their persistent messages, and what was
+    delivered but not acknowledged goes back to its queue); start() brings it back."""
+
+    loses_messages = False
+
+    def __init__(self):
+        self.vhost = f"ciproject-faults-{os.getpid()}"
+        self.url = f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
+        self._ctl("delete_vhost", self.vhost, check=False)  # a leftover of a killed run
+        self._ctl("add_vhost", self.vhost)
+        self._ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+
+    @staticmethod
+    def _ctl(*args, check=True) -> None:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True, timeout=60)
+
+    def stop(self) -> None:
+        self._ctl("stop_app")
+
+    def start(self) -> None:
+        self._ctl("start_app")
+        self._ctl("await_startup")
+
+    def remove(self) -> None:
+        self.start()  # whatever happened, the machine's RabbitMQ is left running
+        self._ctl("delete_vhost", self.vhost, check=False)
 
 
 class Stack(Workers):
@@ -113,7 +145,9 @@ class Stack(Workers):
 
     AGENTS = {"fault-1": "linux,default", "fault-2": "linux,default"}
 
-    def __init__(self, database_url: str, broker_url: str, log_dir: Path):
+    def __init__(self, database_url: str, broker_url: str, log_dir: Path, agents=None):
+        if agents is not None:  # name -> labels, in place of the two default agents
+            self.AGENTS = dict(agents)
         self.work = Path(tempfile.mkdtemp(prefix="ciproject-faults-"))
         env = {
             **os.environ,
@@ -263,6 +297,17 @@ class Stack(Workers):
         if self._db is not None:
             self._db.close()
         shutil.rmtree(self.work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_stack(database_url: str, broker_url: str, tmp_path_factory, **options):
+    stack = Stack(database_url, broker_url, tmp_path_factory.mktemp("stack-logs"), **options)
+    stack.prepare()
+    try:
+        stack.start_all()
+        yield stack
+    finally:
+        stack.stop_all()
 
 
 def assert_settled(stack: Stack, runs_file: Path | None = None, timeout: float = 90) -> dict:

@@ -43,6 +43,10 @@ def alive(pid: int) -> bool:
 
 
 def test_agent_killed_mid_step(stack, runs):
+    kill_agent_mid_step(stack, runs)
+
+
+def kill_agent_mid_step(stack, runs) -> None:
     """The job on the killed agent ends FAILED naming it once it is found lost; the other
     agent's build is untouched; the restarted agent kills the step its killed run left
     behind and takes work again."""
