@@ -4,6 +4,7 @@ pagination are in ciproject.api_defaults."""
 import logging
 
 from django.core.exceptions import RequestDataTooBig
+from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from django.urls import re_path
 from drf_spectacular import openapi
@@ -79,6 +80,15 @@ def exception_handler(exc, context):
         # refuse the body before our parser sees it.
         exc = RequestTooLarge()
     response = drf_exception_handler(exc, context)
+    if response is None and isinstance(exc, (OperationalError, InterfaceError)):
+        # PostgreSQL restarting or out of reach: nothing was written; the client may retry.
+        logger.warning("database unreachable: %s", exc)
+        set_rollback()
+        return Response(
+            {"code": "DATABASE_UNAVAILABLE", "detail": "the database is unreachable; retry"},
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            headers={"Retry-After": "5"},
+        )
     if response is None:
         # A bug, not bad input: log it with its traceback; the client gets no internals.
         logger.error("unhandled error in the API", exc_info=exc)

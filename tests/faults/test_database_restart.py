@@ -34,9 +34,15 @@ def test_postgres_crash_while_steps_run(stack, postgres, runs):
     ended_before = lines(ended)
     # Down until a step has ended: its result has nowhere to go yet.
     wait_until(lambda: lines(ended) > ended_before, timeout=30, message="a step to end")
+    # The API says so, with a code, and takes nothing: the client knows to retry.
+    status, body = stack.api("POST", f"/api/pipelines/{pipeline}/builds/", {"variables": {}})
+    assert (status, body["code"]) == (503, "DATABASE_UNAVAILABLE")
     postgres.start()
 
     statuses = stack.wait_final(ids, timeout=120)
     assert set(statuses.values()) == {"SUCCEEDED"}, statuses
     assert_settled(stack, runs)
     assert lines(runs) == 4 * len(ids)
+    assert stack.sql("SELECT count(*) FROM builds_build WHERE pipeline_id = %s", pipeline) == [
+        (len(ids),)
+    ]
