@@ -130,12 +130,16 @@ def ensure(now: datetime | None = None, ahead: int | None = None) -> list[str]:
         end = start + partition_size()
         if start not in existing:
             name = name_for(start)
-            with connection.cursor() as cursor:
-                cursor.execute(
-                    f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF "{PARENT}"'
-                    " FOR VALUES FROM (%s) TO (%s)",
-                    [start, end],
-                )
+            # ACCESS EXCLUSIVE on the parent: bounded like the purge's DDL, so variable reads
+            # and writes never queue long behind it; the next run (hourly) creates it then.
+            sql = f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF "{PARENT}"'
+            if not _lock_bounded(sql + " FOR VALUES FROM (%s) TO (%s)", [start, end]):
+                log.warning(
+                    "variable partition %s not created: a lock wait on %s took over %s ms"
+                    " (a long transaction on it); the next run creates it",
+                    name, PARENT, settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS,
+                )  # fmt: skip
+                break
             created.append(name)
             log.info("variable partition %s created [%s, %s)", name, start, end)
         start = end
@@ -226,16 +230,17 @@ def _purge(plan: list[tuple[str, str | None]], by: str) -> PurgeResult:
     return result
 
 
-def _lock_bounded(sql: str) -> bool:
-    """Run a DETACH or DROP under the purge's lock_timeout (see the module's docstring). False
-    when a lock wait timed out: the statement stopped where it was (a concurrent detach may be
-    left pending, a detached table left behind) and the next purge finishes it."""
+def _lock_bounded(sql: str, params=None) -> bool:
+    """Run a CREATE, DETACH or DROP under the purge's lock_timeout (see the module's
+    docstring). False when a lock wait timed out: the statement stopped where it was (a
+    concurrent detach may be left pending, a detached table left behind) and the next run
+    finishes it."""
     timeout = f"{settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS}ms"
     with connection.cursor() as cursor:
         # A session setting: SET LOCAL needs a transaction, which DETACH CONCURRENTLY refuses.
         cursor.execute("SELECT set_config('lock_timeout', %s, false)", [timeout])
         try:
-            cursor.execute(sql)
+            cursor.execute(sql, params)
         except OperationalError as exc:
             if getattr(exc.__cause__, "sqlstate", None) != LOCK_NOT_AVAILABLE:
                 raise

@@ -153,6 +153,25 @@ def test_partitions_are_created_ahead_and_mirrored():
 
 
 @pytest.mark.django_db(transaction=True)
+def test_a_long_reader_makes_ensure_give_up_not_stall_variable_writes(settings):
+    """CREATE TABLE ... PARTITION OF waits for ACCESS EXCLUSIVE on the variable table: behind
+    a long reader it gives up after the lock timeout, and the next run creates it."""
+    settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS = 300
+    far = timezone.now() + 30 * DAY
+    name = partitions.name_for(partitions.bounds_for(far)[0])
+    with holding("SELECT count(*) FROM builds_buildvariable") as holder:
+        started = time.monotonic()
+        assert partitions.ensure(now=far, ahead=0) == []
+        waited = time.monotonic() - started
+        holder.rollback()
+    assert waited < 5, f"ensure waited {waited:.1f} s behind the reader"
+    assert name not in catalog_names()
+    assert partitions.ensure(now=far, ahead=0) == [name]
+    with raw_connection() as admin:  # not left for later tests
+        admin.execute(f'DROP TABLE "{name}"')
+
+
+@pytest.mark.django_db(transaction=True)
 def test_variables_land_in_the_partition_of_their_build():
     pipeline = make_pipeline("p", one_step("true", runs_on="unit-tests"))
     build = services.trigger_build(pipeline, {"A": "1"})
