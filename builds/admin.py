@@ -1,6 +1,7 @@
 """Admin for pipelines (edited through the services, like the API, and triggered from their
 page) and builds (read-only history, with the stage/job/step tree and the step logs)."""
 
+import re
 from urllib.parse import urlencode
 
 from django import forms
@@ -97,7 +98,9 @@ def parse_variable_lines(text: str) -> dict[str, str]:
     """`KEY=VALUE` lines (blank lines ignored) as a mapping; trigger_build checks the names and
     sizes as it does for the API. Raises InvalidVariables for a line it cannot read."""
     variables = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only line breaks end a line: str.splitlines() would also cut a value at \x0c, \x1c,
+    # \x85 or \u2028, making the rest of it another KEY=VALUE line.
+    for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1):
         if not line.strip():
             continue
         name, equals, value = line.partition("=")
@@ -178,7 +181,11 @@ class PipelineAdmin(admin.ModelAdmin):
             "opts": self.model._meta,
             "title": f"Trigger a build of {pipeline}",
             "pipeline": pipeline,
-            "defaults": sorted((pipeline.spec or {}).get("variables", {}).items()),
+            # Shown to who may view the pipeline: add_build alone does not read it (nor does
+            # it in the API).
+            "defaults": sorted((pipeline.spec or {}).get("variables", {}).items())
+            if self.has_view_permission(request, pipeline)
+            else None,
             "form": form,
             "pipeline_url": reverse(
                 f"{self.admin_site.name}:builds_pipeline_change", args=(pipeline.pk,)
@@ -536,5 +543,6 @@ class VariablePartitionAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     readonly_fields = [f.name for f in VariablePartition._meta.fields]
 
     def changelist_view(self, request, extra_context=None):
-        partitions.reconcile()  # show the catalog as it is now, not as it was
+        if self.has_view_or_change_permission(request):  # a write: not for who may not look
+            partitions.reconcile()  # show the catalog as it is now, not as it was
         return super().changelist_view(request, extra_context)

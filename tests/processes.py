@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kombu.exceptions
 import pytest
+import redis
 from celery import Celery
 
 from ciproject.celery import app
@@ -30,6 +32,7 @@ class Workers:
     def __init__(self, env: dict, log_dir: Path, broker_url: str | None = None):
         self.env, self.log_dir = env, log_dir
         # The workers' broker, when it is not this process's: an app of its own pings them.
+        self.broker_url = broker_url
         self.app = Celery(broker=broker_url) if broker_url else app
         self.procs: dict[str, subprocess.Popen] = {}
 
@@ -70,7 +73,12 @@ class Workers:
 
         def ready():
             self.check_alive()
-            replies = self.app.control.ping(timeout=0.5)
+            try:
+                replies = self.app.control.ping(timeout=0.5)
+            except (OSError, redis.ConnectionError, kombu.exceptions.OperationalError):
+                if self.broker_url:  # its pooled connection died with the broker's restart
+                    self.app = Celery(broker=self.broker_url)
+                return False
             hosts = {host.split("@")[0] + "@" for reply in replies for host in reply}
             return wanted <= hosts
 

@@ -30,6 +30,10 @@ class Command(BaseCommand):
         pipeline = Pipeline.objects.filter(name=name).first()
         if pipeline is None:
             raise CommandError(f"PIPELINE_NOT_FOUND: there is no pipeline named {name!r}")
+        names = [name for name, _ in var]
+        if twice := sorted({name for name in names if names.count(name) > 1}):
+            # As in the admin: refused, rather than silently keeping the last value.
+            raise CommandError(f"INVALID_VARIABLES: --var {', '.join(twice)} given twice")
         try:
             build = services.trigger_build(pipeline, dict(var))
         except CIError as exc:

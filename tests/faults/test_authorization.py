@@ -1,0 +1,333 @@
+"""The authorization matrix: every API endpoint, admin page, admin action and button, and
+/metrics, for every role: anonymous, signed in without permissions, each permission alone (as
+staff, so the admin applies to it; the API ignores is_staff), staff without permissions, all
+permissions without staff, and a superuser. Each cell is an exact answer, and a refused
+request changes nothing in the database. One test per row, so a failure shows the whole row.
+The test transactions never commit: no message is published, no worker is needed."""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import count
+
+import pytest
+from django.contrib.auth.models import Permission, User
+from django.test import Client
+from django.utils import timezone
+from rest_framework.authtoken.models import Token
+from rest_framework.test import APIClient
+
+from agents.models import Agent
+from builds import partitions, services
+from builds.models import Build, JobRun, Pipeline, StepRun, VariablePartition
+from concurrency.models import ConcurrencyPolicy
+from tests.support import PARALLEL, fail_fast_job, one_step
+
+pytestmark = pytest.mark.django_db
+
+# The permissions, short: V view, A add, C change, D delete; X cancel, R retry.
+VP, AP, CP, DP = (f"builds.{a}_pipeline" for a in ("view", "add", "change", "delete"))
+VB, AB, XB, RB = (f"builds.{a}_build" for a in ("view", "add", "cancel", "retry"))
+VV = "builds.view_variablepartition"
+VA, CA = "agents.view_agent", "agents.change_agent"
+VC, CC = "concurrency.view_concurrencypolicy", "concurrency.change_concurrencypolicy"
+PERMS = [VP, AP, CP, DP, VB, AB, XB, RB, VV, VA, CA, VC, CC]
+
+EVERYTHING = frozenset(["*"])
+ROLES = {  # role: (is_staff, permissions), None for anonymous
+    "anon": None,
+    "user": (False, frozenset()),
+    "user+all": (False, frozenset(PERMS)),
+    "staff": (True, frozenset()),
+    **{f"staff+{p.split('.')[1]}": (True, frozenset([p])) for p in PERMS},
+    "superuser": (True, EVERYTHING),
+}
+LOGIN = "login"  # a redirect to the admin's login page
+
+
+@dataclass
+class Row:
+    method: str
+    path: str  # formatted with the ids of the target
+    need: str  # "a|b": a or b; "a+b": both; "": signed in (API) or staff (admin); "-": nobody
+    ok: int | str  # the answer to a role that may
+    target: str = "world"  # what the request acts on: a key of TARGETS
+    body: Callable[[dict], dict] | None = None
+    acts: bool = False  # an allowed request changes the database (a refused one never does)
+    unlike: dict = field(default_factory=dict)  # roles whose answer the rule does not give
+
+    def expected(self, role: str) -> int | str:
+        admin = self.path.startswith("/admin/")
+        if role in self.unlike:
+            return self.unlike[role]
+        if self.need == "*":
+            return self.ok
+        if ROLES[role] is None:
+            return LOGIN if admin else 401
+        staff, perms = ROLES[role]
+        if admin and not staff:
+            return LOGIN
+        return self.ok if self.allows(perms) else 403
+
+    def allows(self, perms: frozenset) -> bool:
+        if self.need in ("", "-") or perms is EVERYTHING:
+            return self.need != "-"
+        return any(set(alt.split("+")) <= perms for alt in self.need.split("|"))
+
+
+# What the requests act on; each call makes new objects, for the next role to act on.
+serial = count()
+DEFINITION = one_step("true", runs_on="unit-tests")  # no agent serves unit-tests
+
+
+def a_pipeline(policy=None) -> dict:
+    pipeline = services.save_pipeline(f"p{next(serial)}", PARALLEL, policy=policy)
+    return {"p": pipeline.pk, "name": pipeline.name}
+
+
+def a_running_build() -> dict:  # its job `fast` failed, `slow` is still queued
+    build = services.trigger_build(Pipeline.objects.get(pk=a_pipeline()["p"]))
+    return {"b": build.pk, "s": fail_fast_job(build).pk}
+
+
+def a_failed_build() -> dict:
+    build = services.trigger_build(services.save_pipeline(f"p{next(serial)}", DEFINITION))
+    now = timezone.now()
+    JobRun.objects.filter(build=build).update(status="FAILED", started_at=now)
+    StepRun.objects.filter(job__build=build).update(status="FAILED", started_at=now)
+    assert services.advance_build(build.pk) == "FAILED"
+    return {"f": build.pk}
+
+
+def a_queued_build() -> dict:
+    policy = ConcurrencyPolicy.objects.create(name=f"c{next(serial)}", queue_length=5)
+    pipeline = Pipeline.objects.get(pk=a_pipeline(policy)["p"])
+    services.trigger_build(pipeline)
+    return {"c": policy.pk, "cname": policy.name, "q": services.trigger_build(pipeline).pk}
+
+
+def an_agent() -> dict:
+    return {"a": Agent.objects.create(name=f"agent-{next(serial)}", labels=["x"]).pk}
+
+
+def stale_partitions() -> dict:
+    partitions.reconcile()
+    VariablePartition.objects.update(dropped_by="stale")  # reconcile() clears it again
+    return {}
+
+
+def a_world() -> dict:
+    return {**a_pipeline(), **a_running_build(), **a_failed_build(), **a_queued_build()} | (
+        an_agent()
+    )
+
+
+TARGETS = {
+    "world": a_world,
+    "none": dict,
+    "pipeline": a_pipeline,
+    "running": a_running_build,
+    "failed": a_failed_build,
+    "queued": a_queued_build,
+    "agent": an_agent,
+    "stale_partitions": stale_partitions,
+}
+
+
+def new_definition(t):
+    return {"name": t["name"], "definition": PARALLEL.replace("exit 1", "exit 2"), "policy": ""}
+
+
+def a_new_pipeline(t):
+    return {"name": f"new{next(serial)}", "definition": PARALLEL, "policy": ""}
+
+
+def policy_form(t):
+    return {"name": t["cname"], "group_key": "${pipeline_id}", "max_running": "7"} | {
+        "queue_length": "5", "queue_timeout": "3600", "on_queue_full": "reject"
+    }  # fmt: skip
+
+
+def disable(t):
+    return {"status": "disabled"}
+
+
+def failed_only(t):
+    return {"failed_only": True}
+
+
+PIPELINE_ADMIN = "/admin/builds/pipeline/"
+POLICY_ADMIN = "/admin/concurrency/concurrencypolicy/"
+ROWS = [
+    # The API, with a token.
+    Row("GET", "/api/", "", 200),
+    Row("GET", "/api/schema/?format=json", "*", 200),  # documents the API; holds no data
+    Row("GET", "/api/pipelines/", VP, 200),
+    Row("GET", "/api/pipelines/{p}/", VP, 200),
+    Row("POST", "/api/pipelines/", AP, 201, "none", a_new_pipeline, acts=True),
+    Row("PUT", "/api/pipelines/{p}/", CP, 200, "pipeline", new_definition, acts=True),
+    Row("PATCH", "/api/pipelines/{p}/", CP, 200, "pipeline", new_definition, acts=True),
+    Row("DELETE", "/api/pipelines/{p}/", DP, 405),  # there is no such endpoint
+    Row("GET", "/api/pipelines/{p}/builds/", VB, 200),
+    Row("POST", "/api/pipelines/{p}/builds/", AB, 201, "pipeline", dict, acts=True),
+    Row("POST", "/api/pipelines/999999/builds/", AB, 404, "none", dict),  # after the permission
+    Row("GET", "/api/builds/", VB, 200),
+    Row("GET", "/api/builds/{b}/", VB, 200),
+    Row("GET", "/api/builds/{b}/steps/{s}/log/", VB, 200),
+    Row("POST", "/api/builds/{b}/cancel/", XB, 202, "running", dict, acts=True),
+    Row("POST", "/api/builds/{b}/steps/{s}/retry/", RB, 202, "running", dict, acts=True),
+    Row("POST", "/api/builds/{f}/retry/", RB, 202, "failed", failed_only, acts=True),
+    Row("GET", "/api/agents/", VA, 200),
+    Row("GET", "/api/agents/{a}/", VA, 200),
+    Row("POST", "/api/agents/", "agents.add_agent", 405, "none", lambda t: {"name": "x"}),
+    # The admin, with a session.
+    Row("GET", "/admin/", "", 200),
+    Row("GET", "/admin/builds/pipeline/", f"{VP}|{CP}", 200),
+    Row("GET", "/admin/builds/pipeline/add/", AP, 200),
+    Row("POST", "/admin/builds/pipeline/add/", AP, 302, "none", a_new_pipeline, acts=True),
+    Row("GET", "/admin/builds/pipeline/{p}/change/", f"{VP}|{CP}", 200),
+    Row("POST", PIPELINE_ADMIN + "{p}/change/", CP, 302, "pipeline", new_definition, acts=True),
+    Row("GET", "/admin/builds/pipeline/{p}/delete/", DP, 200),
+    Row("GET", "/admin/builds/pipeline/{p}/trigger/", AB, 200),
+    Row("POST", "/admin/builds/pipeline/{p}/trigger/", AB, 302, "pipeline", dict, acts=True),
+    Row("POST", "/admin/builds/pipeline/999999/trigger/", AB, 404, "none", dict),
+    Row("GET", "/admin/builds/build/", VB, 200),
+    Row("GET", "/admin/builds/build/add/", "-", 403),  # builds change through the services
+    Row("GET", "/admin/builds/build/{b}/change/", VB, 200),
+    Row("POST", "/admin/builds/build/{b}/change/", "-", 403, "running", dict),
+    Row("POST", "/admin/builds/build/{b}/delete/", "-", 403, "running", lambda t: {"post": "yes"}),
+    Row("GET", "/admin/builds/build/{b}/steps/{s}/log/", VB, 200),
+    Row(
+        "POST",
+        "/admin/builds/build/",
+        f"{VB}+{XB}",
+        302,
+        "running",
+        lambda t: {"action": "cancel_builds", "_selected_action": [t["b"]], "index": "0"},
+        acts=True,
+        # The list, again: an action not offered to a viewer is "No action selected".
+        unlike={"staff+view_build": 200},
+    ),
+    Row("POST", "/admin/builds/build/{b}/cancel/", XB, 302, "running", dict, acts=True),
+    Row("POST", "/admin/builds/build/{f}/retry/", RB, 302, "failed", dict, acts=True),
+    Row("POST", "/admin/builds/build/{b}/steps/{s}/retry/", RB, 302, "running", dict, acts=True),
+    Row("GET", "/admin/builds/variablepartition/", VV, 200, "stale_partitions", acts=True),
+    Row("GET", POLICY_ADMIN, f"{VC}|{CC}", 200),
+    Row("GET", POLICY_ADMIN + "{c}/change/", f"{VC}|{CC}", 200),
+    Row("POST", POLICY_ADMIN + "{c}/change/", CC, 302, "queued", policy_form, acts=True),
+    Row("POST", POLICY_ADMIN + "{c}/builds/{q}/cancel/", XB, 302, "queued", dict, acts=True),
+    Row("GET", "/admin/agents/agent/", f"{VA}|{CA}", 200),
+    Row("GET", "/admin/agents/agent/add/", "-", 403),  # agents register themselves
+    Row("GET", "/admin/agents/agent/{a}/change/", f"{VA}|{CA}", 200),
+    Row("POST", "/admin/agents/agent/{a}/change/", CA, 302, "agent", disable, acts=True),
+]
+
+SNAPSHOT = [
+    (Pipeline, ["pk", "name", "definition", "last_build_number", "policy_id"]),
+    (Build, ["pk", "status", "attempt", "reason"]),
+    (JobRun, ["pk", "status", "attempt"]),
+    (StepRun, ["pk", "status", "attempt"]),
+    (ConcurrencyPolicy, []),
+    (Agent, ["pk", "status"]),
+    (VariablePartition, []),
+]
+
+
+def state() -> list:
+    return [list(model.objects.order_by("pk").values_list(*fields)) for model, fields in SNAPSHOT]
+
+
+def clients(admin: bool) -> dict:
+    """A client per role: a session for the admin, a token for the API."""
+    perms = {
+        f"{p.content_type.app_label}.{p.codename}": p
+        for p in Permission.objects.select_related("content_type")
+    }
+    result = {}
+    for role, spec in ROLES.items():
+        client = Client() if admin else APIClient()
+        result[role] = client
+        if spec is None:
+            continue
+        staff, granted = spec
+        if granted is EVERYTHING:
+            user = User.objects.create_superuser(f"u-{role}", password=None)
+        else:
+            user = User.objects.create_user(f"u-{role}", is_staff=staff)
+            user.user_permissions.add(*(perms[p] for p in granted))
+        if admin:
+            client.force_login(user)
+        else:
+            client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    return result
+
+
+def answer(response) -> int | str:
+    if response.status_code == 302 and response["Location"].startswith("/admin/login/"):
+        return LOGIN
+    assert response.status_code < 500, response.content[:500]
+    return response.status_code
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r.method} {r.path}")
+def test_matrix(row):
+    admin = row.path.startswith("/admin/")
+    send = {"format": None if admin else "json"} if row.body else {}
+    target, got, changed_wrongly = TARGETS[row.target](), {}, []
+    before = state()
+    for role, client in clients(admin).items():
+        response = getattr(client, row.method.lower())(
+            row.path.format(**target), row.body(target) if row.body else None, **send
+        )
+        got[role] = answer(response)
+        after = state()
+        if (after != before) != (row.acts and row.expected(role) == row.ok):
+            changed_wrongly.append(role)
+        if after != before:  # the next role acts on objects of its own
+            target = TARGETS[row.target]()
+            after = state()
+        before = after
+    assert got == {role: row.expected(role) for role in ROLES}
+    assert changed_wrongly == []
+
+
+# /metrics is not a user's: the allow-list or the Bearer token, whoever is signed in.
+METRICS = [
+    # (REMOTE_ADDR, headers, signed in as, answer)
+    ("127.0.0.1", {}, None, 200),
+    ("10.0.0.9", {}, None, 403),
+    ("10.0.0.9", {}, "superuser", 403),  # a session is not a way in
+    ("10.0.0.9", {"Authorization": "Token {token}"}, None, 403),  # nor is an API token
+    ("10.0.0.9", {"Authorization": "Bearer s3cret"}, None, 200),
+    ("10.0.0.9", {"Authorization": "Bearer wrong"}, None, 403),
+    ("10.0.0.9", {"Authorization": "bearer s3cret"}, None, 403),
+    ("10.0.0.9", {"Authorization": "Bearer s3cret "}, None, 403),
+    ("10.0.0.9", {"Authorization": "Bearer s3cr\u00e9t"}, None, 403),  # not ASCII: no 500
+    ("10.0.0.9", {"X-Forwarded-For": "127.0.0.1"}, None, 403),  # no proxy is trusted
+    ("10.0.0.9", {"X-Real-IP": "127.0.0.1"}, None, 403),
+]
+
+
+@pytest.mark.parametrize(("addr", "headers", "who", "status"), METRICS)
+def test_metrics(settings, addr, headers, who, status):
+    settings.METRICS_TOKEN = "s3cret"
+    settings.METRICS_ALLOWED_IPS = ["127.0.0.1", "::1"]
+    client = Client(REMOTE_ADDR=addr)
+    user = User.objects.create_superuser("root", password=None)
+    if who:
+        client.force_login(user)
+    token = Token.objects.create(user=user).key
+    headers = {k: v.format(token=token) for k, v in headers.items()}
+    assert client.get("/metrics", headers=headers).status_code == status
+
+
+@pytest.mark.parametrize(("perms", "shown"), [([AB], False), ([AB, VP], True), ([AB, CP], True)])
+def test_the_trigger_page_shows_the_defaults_to_who_may_view_the_pipeline(perms, shown):
+    pipeline = services.save_pipeline("d", "variables: {TARGET: eu-prod-7}\n" + DEFINITION)
+    user = User.objects.create_user("trigger", is_staff=True)
+    user.user_permissions.add(*(Permission.objects.get(codename=p.split(".")[1]) for p in perms))
+    client = Client()
+    client.force_login(user)
+    page = client.get(f"/admin/builds/pipeline/{pipeline.pk}/trigger/")
+    assert page.status_code == 200
+    assert ("eu-prod-7" in page.text) == shown
+    assert ("not shown: you may not view this pipeline" in page.text) != shown
