@@ -11,14 +11,18 @@ import pytest
 from tests.faults.stack import RECORD, assert_settled
 from tests.support import wait_until
 
+# `j` leases its agent to the build: `then` runs there after it, in its workspace.
 SLEEPER = f"""
 stages:
-  - name: only
+  - name: first
     jobs:
       - id: j
         runs-on: default
         steps:
           - run: '{RECORD.format(name="sleep")}; echo $$ > "$RUNS.$CI_BUILD_ID.pid"; sleep "$SLEEP"'
+  - name: second
+    jobs:
+      - {{id: then, reuse: j, steps: [{{run: '{RECORD.format(name="then")}'}}]}}
 """
 
 TWO_STAGES = f"""
@@ -47,23 +51,32 @@ def test_agent_killed_mid_step(stack, runs):
 
 
 def kill_agent_mid_step(stack, runs) -> None:
-    """The job on the killed agent ends FAILED naming it once it is found lost; the other
-    agent's build is untouched; the restarted agent kills the step its killed run left
-    behind and takes work again."""
+    """The job on the killed agent ends FAILED naming it once it is found lost, and its lease
+    on the agent is dropped; the other agent's build is untouched; the restarted agent kills
+    the step its killed run left behind and takes work again."""
     pipeline = stack.pipeline("agent-kill", SLEEPER)
     doomed = stack.trigger(pipeline, RUNS=str(runs), SLEEP="300")
     pid_file = runs.with_name(f"{runs.name}.{doomed['id']}.pid")
     wait_until(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=30,
                message="the long step to start")  # fmt: skip
     step_pid = int(pid_file.read_text())
-    [(agent,)] = stack.sql("SELECT agent FROM builds_jobrun WHERE build_id = %s", doomed["id"])
+    [(agent,)] = stack.sql(
+        "SELECT agent FROM builds_jobrun WHERE build_id = %s AND key = 'j'", doomed["id"]
+    )
+    leased = stack.sql(
+        "SELECT a.name FROM agents_agentlease l JOIN agents_agent a ON a.id = l.agent_id"
+        " WHERE l.build_id = %s", doomed["id"]
+    )  # fmt: skip
+    assert leased == [(agent,)]
     bystander = stack.trigger(pipeline, RUNS=str(runs), SLEEP="3")
 
     stack.kill(agent)
 
     statuses = stack.wait_final([doomed["id"], bystander["id"]], timeout=60)
     assert statuses == {doomed["id"]: "FAILED", bystander["id"]: "SUCCEEDED"}
-    [(reason,)] = stack.sql("SELECT reason FROM builds_jobrun WHERE build_id = %s", doomed["id"])
+    [(reason,)] = stack.sql(
+        "SELECT reason FROM builds_jobrun WHERE build_id = %s AND key = 'j'", doomed["id"]
+    )
     assert agent in reason
     assert alive(step_pid)  # a step leads its own process group: the kill did not reach it
 
