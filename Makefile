@@ -9,7 +9,7 @@ export VAR_DIR
 ADMIN_USER ?= admin
 ADMIN_PASSWORD ?= admin
 
-.PHONY: install prepare run test lint chromium bench lock demo clean
+.PHONY: install prepare run test lint chromium bench faults lock demo clean
 
 $(BIN)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ test: lint chromium
 
 bench: install
 	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/bench -s -q
+
+# The fault suite with the soak (tests/faults/soak: 1,000 builds, minutes; `make test` skips
+# it). SOAK_BUILDS=100 runs a shorter soak, SOAK_SEED=N repeats a mix.
+faults: install
+	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/faults -s -q
 
 # Re-pin every dependency after editing pyproject.toml.
 lock:
