@@ -2,6 +2,7 @@
 page) and builds (read-only history, with the stage/job/step tree and the step logs)."""
 
 import re
+import uuid
 from urllib.parse import urlencode
 
 from django import forms
@@ -17,7 +18,7 @@ from django.utils.html import format_html, format_html_join
 
 from builds import partitions, services
 from builds.definition import parse_definition
-from builds.errors import InvalidVariables, StepNotRetryable
+from builds.errors import IdempotencyKeyReused, InvalidVariables, StepNotRetryable
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun, VariablePartition
 from builds.services import retry as retry_service
 from builds.statuses import BUILD_FINAL, BuildStatus, build_allowed_from, stage_status
@@ -79,6 +80,9 @@ class PipelineForm(forms.ModelForm):
 
 
 class TriggerForm(forms.Form):
+    # A new key each time the form is shown: the same form sent twice (a double click, a
+    # resubmission) shows the build the first one made rather than making another.
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False)
     variables = forms.CharField(
         required=False,
         strip=False,
@@ -161,17 +165,33 @@ class PipelineAdmin(admin.ModelAdmin):
         if not self.has_trigger_permission(request):
             raise PermissionDenied
         pipeline = get_object_or_404(Pipeline, pk=pipeline_id)
-        form = TriggerForm(request.POST if request.method == "POST" else None)
+        if request.method == "POST":
+            form = TriggerForm(request.POST)
+        else:
+            form = TriggerForm(initial={"idempotency_key": uuid.uuid4().hex})
         if form.is_valid():
             try:
                 variables = parse_variable_lines(form.cleaned_data["variables"])
-                build = services.trigger_build(pipeline, variables, request.user)
+                key = form.cleaned_data["idempotency_key"]
+                build = services.trigger_build(pipeline, variables, request.user, key)
+            except IdempotencyKeyReused as exc:
+                # The form was sent back with other variables: a new build if sent again.
+                self.message_user(
+                    request,
+                    f"This form already triggered build #{exc.fields['number']} with other"
+                    " variables; send it again to trigger a new build.",
+                    messages.WARNING,
+                )
+                form = TriggerForm(
+                    initial={**form.cleaned_data, "idempotency_key": uuid.uuid4().hex}
+                )
             except CIError as exc:
                 self.message_user(request, f"{exc.code}: {exc.detail}", messages.ERROR)
             else:
                 reason = f" ({build.reason})" if build.reason else ""
+                done = "was triggered by this form already" if build.replayed else "triggered"
                 self.message_user(
-                    request, f"Build {build} triggered: {build.status}{reason}", messages.SUCCESS
+                    request, f"Build {build} {done}: {build.status}{reason}", messages.SUCCESS
                 )
                 return redirect(
                     reverse(f"{self.admin_site.name}:builds_build_change", args=(build.pk,))

@@ -140,7 +140,20 @@ class PipelineViewSet(
     @extend_schema(
         methods=["POST"],
         request=TriggerSerializer,
-        responses={201: BuildSummarySerializer, 409: conflict("PIPELINE_QUEUE_FULL")},
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                OpenApiParameter.HEADER,
+                description="a key of the client's (a UUID): the same trigger sent again"
+                " answers 200 with the build the first one made, and makes no other",
+            )
+        ],
+        responses={
+            201: BuildSummarySerializer,
+            200: OpenApiResponse(BuildSummarySerializer, "made earlier with this key"),
+            409: conflict("PIPELINE_QUEUE_FULL", "IDEMPOTENCY_KEY_REUSED"),
+        },
         summary="Trigger a build",
     )
     @extend_schema(methods=["GET"], responses=BuildSummarySerializer(many=True))
@@ -152,7 +165,15 @@ class PipelineViewSet(
             return self.get_paginated_response(BuildSummarySerializer(page, many=True).data)
         trigger = TriggerSerializer(data=request.data)
         trigger.is_valid(raise_exception=True)
-        build = services.trigger_build(pipeline, trigger.validated_data["variables"], request.user)
+        build = services.trigger_build(
+            pipeline,
+            trigger.validated_data["variables"],
+            request.user,
+            idempotency_key=request.headers.get("Idempotency-Key", ""),
+        )
+        if build.replayed:
+            headers = {"Idempotent-Replayed": "true"}
+            return Response(BuildSummarySerializer(build).data, status.HTTP_200_OK, headers=headers)
         return Response(BuildSummarySerializer(build).data, status=status.HTTP_201_CREATED)
 
 

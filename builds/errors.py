@@ -9,6 +9,15 @@ class InvalidVariables(CIError):
     code = "INVALID_VARIABLES"
 
 
+class InvalidIdempotencyKey(CIError):
+    code = "INVALID_IDEMPOTENCY_KEY"
+
+
+class IdempotencyKeyReused(CIError):
+    code = "IDEMPOTENCY_KEY_REUSED"
+    http_status = 409
+
+
 class PipelineNameTaken(CIError):
     code = "PIPELINE_NAME_TAKEN"
     http_status = 409

@@ -59,16 +59,29 @@ class Build(models.Model):
     created_at = models.DateTimeField(db_index=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # A client's key for the trigger that made the build: the same trigger again (a retry
+    # after a lost answer) returns this build rather than making another. The fingerprint is
+    # of the variables it was triggered with, to tell a retry from a reuse of the key.
+    idempotency_key = models.CharField(max_length=200, blank=True, default="")
+    idempotency_fingerprint = models.CharField(max_length=64, blank=True, default="")
 
     class Meta:
         ordering = ["-id"]
         constraints = [
-            models.UniqueConstraint(fields=["pipeline", "number"], name="build_number_unique")
+            models.UniqueConstraint(fields=["pipeline", "number"], name="build_number_unique"),
+            models.UniqueConstraint(
+                fields=["pipeline", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="build_idempotency_key_unique",
+            ),
         ]
         permissions = [
             ("cancel_build", "Can cancel builds"),
             ("retry_build", "Can retry builds and their steps"),
         ]
+
+    # Set by trigger_build on a build an earlier trigger with the same idempotency key made.
+    replayed = False
 
     def __str__(self) -> str:
         return f"{self.pipeline.name} #{self.number}"

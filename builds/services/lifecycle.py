@@ -1,7 +1,9 @@
 """A build's life on the server: trigger, advance stage by stage, finish."""
 
+import hashlib
 import json
 import logging
+import re
 from contextlib import suppress
 from datetime import timedelta
 from itertools import groupby
@@ -13,7 +15,12 @@ from django.utils import timezone
 from agents import leases
 from agents.models import AgentLease
 from builds.definition import normalize_variables
-from builds.errors import BuildAlreadyFinished, VariablePartitionMissing
+from builds.errors import (
+    BuildAlreadyFinished,
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
+    VariablePartitionMissing,
+)
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
 from builds.statuses import (
     BUILD_FINAL,
@@ -34,13 +41,25 @@ log = logging.getLogger(__name__)
 NO_PARTITION_FOR_ROW = "23514"  # check_violation: "no partition of relation ... for row"
 
 
-def trigger_build(pipeline: Pipeline, variables=None, user=None) -> Build:
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, as a UUID is
+
+
+def trigger_build(pipeline: Pipeline, variables=None, user=None, idempotency_key="") -> Build:
     """Create build N+1 of `pipeline` with its variables and status tree, admit it by the
     pipeline's concurrency policy, and queue its first stage if it may run. Bad variables
-    raise InvalidVariables, a full queue PipelineQueueFull, before anything is stored."""
+    raise InvalidVariables, a full queue PipelineQueueFull, before anything is stored.
+
+    With an `idempotency_key`, the same trigger again (a client retrying after a lost
+    answer, a form sent twice) returns the build the first one made, with `replayed` set;
+    the key with other variables raises IdempotencyKeyReused."""
     overrides = normalize_variables({} if variables is None else variables)
+    if idempotency_key and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
+        raise InvalidIdempotencyKey(
+            "an idempotency key is 1 to 200 printable ASCII characters, without spaces"
+            " (a UUID, say)"
+        )
     try:
-        return _trigger(pipeline, overrides, user)
+        return _trigger(pipeline, overrides, user, idempotency_key)
     except IntegrityError as exc:
         if getattr(exc.__cause__, "sqlstate", None) != NO_PARTITION_FOR_ROW:
             raise
@@ -50,8 +69,11 @@ def trigger_build(pipeline: Pipeline, variables=None, user=None) -> Build:
         ) from None
 
 
-def _trigger(pipeline: Pipeline, overrides: dict[str, str], user) -> Build:
+def _trigger(pipeline: Pipeline, overrides: dict[str, str], user, key: str) -> Build:
+    fingerprint = _fingerprint(overrides) if key else ""
     with transaction.atomic():
+        if key and (earlier := _earlier_trigger(pipeline.pk, key, fingerprint)):
+            return earlier
         number, spec, policy_id = _next_build_number(pipeline.pk)
         now = timezone.now()
         build = Build(
@@ -61,6 +83,8 @@ def _trigger(pipeline: Pipeline, overrides: dict[str, str], user) -> Build:
             spec=spec,
             triggered_by=user if user and user.is_authenticated else None,
             created_at=now,
+            idempotency_key=key,
+            idempotency_fingerprint=fingerprint,
         )
         if policy_id is not None:
             _admit(build, policy_id, {**spec["variables"], **overrides})
@@ -75,6 +99,28 @@ def _trigger(pipeline: Pipeline, overrides: dict[str, str], user) -> Build:
             _create_tree(build, spec)
             if build.status == BuildStatus.RUNNING:
                 _queue_stage(build.pk, 0)
+    return build
+
+
+def _fingerprint(overrides: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()
+
+
+def _earlier_trigger(pipeline_id: int, key: str, fingerprint: str) -> Build | None:
+    """The build an earlier trigger with this key made. The pipeline's row is locked first,
+    as the trigger's numbering does, so a concurrent trigger with the key waits for this one."""
+    Pipeline.objects.select_for_update().filter(pk=pipeline_id).values_list("pk").first()
+    build = Build.objects.filter(pipeline_id=pipeline_id, idempotency_key=key).first()
+    if build is None:
+        return None
+    if build.idempotency_fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            f"build #{build.number} was triggered with this idempotency key and other"
+            " variables; nothing was done. Use a new key for a new build",
+            build=build.pk,
+            number=build.number,
+        )
+    build.replayed = True
     return build
 
 

@@ -126,7 +126,13 @@ class RabbitBroker:
 
     @staticmethod
     def _ctl(*args, check=True) -> None:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=check, capture_output=True, timeout=60)
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        if check and done.returncode:
+            raise RuntimeError(
+                f"rabbitmqctl {' '.join(args)} failed: is RabbitMQ running on this machine"
+                f" (rabbitmq-server -detached)?\n{done.stdout}{done.stderr}"
+            )
 
     def stop(self) -> None:
         self._ctl("stop_app")
@@ -228,12 +234,18 @@ class Stack(Workers):
 
     # --- acting and looking -------------------------------------------------------------
 
-    def api(self, method: str, path: str, body=None, timeout: float = 10) -> tuple[int, dict]:
+    def api(
+        self, method: str, path: str, body=None, timeout: float = 10, headers=None
+    ) -> tuple[int, dict]:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.web_port}{path}",
             method=method,
             data=None if body is None else json.dumps(body).encode(),
-            headers={"Authorization": f"Token {self.token}", "Content-Type": "application/json"},
+            headers={
+                "Authorization": f"Token {self.token}",
+                "Content-Type": "application/json",
+                **(headers or {}),
+            },
         )
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:

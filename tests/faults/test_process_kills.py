@@ -127,23 +127,30 @@ def test_controller_killed_mid_advance(stack, runs):
 
 def test_web_killed_mid_trigger(stack, runs):
     """web dies while its trigger transaction holds the pipeline's number: nothing of that
-    build is written, the client gets an error rather than a build, and the next trigger
-    takes the next number. No number is given twice."""
+    build is written, the client gets an error rather than a build. It sends the trigger
+    again with its Idempotency-Key, and again: one build, with the next number. No number is
+    given twice."""
     pipeline = stack.pipeline("web-kill", TWO_STAGES)
     first = stack.trigger(pipeline, RUNS=str(runs))
     lock_pipeline = "SELECT id FROM builds_pipeline WHERE id = %s FOR UPDATE"
     answer = {}
 
     def trigger():
+        return stack.api(
+            "POST",
+            f"/api/pipelines/{pipeline}/builds/",
+            {"variables": {"RUNS": str(runs)}},
+            headers={"Idempotency-Key": "web-kill-1"},
+        )
+
+    def cut_short():
         try:
-            answer["response"] = stack.api(
-                "POST", f"/api/pipelines/{pipeline}/builds/", {"variables": {"RUNS": str(runs)}}
-            )
-        except OSError as exc:  # the connection was cut: the client knows nothing was made
+            answer["response"] = trigger()
+        except OSError as exc:  # the connection was cut: the client does not know
             answer["error"] = exc
 
     with holding(stack, lock_pipeline, pipeline) as locker:
-        caller = threading.Thread(target=trigger)
+        caller = threading.Thread(target=cut_short)
         caller.start()
         wait_blocked_by(stack, locker)
         stack.kill("web")
@@ -151,7 +158,8 @@ def test_web_killed_mid_trigger(stack, runs):
     assert "error" in answer, answer
     stack.restart("web")
 
-    after = stack.trigger(pipeline, RUNS=str(runs))
+    (made, after), (replayed, again) = trigger(), trigger()
+    assert (made, replayed, again) == (201, 200, after)
     assert after["number"] == first["number"] + 1
     numbers = stack.sql("SELECT number FROM builds_build WHERE pipeline_id = %s", pipeline)
     assert sorted(n for (n,) in numbers) == [first["number"], after["number"]]

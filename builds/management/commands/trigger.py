@@ -22,10 +22,16 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("name")
         parser.add_argument("--var", action="append", default=[], type=parse_var, metavar="K=V")
+        parser.add_argument(
+            "--idempotency-key",
+            default="",
+            help="run again with the same key, the command reports the build the first run"
+            " made instead of making another",
+        )
         parser.add_argument("--wait", action="store_true", help="wait for the final status")
         parser.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
 
-    def handle(self, *args, name, var, wait, timeout, **options):
+    def handle(self, *args, name, var, idempotency_key, wait, timeout, **options):
         require_services()  # one clear message naming a service that is down
         pipeline = Pipeline.objects.filter(name=name).first()
         if pipeline is None:
@@ -35,10 +41,11 @@ class Command(BaseCommand):
             # As in the admin: refused, rather than silently keeping the last value.
             raise CommandError(f"INVALID_VARIABLES: --var {', '.join(twice)} given twice")
         try:
-            build = services.trigger_build(pipeline, dict(var))
+            build = services.trigger_build(pipeline, dict(var), idempotency_key=idempotency_key)
         except CIError as exc:
             raise CommandError(f"{exc.code}: {exc.detail}") from None
-        self.stdout.write(f"build #{build.number} (id {build.pk}) {build.status}")
+        earlier = " (made earlier with this idempotency key)" if build.replayed else ""
+        self.stdout.write(f"build #{build.number} (id {build.pk}) {build.status}{earlier}")
         if not wait:
             return
         deadline = None if timeout is None else time.monotonic() + timeout
