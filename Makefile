@@ -56,7 +56,8 @@ bench: install
 # The fault suite with the soak (tests/faults/soak: 1,000 builds, minutes; `make test` skips
 # it). SOAK_BUILDS=100 runs a shorter soak, SOAK_SEED=N repeats a mix.
 faults: install
-	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/faults -s -q
+	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/faults --ignore=tests/faults/soak -q
+	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/faults/soak -s -q  # -s: its figures
 
 # Re-pin every dependency after editing pyproject.toml.
 lock:
