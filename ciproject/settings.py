@@ -119,6 +119,12 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Pipelines, builds, steps and their logs.",
     "VERSION": "1",
     "SERVE_INCLUDE_SCHEMA": False,
+    # Three choice sets share the field name `status`: named after their classes.
+    "ENUM_NAME_OVERRIDES": {
+        "BuildStatusEnum": "builds.statuses.BuildStatus",
+        "RunStatusEnum": "builds.statuses.RunStatus",
+        "AgentStatusEnum": "agents.models.AgentStatus",
+    },
 }
 
 # Celery: Redis is transport only; PostgreSQL holds every status (DESIGN.md principle 1).
