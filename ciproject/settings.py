@@ -129,6 +129,8 @@ SPECTACULAR_SETTINGS = {
 
 # Celery: Redis is transport only; PostgreSQL holds every status (DESIGN.md principle 1).
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0")
+if CELERY_BROKER_URL.startswith("redis://"):  # kombu's, with a fix: see ciproject/broker.py
+    CELERY_BROKER_TRANSPORT = "ciproject.broker:Transport"
 CELERY_RESULT_BACKEND = "django-db"
 CELERY_RESULT_EXTENDED = True
 CELERY_TASK_ACKS_LATE = True

@@ -312,6 +312,27 @@ class Stack(Workers):
 
 
 @contextlib.contextmanager
+def holding(stack, query: str, *args):
+    """Hold the row locks `query` (a SELECT ... FOR UPDATE) takes until the block ends."""
+    with psycopg.connect(stack.database_url) as locker:
+        locker.execute(query, args)
+        yield locker.info.backend_pid
+        locker.rollback()
+
+
+def wait_blocked_by(stack, locker_pid: int) -> int:
+    """Wait until a session waits on `locker_pid`'s locks; return that session's pid."""
+
+    def blocked():
+        rows = stack.sql(
+            "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", locker_pid
+        )
+        return rows[0][0] if rows else None
+
+    return wait_until(blocked, timeout=30, message=f"a session to wait on {locker_pid}")
+
+
+@contextlib.contextmanager
 def running_stack(database_url: str, broker_url: str, tmp_path_factory, **options):
     stack = Stack(database_url, broker_url, tmp_path_factory.mktemp("stack-logs"), **options)
     stack.prepare()

@@ -1,14 +1,12 @@
 """SIGKILL each kind of process at its worst moment: an agent mid-step, the controller
 mid-advance, web mid-trigger. Every build still ends, nothing runs twice, nothing stays held."""
 
-import contextlib
 import os
 import threading
 
-import psycopg
 import pytest
 
-from tests.faults.stack import RECORD, assert_settled
+from tests.faults.stack import RECORD, assert_settled, holding, wait_blocked_by
 from tests.support import wait_until
 
 # `j` leases its agent to the build: `then` runs there after it, in its workspace.
@@ -85,27 +83,6 @@ def kill_agent_mid_step(stack, runs) -> None:
     again = [stack.trigger(pipeline, RUNS=str(runs), SLEEP="0") for _ in range(4)]
     assert set(stack.wait_final(b["id"] for b in again).values()) == {"SUCCEEDED"}
     assert_settled(stack, runs)
-
-
-@contextlib.contextmanager
-def holding(stack, query: str, *args):
-    """Hold the row locks `query` (a SELECT ... FOR UPDATE) takes until the block ends."""
-    with psycopg.connect(stack.database_url) as locker:
-        locker.execute(query, args)
-        yield locker.info.backend_pid
-        locker.rollback()
-
-
-def wait_blocked_by(stack, locker_pid: int) -> int:
-    """Wait until a session waits on `locker_pid`'s locks; return that session's pid."""
-
-    def blocked():
-        rows = stack.sql(
-            "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", locker_pid
-        )
-        return rows[0][0] if rows else None
-
-    return wait_until(blocked, timeout=30, message=f"a session to wait on {locker_pid}")
 
 
 def test_controller_killed_mid_advance(stack, runs):
