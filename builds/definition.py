@@ -26,8 +26,8 @@ RESERVED_PREFIXES = ("CI_", "BASH_", "LD_")
 RESERVED_NAMES = frozenset(
     {"BASH_ENV", "ENV", "SHELLOPTS", "BASHOPTS", "PS4", "PROMPT_COMMAND", "IFS", "CDPATH"}
     | {"GLOBIGNORE", "PATH", "HOME", "SHELL", "USER", "LOGNAME", "TMPDIR", "PWD", "OLDPWD"}
-    # glibc acts on these in every program, bash included: loader tunables, locale files (read
-    # as bash starts) and charset modules (shared objects). Setuid programs never see them.
+    # These three glibc variables act on every program, bash included: loader tunables,
+    # locale files (read as bash starts) and charset modules (shared objects).
     | {"GLIBC_TUNABLES", "LOCPATH", "GCONV_PATH"}
 )
 

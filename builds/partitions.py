@@ -125,15 +125,22 @@ def ensure(now: datetime | None = None, ahead: int | None = None) -> list[str]:
     ahead = settings.VARIABLE_PARTITIONS_AHEAD if ahead is None else ahead
     existing = {p.start for p in catalog()}
     start, _ = bounds_for(now)
+    current = start
     created = []
     for _ in range(ahead + 1):
         end = start + partition_size()
         if start not in existing:
             name = name_for(start)
-            # ACCESS EXCLUSIVE on the parent: bounded like the purge's DDL, so variable reads
-            # and writes never queue long behind it; the next run (hourly) creates it then.
-            sql = f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF "{PARENT}"'
-            if not _lock_bounded(sql + " FOR VALUES FROM (%s) TO (%s)", [start, end]):
+            create = (
+                f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF "{PARENT}"'
+                " FOR VALUES FROM (%s) TO (%s)"
+            )
+            if start == current:  # builds are written to it now: wait as long as it takes
+                with connection.cursor() as cursor:
+                    cursor.execute(create, [start, end])
+            # One ahead takes ACCESS EXCLUSIVE on the parent: bounded like the purge's DDL, so
+            # variable reads and writes never queue long behind it; a later run creates it.
+            elif not _lock_bounded(create, [start, end]):
                 log.warning(
                     "variable partition %s not created: a lock wait on %s took over %s ms"
                     " (a long transaction on it); the next run creates it",

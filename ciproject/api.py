@@ -69,6 +69,15 @@ class AutoSchema(openapi.AutoSchema):
         return dict(sorted(responses.items()))
 
 
+def _database_unreachable(exc) -> bool:
+    """A lost or refused connection (SQLSTATE class 08, a server shutting down, or no
+    SQLSTATE: no server answered), not an error of a query such as a deadlock."""
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    sqlstate = getattr(exc.__cause__, "sqlstate", None)
+    return sqlstate is None or sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
+
+
 def exception_handler(exc, context):
     """Every error is {"code": STABLE_CODE, "detail": "what happened", ...}."""
     if isinstance(exc, CIError):
@@ -80,8 +89,9 @@ def exception_handler(exc, context):
         # refuse the body before our parser sees it.
         exc = RequestTooLarge()
     response = drf_exception_handler(exc, context)
-    if response is None and isinstance(exc, (OperationalError, InterfaceError)):
-        # PostgreSQL restarting or out of reach: nothing was written; the client may retry.
+    if response is None and _database_unreachable(exc):
+        # PostgreSQL restarting or out of reach. A trigger cut off at its commit may have
+        # been written: a retry with its Idempotency-Key is safe either way.
         logger.warning("database unreachable: %s", exc)
         set_rollback()
         return Response(

@@ -10,6 +10,7 @@ import logging
 import os
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,10 @@ def publish(call, *args, **kwargs) -> bool:
         return True
     except Exception as exc:
         name = args[0] if args and isinstance(args[0], str) else call.__name__
-        log.warning("broker unreachable, %s not sent (the sweeps re-drive it): %s", name, exc)
+        log.warning(
+            "broker unreachable, %s not sent (the sweeps re-drive it): %s", name, exc,
+            exc_info=not isinstance(exc, (OSError, OperationalError)),  # a bug: its traceback
+        )  # fmt: skip
         return False
 
 

@@ -320,13 +320,16 @@ def holding(stack, query: str, *args):
         locker.rollback()
 
 
-def wait_blocked_by(stack, locker_pid: int) -> int:
-    """Wait until a session waits on `locker_pid`'s locks; return that session's pid."""
+def wait_blocked_by(stack, locker_pid: int, statement: str = "") -> int:
+    """Wait until a session waits on `locker_pid`'s locks (running a statement that starts
+    with `statement`, if given); return that session's pid."""
 
     def blocked():
         rows = stack.sql(
-            "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", locker_pid
-        )
+            "SELECT pid FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+            " AND query LIKE %s",
+            locker_pid, statement + "%",
+        )  # fmt: skip
         return rows[0][0] if rows else None
 
     return wait_until(blocked, timeout=30, message=f"a session to wait on {locker_pid}")
