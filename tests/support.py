@@ -1,5 +1,6 @@
 """Helpers for tests: waiting on a condition with a deadline, and common pipelines."""
 
+import os
 import time
 
 import psycopg
@@ -15,16 +16,29 @@ from builds.models import Build, JobRun, StepRun
 from builds.statuses import BUILD_FINAL
 
 
-def wait_until(predicate, timeout: float = 30, interval: float = 0.05, message: str = ""):
-    """Poll `predicate` until it returns something truthy, or fail after `timeout` s."""
+def wait_until(predicate, timeout: float = 30, interval: float = 0.05, message=""):
+    """Poll `predicate` until it returns something truthy, or fail after `timeout` s.
+    `message` says what was awaited; a callable is asked at the failure (to show the state
+    that was left)."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {message or predicate}")
+            what = message() if callable(message) else message
+            pytest.fail(f"timed out after {timeout} s waiting for {what or predicate}")
         time.sleep(interval)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0) until its parent reaps it: read its state.
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def wait_for_build(build: Build | int, timeout: float = 60) -> Build:

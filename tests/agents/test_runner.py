@@ -8,7 +8,7 @@ import pytest
 
 from agents.runner import MAX_LINE, MAX_WARNINGS, StepOutput, run_step, step_environment
 from builds.definition import MAX_VARIABLE_NAME, MAX_VARIABLES
-from tests.support import wait_until
+from tests.support import process_alive, wait_until
 
 
 def run_with_output(command, tmp_path, timeout=30, env=None, max_bytes=1 << 20, grace=2.0):
@@ -27,16 +27,6 @@ def run_with_output(command, tmp_path, timeout=30, env=None, max_bytes=1 << 20, 
 def run(command, tmp_path, **kwargs):
     outcome, output = run_with_output(command, tmp_path, **kwargs)
     return outcome, output.take() + output.truncation_notice()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0) until its parent reaps it: read its state.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split(")")[-1].split()[0] != "Z"
 
 
 def test_output_and_exit_code(tmp_path):
@@ -106,14 +96,16 @@ def test_timeout_kills_the_whole_process_group(tmp_path):
     assert time.monotonic() - started < 5
     recorded = [int(p) for p in pids.read_text().split()]
     assert len(recorded) == 3  # child, child shell, grandchild
-    wait_until(lambda: not any(alive(p) for p in recorded), timeout=5, message="group to die")
+    wait_until(
+        lambda: not any(process_alive(p) for p in recorded), timeout=5, message="group to die"
+    )
 
 
 def test_sigterm_ignored_is_followed_by_sigkill(tmp_path):
     pid_file = tmp_path / "pid"
     outcome, _ = run(f"trap '' TERM; echo $$ > {pid_file}; sleep 600", tmp_path, timeout=1, grace=1)
     assert outcome.timed_out
-    assert not alive(int(pid_file.read_text()))
+    assert not process_alive(int(pid_file.read_text()))
 
 
 def test_background_processes_do_not_outlive_their_step(tmp_path):
@@ -121,7 +113,7 @@ def test_background_processes_do_not_outlive_their_step(tmp_path):
     outcome, _ = run(f"sleep 600 & echo $! > {pid_file}", tmp_path)
     assert outcome.exit_code == 0
     pid = int(pid_file.read_text())
-    wait_until(lambda: not alive(pid), timeout=5, message="background sleep to die")
+    wait_until(lambda: not process_alive(pid), timeout=5, message="background sleep to die")
 
 
 def test_on_tick_can_stop_a_step(tmp_path):
@@ -159,7 +151,7 @@ def test_on_tick_raising_still_ends_the_process_group(tmp_path):
             on_tick=on_tick,
         )
     recorded = [int(p) for p in pids.read_text().split()]
-    assert [p for p in recorded if alive(p)] == []
+    assert [p for p in recorded if process_alive(p)] == []
 
 
 def test_a_huge_line_without_newline_is_capped_in_linear_time(tmp_path):
@@ -301,8 +293,8 @@ def test_a_process_that_escaped_the_group_cannot_change_the_result(tmp_path):
         assert output.variables == returned
         # Our end of the pipe is closed, so the escaped writer dies of SIGPIPE.
         pid = int(pid_file.read_text())
-        wait_until(lambda: not alive(pid), timeout=5, message="escaped process to end")
+        wait_until(lambda: not process_alive(pid), timeout=5, message="escaped process to end")
     finally:
         pid = int(pid_file.read_text())
-        if alive(pid):
+        if process_alive(pid):
             os.kill(pid, signal.SIGKILL)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -364,15 +363,11 @@ def assert_settled(stack: Stack, runs_file: Path | None = None, timeout: float =
         )  # fmt: skip
         return counts if not any(counts.values()) else None
 
-    deadline = time.monotonic() + timeout
-    while (counts := settled()) is None:
-        if time.monotonic() > deadline:
-            left = stack.sql(
-                "SELECT id, status, reason FROM builds_build WHERE NOT status = ANY(%s)",
-                list(FINAL),
-            )
-            raise AssertionError(f"not settled after {timeout} s: {left}")
-        time.sleep(0.2)
+    def left():
+        live = "SELECT id, status, reason FROM builds_build WHERE NOT status = ANY(%s)"
+        return f"nothing left live; left: {stack.sql(live, list(FINAL))}"
+
+    counts = wait_until(settled, timeout, interval=0.2, message=left)
     if runs_file is not None and runs_file.exists():
         lines = runs_file.read_text().splitlines()
         twice = {line for line in lines if lines.count(line) > 1}

@@ -1,13 +1,12 @@
 """SIGKILL each kind of process at its worst moment: an agent mid-step, the controller
 mid-advance, web mid-trigger. Every build still ends, nothing runs twice, nothing stays held."""
 
-import os
 import threading
 
 import pytest
 
 from tests.faults.stack import RECORD, assert_settled, holding, wait_blocked_by
-from tests.support import wait_until
+from tests.support import process_alive, wait_until
 
 # `j` leases its agent to the build: `then` runs there after it, in its workspace.
 SLEEPER = f"""
@@ -32,16 +31,6 @@ stages:
     jobs:
       - {{id: b, runs-on: default, steps: [{{run: '{RECORD.format(name="b")}'}}]}}
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead: it only waits to be reaped by its parent.
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_agent_killed_mid_step(stack, runs):
@@ -76,10 +65,12 @@ def kill_agent_mid_step(stack, runs) -> None:
         "SELECT reason FROM builds_jobrun WHERE build_id = %s AND key = 'j'", doomed["id"]
     )
     assert agent in reason
-    assert alive(step_pid)  # a step leads its own process group: the kill did not reach it
+    assert process_alive(step_pid)  # a step leads its own process group: the kill did not reach it
 
     stack.restart(agent)
-    wait_until(lambda: not alive(step_pid), timeout=10, message="the orphaned step to be killed")
+    wait_until(
+        lambda: not process_alive(step_pid), timeout=10, message="the orphaned step to be killed"
+    )
     assert stack.sql("SELECT status FROM agents_agent WHERE name = %s", agent) == [("online",)]
     again = [stack.trigger(pipeline, RUNS=str(runs), SLEEP="0") for _ in range(4)]
     assert set(stack.wait_final(b["id"] for b in again).values()) == {"SUCCEEDED"}
