@@ -9,8 +9,7 @@ from agents import control, executor
 from agents import services as agents
 from builds import services as builds
 from builds.models import JobRun
-from tests.agents.test_runner import alive
-from tests.support import make_pipeline, one_step, wait_until
+from tests.support import make_pipeline, one_step, process_alive, wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -80,7 +79,9 @@ def test_an_error_while_a_step_runs_kills_its_group_and_fails_the_job(
     job.refresh_from_db()
     assert job.reason == "agent error on a1: RuntimeError: log store broken"
     assert job.steps.get().status == "FAILED"
-    wait_until(lambda: not alive(int(pid_file.read_text())), timeout=5, message="group to die")
+    wait_until(
+        lambda: not process_alive(int(pid_file.read_text())), timeout=5, message="group to die"
+    )
 
 
 def test_a_job_whose_end_was_never_recorded_is_ended_by_the_heartbeat(monkeypatch):

@@ -13,8 +13,7 @@ from agents.models import Agent
 from builds import services
 from builds.models import Build, JobRun, StepRun
 from ciproject.celery import app
-from tests.agents.test_runner import alive
-from tests.support import make_pipeline, one_step, wait_for_build, wait_until
+from tests.support import make_pipeline, one_step, process_alive, wait_for_build, wait_until
 
 pytestmark = [pytest.mark.usefixtures("workers"), pytest.mark.django_db(transaction=True)]
 
@@ -73,7 +72,9 @@ def test_cancel_running_build_kills_children_and_grandchildren(tmp_path):
     assert build.finished_at is not None
     # All gone within the grace period (3 s here): sleep exits on SIGTERM at once.
     assert (build.finished_at - build.cancel_requested_at).total_seconds() < 3
-    wait_until(lambda: not any(alive(p) for p in pids), timeout=3, message="processes to die")
+    wait_until(
+        lambda: not any(process_alive(p) for p in pids), timeout=3, message="processes to die"
+    )
     step = StepRun.objects.get(job__build=build, job__key="hang")
     assert step.status == "CANCELED"
     log = services.step_log(step)
@@ -157,7 +158,7 @@ def test_watchdog_finishes_the_cancel_when_the_agent_was_killed(workers, tmp_pat
         assert Agent.objects.get(name="agent-doomed").suspect_since is not None
     finally:
         for pid in pids:  # the killed agent's step outlived it; clean up after the test
-            if alive(pid):
+            if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 
 

@@ -10,8 +10,7 @@ from django.db import connection
 
 from builds import services
 from builds.models import Build, JobRun, StepRun
-from tests.agents.test_runner import alive
-from tests.support import make_pipeline, one_step, wait_for_build, wait_until
+from tests.support import make_pipeline, one_step, process_alive, wait_for_build, wait_until
 
 pytestmark = pytest.mark.usefixtures("workers")
 
@@ -152,7 +151,9 @@ stages:
     assert "timed out after 2 s" in log_of(step)
     recorded = [int(p) for p in pids.read_text().split()]
     assert len(recorded) == 3
-    wait_until(lambda: not any(alive(p) for p in recorded), timeout=5, message="group to die")
+    wait_until(
+        lambda: not any(process_alive(p) for p in recorded), timeout=5, message="group to die"
+    )
 
 
 @pytest.mark.django_db(transaction=True)
