@@ -40,6 +40,7 @@ run: prepare
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports  # the import contracts in pyproject.toml: dependencies run one way
 
 # The browser tests (tests/browser) drive Debian's Chromium; nothing downloads a browser.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

@@ -2,15 +2,14 @@
 when it stops heartbeating (or starts again while jobs are recorded as running on it): the
 jobs it was running end FAILED with a reason naming it, and their builds move on."""
 
-from collections import Counter
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from agents import leases
 from agents.models import Agent, AgentStatus
+from builds.services import fail_jobs_of_lost_agent
 from ciproject import metrics
 
 
@@ -41,13 +40,14 @@ def register_agent(
 
 
 def heartbeat(name: str) -> str | None:
-    """Record that the agent is alive; returns its status (None if it is not registered)."""
-    now = timezone.now()
-    Agent.objects.filter(name=name, status=AgentStatus.OFFLINE).update(status=AgentStatus.ONLINE)
+    """Record that the agent is alive, bringing it back online if the lost-agent sweep had
+    marked it offline; returns its status (None if it is not registered). One statement."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE agents_agent SET last_heartbeat = %s WHERE name = %s RETURNING status",
-            [now, name],
+            "UPDATE agents_agent SET last_heartbeat = %s,"
+            " status = CASE WHEN status = %s THEN %s ELSE status END"
+            " WHERE name = %s RETURNING status",
+            [timezone.now(), AgentStatus.OFFLINE, AgentStatus.ONLINE, name],
         )
         row = cursor.fetchone()
     return row[0] if row else None
@@ -89,32 +89,3 @@ def mark_lost_agents() -> list[str]:
     for name in Agent.objects.filter(status=AgentStatus.OFFLINE).values_list("name", flat=True):
         fail_jobs_of_lost_agent(name, "is offline")
     return names
-
-
-def fail_jobs_of_lost_agent(name: str, why: str) -> list[int]:
-    from builds import services as builds
-
-    reason = f"agent {name} was lost: it {why}"
-    failed = builds.fail_jobs_on_agent(name, reason)
-    leases.agent_lost(name, reason)
-    return failed
-
-
-def idle_agents() -> dict[str, tuple[list[str], int | None]]:
-    """Online agents with a free slot now: name -> (labels, the build it is leased to)."""
-    from builds.models import JobRun
-    from builds.statuses import RunStatus
-
-    busy = Counter(JobRun.objects.filter(status=RunStatus.RUNNING).values_list("agent", flat=True))
-    online = Agent.objects.filter(status=AgentStatus.ONLINE)
-    return {
-        name: (labels, leased_to)
-        for name, labels, capacity, leased_to in online.values_list(
-            "name", "labels", "capacity", "lease__build_id"
-        )
-        if busy[name] < capacity
-    }
-
-
-def online_agents_with_label(label: str) -> bool:
-    return Agent.objects.filter(status=AgentStatus.ONLINE, labels__contains=[label]).exists()

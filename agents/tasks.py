@@ -1,13 +1,14 @@
 from celery import shared_task
 
-from agents import leases, services
-from agents.executor import execute_job
-from agents.worker import current_agent
+from agents import services
+from agents.process import agent
+from builds import services as builds
 
 
 @shared_task(ignore_result=False)
 def run_job(job_id: int, attempt: int) -> str | None:
-    return execute_job(job_id, attempt, current_agent())
+    """On an agent (ciproject.protocol.RUN_JOB)."""
+    return agent.current().run_job(job_id, attempt)
 
 
 @shared_task(ignore_result=True)
@@ -17,4 +18,4 @@ def mark_lost_agents() -> list[str]:
 
 @shared_task(ignore_result=True)
 def sweep_leases() -> dict[str, list]:
-    return leases.sweep()
+    return builds.sweep_leases()

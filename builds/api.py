@@ -14,10 +14,20 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from builds import services
+from builds.errors import (
+    BuildAlreadyFinished,
+    BuildNotRetryable,
+    IdempotencyKeyReused,
+    PipelineNameTaken,
+    RetryWindowExpired,
+    StepNotRetryable,
+)
 from builds.models import Build, JobRun, Pipeline, StepRun
-from builds.statuses import stage_status
+from builds.stages import group_stages
 from ciproject.api import ErrorSerializer, router
+from ciproject.errors import CIError
 from ciproject.permissions import requires
+from concurrency.errors import PipelineQueueFull
 
 
 class PipelineSerializer(serializers.ModelSerializer):
@@ -98,25 +108,20 @@ class BuildSerializer(BuildSummarySerializer):
 
     @extend_schema_field(StageSerializer(many=True))
     def get_stages(self, build) -> list:
-        stages: dict[int, dict] = {}
-        for job in build.jobs.all():
-            stage = stages.setdefault(job.stage_index, {"name": job.stage_name, "jobs": []})
-            stage["jobs"].append(job)
-        for stage in stages.values():
-            stage["status"] = stage_status([job.status for job in stage["jobs"]])
-        return StageSerializer([stages[i] for i in sorted(stages)], many=True).data
+        return StageSerializer(group_stages(build.jobs.all()), many=True).data
 
 
-def conflict(*codes: str) -> OpenApiResponse:
-    """A 409 in the error format, naming the codes it may carry."""
-    return OpenApiResponse(ErrorSerializer, description="conflict: " + ", ".join(codes))
+def conflict(*errors: type[CIError]) -> OpenApiResponse:
+    """A 409 in the error format, naming the codes of the errors it may carry."""
+    codes = ", ".join(error.code for error in errors)
+    return OpenApiResponse(ErrorSerializer, description=f"conflict: {codes}")
 
 
 @extend_schema_view(
-    create=extend_schema(responses={201: PipelineSerializer, 409: conflict("PIPELINE_NAME_TAKEN")}),
-    update=extend_schema(responses={200: PipelineSerializer, 409: conflict("PIPELINE_NAME_TAKEN")}),
+    create=extend_schema(responses={201: PipelineSerializer, 409: conflict(PipelineNameTaken)}),
+    update=extend_schema(responses={200: PipelineSerializer, 409: conflict(PipelineNameTaken)}),
     partial_update=extend_schema(
-        responses={200: PipelineSerializer, 409: conflict("PIPELINE_NAME_TAKEN")}
+        responses={200: PipelineSerializer, 409: conflict(PipelineNameTaken)}
     ),
 )
 class PipelineViewSet(
@@ -152,7 +157,7 @@ class PipelineViewSet(
         responses={
             201: BuildSummarySerializer,
             200: OpenApiResponse(BuildSummarySerializer, "made earlier with this key"),
-            409: conflict("PIPELINE_QUEUE_FULL", "IDEMPOTENCY_KEY_REUSED"),
+            409: conflict(PipelineQueueFull, IdempotencyKeyReused),
         },
         summary="Trigger a build",
     )
@@ -165,13 +170,13 @@ class PipelineViewSet(
             return self.get_paginated_response(BuildSummarySerializer(page, many=True).data)
         trigger = TriggerSerializer(data=request.data)
         trigger.is_valid(raise_exception=True)
-        build = services.trigger_build(
+        build, replayed = services.trigger(
             pipeline,
             trigger.validated_data["variables"],
             request.user,
             idempotency_key=request.headers.get("Idempotency-Key", ""),
         )
-        if build.replayed:
+        if replayed:
             headers = {"Idempotent-Replayed": "true"}
             return Response(BuildSummarySerializer(build).data, status.HTTP_200_OK, headers=headers)
         return Response(BuildSummarySerializer(build).data, status=status.HTTP_201_CREATED)
@@ -204,7 +209,7 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
         request=RetrySerializer,
         responses={
             202: BuildSummarySerializer,
-            409: conflict("RETRY_WINDOW_EXPIRED", "BUILD_NOT_RETRYABLE", "PIPELINE_QUEUE_FULL"),
+            409: conflict(RetryWindowExpired, BuildNotRetryable, PipelineQueueFull),
         },
         summary="Retry a build",
     )
@@ -218,7 +223,7 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
 
     @extend_schema(
         request=None,
-        responses={202: StepSerializer, 409: conflict("STEP_NOT_RETRYABLE")},
+        responses={202: StepSerializer, 409: conflict(StepNotRetryable)},
         summary="Retry a failed step",
     )
     @action(detail=True, methods=["post"], url_path=r"steps/(?P<step_id>[0-9]+)/retry")
@@ -229,7 +234,7 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
 
     @extend_schema(
         request=None,
-        responses={202: CancelSerializer, 409: conflict("BUILD_ALREADY_FINISHED")},
+        responses={202: CancelSerializer, 409: conflict(BuildAlreadyFinished)},
         summary="Cancel a build",
     )
     @action(detail=True, methods=["post"])

@@ -5,6 +5,7 @@ nothing else escapes, whatever the input.
 """
 
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any
 
 import yaml
@@ -263,3 +264,26 @@ def normalize_variables(variables: Any, where: str = "variables") -> dict[str, s
     if total > MAX_VARIABLES_TOTAL:
         raise InvalidVariables(f"{where}: {total} bytes in all; at most {MAX_VARIABLES_TOTAL}")
     return result
+
+
+def parse_assignments(
+    items: Iterable[tuple[str, str]],
+    *,
+    unreadable: str = "{place}: expected KEY=VALUE, got {text!r}",
+    twice: str = "{place}: {name} is given twice",
+) -> dict[str, str]:
+    """`KEY=VALUE` texts as a mapping. Each item is (place, text), the place naming the text
+    in messages ("variables, line 2", "--var"); the name is trimmed, the value is the rest of
+    the text as it is. Raises InvalidVariables with `unreadable` (formatted with place and
+    text) for a text without `=` or a name, with `twice` (place and name) for a name given a
+    second time. The names and sizes are normalize_variables' to check."""
+    variables: dict[str, str] = {}
+    for place, text in items:
+        name, equals, value = text.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise InvalidVariables(unreadable.format(place=place, text=text))
+        if name in variables:
+            raise InvalidVariables(twice.format(place=place, name=name))
+        variables[name] = value
+    return variables

@@ -55,3 +55,13 @@ class BuildAlreadyFinished(CIError):
 
 class PurgeBeforeTooLate(CIError):
     code = "PURGE_BEFORE_TOO_LATE"
+
+
+class PipelineNotFound(CIError):
+    code = "PIPELINE_NOT_FOUND"
+    http_status = 404
+
+
+class BuildNotFound(CIError):
+    code = "BUILD_NOT_FOUND"
+    http_status = 404

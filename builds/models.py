@@ -80,9 +80,6 @@ class Build(models.Model):
             ("retry_build", "Can retry builds and their steps"),
         ]
 
-    # Set by trigger_build on a build an earlier trigger with the same idempotency key made.
-    replayed = False
-
     def __str__(self) -> str:
         return f"{self.pipeline.name} #{self.number}"
 
@@ -91,6 +88,38 @@ class Build(models.Model):
         if self.started_at and self.finished_at:
             return self.finished_at - self.started_at
         return None
+
+
+def is_bound(reuse_of: str, takes_lease: bool, agent: str) -> bool:
+    """The rule "this job runs on one agent only": it reuses another job's agent, or it is a
+    lease-taking job that ran before (its workspace is on that agent). JobRun.bound and
+    JobRunQuerySet.bound() say the same, for a row and in SQL."""
+    return bool(reuse_of) or (takes_lease and bool(agent))
+
+
+class JobRunQuerySet(models.QuerySet):
+    BOUND = ~models.Q(reuse_of="") | (models.Q(takes_lease=True) & ~models.Q(agent=""))
+    USES_LEASE = models.Q(takes_lease=True) | ~models.Q(reuse_of="")
+
+    def using_lease(self):
+        """The jobs that need their build to hold an agent's lease (see JobRun.uses_lease)."""
+        return self.filter(self.USES_LEASE)
+
+    def bound(self):
+        return self.filter(self.BOUND)
+
+    def unbound(self):
+        return self.exclude(self.BOUND)
+
+    def bound_to(self, agent: str):
+        """The jobs that may run on `agent` only."""
+        reused = JobRun.objects.filter(
+            build_id=models.OuterRef("build_id"), key=models.OuterRef("reuse_of"), agent=agent
+        )
+        return self.filter(
+            models.Q(takes_lease=True, agent=agent)
+            | (~models.Q(reuse_of="") & models.Exists(reused))
+        )
 
 
 class JobRun(models.Model):
@@ -116,12 +145,32 @@ class JobRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
+    objects = JobRunQuerySet.as_manager()
+
     class Meta:
         ordering = ["stage_index", "id"]
         constraints = [models.UniqueConstraint(fields=["build", "key"], name="job_key_unique")]
 
     def __str__(self) -> str:
         return f"{self.build} / {self.key}"
+
+    @property
+    def uses_lease(self) -> bool:
+        """It takes its agent's lease for the build, or runs on a leased agent: its workspace
+        is the build's, kept until the lease ends."""
+        return self.takes_lease or bool(self.reuse_of)
+
+    @property
+    def bound(self) -> bool:
+        return is_bound(self.reuse_of, self.takes_lease, self.agent)
+
+    def bound_agent(self) -> str | None:
+        """The agent a bound job must run on ("" if the job it reuses has not run); None
+        for a job any agent with its label may run."""
+        if self.reuse_of:
+            owner = JobRun.objects.filter(build_id=self.build_id, key=self.reuse_of)
+            return owner.values_list("agent", flat=True).first() or ""
+        return self.agent if self.bound else None
 
 
 class StepRun(models.Model):

@@ -23,7 +23,7 @@ expires, the purge stops and leaves the rest to its next run.
 
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
@@ -33,6 +33,7 @@ from django.utils import timezone
 from builds.errors import PurgeBeforeTooLate
 from builds.models import PartitionState, VariablePartition
 from ciproject import metrics
+from ciproject.locks import try_advisory_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +41,18 @@ PARENT = "builds_buildvariable"
 NAME_RE = re.compile(rf"{PARENT}_p\d{{8}}(?:_\d{{6}})?")
 BOUND_RE = re.compile(r"FROM \('([^']+)'\) TO \('([^']+)'\)")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-# Session-level advisory lock held by a purge (beat or manage.py): one purge at a time. An
-# arbitrary key, used for nothing else in this database.
-PURGE_LOCK_KEY = 7_310_582_476_127_042
 LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of an expired lock_timeout
 ANOTHER_PURGE = "another purge is running"
 
 
-class PurgeResult(list):
+@dataclass
+class PurgeResult:
     """The partitions dropped (on a dry run: that would be), in order; `postponed` those left
-    for the next run, and `reason` why (a lock wait that timed out, or another purge running).
-    A list, so callers that only want the names keep working."""
+    for the next run, and `reason` why (a lock wait that timed out, or another purge running)."""
 
-    def __init__(self, dropped=(), postponed=(), reason: str = ""):
-        super().__init__(dropped)
-        self.postponed = list(postponed)
-        self.reason = reason
+    dropped: list[str] = field(default_factory=list)
+    postponed: list[str] = field(default_factory=list)
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -180,19 +177,14 @@ def purge(before=None, dry_run=False, by: str = "purge", now=None) -> PurgeResul
     is finished by the next. One purge runs at a time: a second returns at once."""
     limit = cutoff(before, now)  # before anything: a refused `before` changes nothing
     if dry_run:
-        return PurgeResult(name for name, _ in _plan(limit))
+        return PurgeResult([name for name, _ in _plan(limit)])
     if connection.in_atomic_block:
         raise RuntimeError("purge must run outside a transaction (DETACH CONCURRENTLY)")
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [PURGE_LOCK_KEY])
-        if not cursor.fetchone()[0]:
+    with try_advisory_lock("variable-partition-purge") as acquired:  # one purge at a time
+        if not acquired:
             log.info("variable partition purge by %s skipped: %s", by, ANOTHER_PURGE)
             return PurgeResult(reason=ANOTHER_PURGE)
-    try:
         return _purge(_plan(limit), by)
-    finally:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_advisory_unlock(%s)", [PURGE_LOCK_KEY])
 
 
 def _plan(limit: datetime) -> list[tuple[str, str | None]]:
@@ -218,9 +210,9 @@ def _purge(plan: list[tuple[str, str | None]], by: str) -> PurgeResult:
         if not _lock_bounded(f'DROP TABLE IF EXISTS "{name}"'):
             break
         _dropped(name, by)
-        result.append(name)
+        result.dropped.append(name)
     # After a timeout, stop: the lock holder is likely still there, the rest would wait again.
-    result.postponed = [name for name, _ in plan[len(result) :]]
+    result.postponed = [name for name, _ in plan[len(result.dropped) :]]
     if result.postponed:
         result.reason = (
             f"a lock wait for {result.postponed[0]} took over"

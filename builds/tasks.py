@@ -1,8 +1,8 @@
 from celery import shared_task
 
 from builds import partitions, services
-from builds.services import recovery
 from ciproject.log_format import log_context
+from dispatch import placement
 
 
 @shared_task(ignore_result=False)
@@ -31,7 +31,7 @@ def reconcile_running_builds() -> dict[str, list[int]]:
     """Re-drive what lost messages left waiting: builds to advance, jobs to send again."""
     return {
         "advanced": services.reconcile_running_builds(),
-        "resent": recovery.resend_lost_jobs(),
+        "resent": placement.resend_lost_jobs(),
     }
 
 
@@ -42,4 +42,4 @@ def ensure_partitions() -> list[str]:
 
 @shared_task(ignore_result=True)
 def purge_partitions() -> list[str]:
-    return partitions.purge(by="beat")
+    return partitions.purge(by="beat").dropped

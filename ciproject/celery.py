@@ -1,4 +1,4 @@
-"""The Celery app. Queues:
+"""The Celery app, the one way to publish, and beat's schedule. Queues (ciproject.protocol):
 
 - controller: server-side work (advance a build, sweeps);
 - jobs.<label>: jobs waiting for any agent with that label;
@@ -12,6 +12,8 @@ import os
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from ciproject.protocol import CONTROLLER_QUEUE
+
 log = logging.getLogger(__name__)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ciproject.settings")
@@ -19,22 +21,6 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ciproject.settings")
 app = Celery("ciproject")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
-
-CONTROLLER_QUEUE = "controller"
-
-
-def job_queue(label: str) -> str:
-    return f"jobs.{label}"
-
-
-def retry_queue(label: str) -> str:
-    """Where retried jobs wait: agents consume it beside jobs.<label>, so a retry is never
-    stuck behind a backlog of new builds."""
-    return f"retry.{label}"
-
-
-def agent_queue(name: str) -> str:
-    return f"agent.{name}"
 
 
 def publish(call, *args, **kwargs) -> bool:

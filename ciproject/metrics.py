@@ -39,7 +39,8 @@ AGENTS_LOST = Counter(
     "ciproject_agents_lost", "Agents marked offline because their heartbeats stopped."
 )
 
-# Observed on the agents, served by each build node itself (AGENT_METRICS_PORT): agents.metrics.
+# Observed on the agents, served by each build node itself (AGENT_METRICS_PORT):
+# agents.process.metrics.
 AGENT_STEPS = Counter(
     "ciproject_agent_steps", "Step attempts run by an agent, by result.", ["agent", "status"]
 )

@@ -5,20 +5,14 @@ the running builds and the queue, where an operator may cancel a queued build.""
 from datetime import timedelta
 
 from django import forms
-from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
+from django.contrib import admin
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db.models import Count, FilteredRelation, Q
-from django.http import HttpResponseNotAllowed
-from django.middleware.csrf import get_token
-from django.shortcuts import get_object_or_404, redirect
 from django.urls import path, reverse
-from django.utils.html import format_html, format_html_join
 
-from builds import services as build_services
+from builds.admin.cancelling import CancelsBuilds
 from builds.models import Build
 from builds.statuses import BuildStatus
-from ciproject.errors import CIError
 from ciproject.formatting import human_duration
 from concurrency.models import ConcurrencyPolicy
 from concurrency.services import LIVE_RUNNING, group_overview
@@ -55,7 +49,7 @@ class ConcurrencyPolicyForm(forms.ModelForm):
 
 
 @admin.register(ConcurrencyPolicy)
-class ConcurrencyPolicyAdmin(admin.ModelAdmin):
+class ConcurrencyPolicyAdmin(CancelsBuilds, admin.ModelAdmin):
     form = ConcurrencyPolicyForm
     list_display = ["name", "group_key", "max_running", "queue_length", "queue_timeout"]
     list_display += ["on_queue_full", "cancel_in_progress", "running_count", "queued_count"]
@@ -84,101 +78,51 @@ class ConcurrencyPolicyAdmin(admin.ModelAdmin):
     def queued_count(self, obj):
         return obj.queued
 
-    def has_cancel_permission(self, request):
-        return request.user.has_perm("builds.cancel_build")
-
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None:
-            context["groups_overview"] = self._groups_overview(request, obj)
+            context["policy_groups"] = self._groups(request, obj)
+            context["queue_timeout"] = human_duration_seconds(obj.queue_timeout)
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     # The overview is shown after the change form (see the template), so its Cancel forms
     # are never nested in it.
-    def _groups_overview(self, request, policy):
-        groups = group_overview(policy)
-        if not groups:
-            return format_html("<p>{}</p>", "No build of this policy is running or queued.")
+    def _groups(self, request, policy) -> list[dict]:
+        """Each group of the policy's live builds: its key, its running builds as (build, its
+        page), its queue in order as (build, its page, how long it has waited, the URL its
+        Cancel form posts to, empty without the permission)."""
         can_cancel = self.has_cancel_permission(request)
-        return format_html_join(
-            "",
-            "{}",
-            ((self._group_html(request, policy, group, can_cancel),) for group in groups),
-        )
-
-    def _group_html(self, request, policy, group, can_cancel):
-        running = [
-            format_html('<li><a href="{}">{}</a> {}</li>', self._build_url(b), b, b.status)
-            for b in group["running"]
+        return [
+            {
+                "key": group["key"],
+                "running": [(build, self._build_url(build)) for build in group["running"]],
+                "queued": [
+                    (
+                        build,
+                        self._build_url(build),
+                        human_duration(waited),
+                        self._cancel_url(policy, build) if can_cancel else "",
+                    )
+                    for build, waited in group["queued"]
+                ],
+            }
+            for group in group_overview(policy)
         ]
-        queued = [
-            format_html(
-                '<tr><td>{}</td><td><a href="{}">{}</a></td><td>{}</td><td>{}</td></tr>',
-                position,
-                self._build_url(build),
-                build,
-                human_duration(waited),
-                self._cancel_form(request, policy, build) if can_cancel else "",
-            )
-            for position, (build, waited) in enumerate(group["queued"], start=1)
-        ]
-        return format_html(
-            '<div class="policy-group"><h3>group <code>{}</code></h3>'
-            "<p>running {} of at most {}; queued {} of at most {}; a build waits at most {}</p>"
-            "<h4>running</h4>{}<h4>queued, in queue order</h4>{}</div>",
-            group["key"],
-            len(group["running"]),
-            policy.max_running,
-            len(group["queued"]),
-            policy.queue_length,
-            human_duration_seconds(policy.queue_timeout),
-            format_html("<ul>{}</ul>", format_html_join("", "{}", zip(running)))
-            if running
-            else format_html("<p>{}</p>", "none"),
-            format_html(
-                "<table><thead><tr><th>#</th><th>build</th><th>waiting</th><th></th></tr>"
-                "</thead><tbody>{}</tbody></table>",
-                format_html_join("", "{}", zip(queued)),
-            )
-            if queued
-            else format_html("<p>{}</p>", "none"),
-        )
 
     def _build_url(self, build):
         return reverse(f"{self.admin_site.name}:builds_build_change", args=(build.pk,))
 
-    def _cancel_form(self, request, policy, build):
-        url = reverse(
+    def _cancel_url(self, policy, build):
+        return reverse(
             f"{self.admin_site.name}:concurrency_concurrencypolicy_cancel_build",
             args=(policy.pk, build.pk),
         )
-        return format_html(
-            '<form method="post" action="{}" style="display: inline">'
-            '<input type="hidden" name="csrfmiddlewaretoken" value="{}">'
-            '<button type="submit" class="button">Cancel</button></form>',
-            url,
-            get_token(request),
-        )
 
     def cancel_build_view(self, request, policy_id, build_id):
-        if request.method != "POST":
-            return HttpResponseNotAllowed(["POST"])
-        # Checked before the lookup, so a 404 tells nothing to who may not cancel.
-        if not self.has_cancel_permission(request):
-            raise PermissionDenied
-        build = get_object_or_404(
-            Build.objects.select_related("pipeline"), pk=build_id, policy_id=policy_id
+        of_policy = Build.objects.select_related("pipeline").filter(policy_id=policy_id)
+        next_url = reverse(
+            f"{self.admin_site.name}:concurrency_concurrencypolicy_change", args=(policy_id,)
         )
-        try:
-            status = build_services.request_cancel(build.pk, request.user)
-        except CIError as exc:
-            self.message_user(request, f"Build {build}: {exc.code}: {exc.detail}", messages.WARNING)
-        else:
-            self.message_user(request, f"Build {build}: {status}", messages.SUCCESS)
-        return redirect(
-            reverse(
-                f"{self.admin_site.name}:concurrency_concurrencypolicy_change", args=(policy_id,)
-            )
-        )
+        return self.cancel_build_response(request, of_policy, build_id, next_url)
 
     def get_urls(self):
         # Before the defaults: their "<path:object_id>/" would swallow this URL.

@@ -2,6 +2,8 @@ from django.core.exceptions import ValidationError
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
+from concurrency.keys import validate_template
+
 
 class OnQueueFull(models.TextChoices):
     REJECT = "reject", "reject the new build (PIPELINE_QUEUE_FULL)"
@@ -48,8 +50,6 @@ class ConcurrencyPolicy(models.Model):
         return self.name
 
     def clean(self):
-        from concurrency.keys import validate_template
-
         super().clean()
         try:
             validate_template(self.group_key)

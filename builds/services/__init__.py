@@ -1,39 +1,62 @@
 """Every change of state of pipelines, builds, jobs and steps. Each public function is one
 transaction; each status change is a compare-and-set through builds.statuses; messages
-leave with transaction.on_commit (DESIGN.md principles 1 and 2)."""
+leave with transaction.on_commit, through dispatch (DESIGN.md principles 1, 2 and 8).
+
+Modules, each importing only those above it in this list:
+
+- pipelines: creating and editing pipelines;
+- logs: step logs and the server's notes in them;
+- execution: what the agents call (start and finish jobs and steps), fenced by attempts;
+- progress: queueing a stage, advancing a build, finishing it, starting queued builds;
+- lost_agents: what a lost agent costs its jobs (the registry, agents.services, decides);
+- sweeps: beat's re-drives of what lost messages and long waits left behind;
+- cancellation: a cancel request, its batched finish and the watchdog;
+- triggering: a new build, admitted by its concurrency policy;
+- retry: step and build retries, and can_retry, the one rule for the retry window.
+"""
 
 from builds.services.cancellation import cancel_watchdog, finish_cancel, request_cancel
 from builds.services.execution import (
-    HAND_BACK,
-    append_log,
+    HandBack,
     build_variables,
-    fail_jobs_on_agent,
+    end_untracked_jobs,
     finish_job,
     finish_step,
     next_attempt,
     start_job,
     start_step,
-    step_log,
 )
-from builds.services.lifecycle import (
+from builds.services.logs import append_log, step_log
+from builds.services.lost_agents import fail_jobs_of_lost_agent, fail_jobs_on_agent
+from builds.services.pipelines import policy_named_in, save_pipeline, validate_pipeline_name
+from builds.services.progress import (
     advance_build,
-    reconcile_running_builds,
+    finish_build,
     requeue_job,
     start_queued_builds,
-    sweep_queues,
-    trigger_build,
 )
-from builds.services.pipelines import policy_named_in, save_pipeline, validate_pipeline_name
 from builds.services.retry import can_retry, retry_build, retry_step
+from builds.services.sweeps import (
+    fail_unplaced_jobs,
+    reconcile_running_builds,
+    sweep_leases,
+    sweep_queues,
+)
+from builds.services.triggering import Triggered, trigger, trigger_build
 
 __all__ = [
-    "HAND_BACK",
+    "HandBack",
+    "Triggered",
     "advance_build",
     "append_log",
     "build_variables",
     "can_retry",
     "cancel_watchdog",
+    "end_untracked_jobs",
+    "fail_jobs_of_lost_agent",
     "fail_jobs_on_agent",
+    "fail_unplaced_jobs",
+    "finish_build",
     "finish_cancel",
     "finish_job",
     "finish_step",
@@ -49,7 +72,9 @@ __all__ = [
     "start_queued_builds",
     "start_step",
     "step_log",
+    "sweep_leases",
     "sweep_queues",
+    "trigger",
     "trigger_build",
     "validate_pipeline_name",
 ]

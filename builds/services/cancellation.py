@@ -13,19 +13,16 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from agents.models import Agent
-from builds.errors import BuildAlreadyFinished
-from builds.models import Build, JobRun, StepLogChunk, StepRun
-from builds.services.execution import LATE_NOTE_SEQ
-from builds.services.lifecycle import advance_build
+from builds.errors import BuildAlreadyFinished, BuildNotFound
+from builds.models import Build, JobRun, StepRun
+from builds.services.logs import add_late_note
+from builds.services.progress import advance_build
 from builds.statuses import BuildStatus, RunStatus, build_allowed_from
 from ciproject import metrics
-from ciproject.celery import CONTROLLER_QUEUE, app, publish
+from ciproject.locks import try_advisory_lock
+from dispatch import messages
 
 log = logging.getLogger(__name__)
-
-# The worker-side commands (agents.control) that stop a job and drop queued job messages.
-STOP_COMMAND = "stop_job"
-REVOKE_COMMAND = "revoke_jobs"
 
 
 def request_cancel(build_id: int, user=None) -> str:
@@ -41,14 +38,16 @@ def request_cancel(build_id: int, user=None) -> str:
             cancel_requested_by=user if user and user.is_authenticated else None,
         )
         if not updated:
-            status = Build.objects.values_list("status", flat=True).get(pk=build_id)
+            status = Build.objects.values_list("status", flat=True).filter(pk=build_id).first()
+            if status is None:
+                raise BuildNotFound(f"there is no build with id {build_id}")
             if status != BuildStatus.CANCELLING:
                 raise BuildAlreadyFinished(
                     f"build {build_id} already ended {status}; there is nothing to cancel",
                     status=status,
                 )
             return status
-        transaction.on_commit(lambda: _send_quietly("builds.tasks.finish_cancel", build_id))
+        messages.finish_cancel(build_id)
     metrics.CANCEL_REQUEST_SECONDS.observe(time.perf_counter() - started)
     return BuildStatus.CANCELLING
 
@@ -78,7 +77,7 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
                 " WHERE build_id = %s AND status = ANY(%s) RETURNING id, attempt, status",
                 [RunStatus.CANCELED, now, build_id, [RunStatus.PENDING, RunStatus.QUEUED]],
             )
-            revoked = [f"job-{job_id}-{attempt}" for job_id, attempt, _ in cursor.fetchall()]
+            revoked = [(job_id, attempt) for job_id, attempt, _ in cursor.fetchall()]
         StepRun.objects.filter(
             job__build_id=build_id, status__in=(RunStatus.PENDING, RunStatus.QUEUED)
         ).update(status=RunStatus.CANCELED)
@@ -92,32 +91,14 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
             "build %s: cancel requested by %s; %d jobs never started, %d stopping",
             build_id, build.cancel_requested_by or "the system", len(revoked), len(running),
         )  # fmt: skip
-
-        def notify():
-            if revoked:
-                publish(app.control.broadcast, REVOKE_COMMAND, arguments={"task_ids": revoked})
-            for job_id, attempt, agent in running:
-                stop_job_on_agent(job_id, attempt, agent)
-
-        transaction.on_commit(notify)
+        messages.revoke_jobs(revoked)
+        for job_id, attempt, agent in running:
+            messages.stop_job(job_id, attempt, agent)
     return advance_build(build_id)  # ends it now when nothing was running
-
-
-def stop_job_on_agent(job_id: int, attempt: int, agent: str) -> None:
-    """Tell the agent running this job attempt to stop it (SIGTERM, grace, SIGKILL)."""
-    hostname = Agent.objects.filter(name=agent).values_list("hostname", flat=True).first()
-    destination = [f"{agent}@{hostname}"] if hostname else None
-    publish(
-        app.control.broadcast,
-        STOP_COMMAND,
-        arguments={"job_id": job_id, "attempt": attempt},
-        destination=destination,
-    )
 
 
 # How long the normal path gets before the watchdog repeats it (a message may be lost).
 REDRIVE_AFTER = timedelta(seconds=3)
-WATCHDOG_LOCK = 0x43494341  # an arbitrary advisory lock key, unique in this database
 
 
 def cancel_watchdog() -> list[int]:
@@ -125,15 +106,9 @@ def cancel_watchdog() -> list[int]:
     after a few seconds, and once the grace period and a margin have passed, end the jobs
     whose agents never confirmed, marking those agents suspect. Returns the builds forced.
     One watchdog runs at a time: a run that finds another under way returns at once."""
-    with connection.cursor() as cursor:
-        # A session lock, not a transaction's: each build is handled in its own transaction.
-        cursor.execute("SELECT pg_try_advisory_lock(%s)", [WATCHDOG_LOCK])
-        if not cursor.fetchone()[0]:
-            return []
-        try:
-            return _watch_cancels()
-        finally:
-            cursor.execute("SELECT pg_advisory_unlock(%s)", [WATCHDOG_LOCK])
+    # A session lock, not a transaction's: each build is handled in its own transaction.
+    with try_advisory_lock("cancel-watchdog") as acquired:
+        return _watch_cancels() if acquired else []
 
 
 def _watch_cancels(limit: int = 200) -> list[int]:
@@ -161,14 +136,9 @@ def _force_cancel(build_id: int, now) -> None:
         )
         for job in jobs:
             steps = StepRun.objects.filter(job=job, status=RunStatus.RUNNING)
-            StepLogChunk.objects.bulk_create(
-                StepLogChunk(
-                    step_id=step_id,
-                    attempt=attempt,
-                    seq=LATE_NOTE_SEQ,
-                    text=f"\n[ciproject] cancelled; agent {job.agent} did not confirm the stop\n",
-                )
-                for step_id, attempt in steps.values_list("id", "attempt")
+            add_late_note(
+                list(steps.values_list("id", "attempt")),
+                f"cancelled; agent {job.agent} did not confirm the stop",
             )
             steps.update(status=RunStatus.CANCELED, finished_at=now)
         reason = "cancelled; the agent did not confirm the stop in time"
@@ -183,9 +153,3 @@ def _force_cancel(build_id: int, now) -> None:
         if agents:
             log.warning("build %s: agents %s did not confirm the stop", build_id, sorted(agents))
     finish_cancel(build_id)
-
-
-def _send_quietly(task: str, *args) -> None:
-    """Without retries: a cancel answers at once, and the watchdog (beat) finishes it when the
-    broker is down."""
-    publish(app.send_task, task, args=args, queue=CONTROLLER_QUEUE, retry=False)

@@ -1,15 +1,17 @@
-"""Running jobs and steps: called on the agents, fenced by attempt numbers."""
+"""Running jobs and steps: what the agents call, fenced by attempt numbers."""
+
+import logging
 
 from django.db import connection, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
-from agents import leases
-from builds.models import Build, BuildVariable, JobRun, StepLogChunk, StepRun
+from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.statuses import BuildStatus, RunStatus, run_allowed_from
-from ciproject.celery import CONTROLLER_QUEUE, app, publish
+from ciproject.log_format import log_context
+from dispatch import leases, messages
 
-LATE_NOTE_SEQ = 1_000_000  # a note the server adds to a step's log sorts after the agent's
+log = logging.getLogger(__name__)
 
 
 def _build_running(build_id) -> Exists:
@@ -19,29 +21,28 @@ def _build_running(build_id) -> Exists:
     return Exists(Build.objects.filter(pk=build_id, status=BuildStatus.RUNNING))
 
 
-HAND_BACK = "hand back"
+class HandBack(Exception):  # noqa: N818: an outcome, not an error
+    """This agent may not run the job now (it is drained, or leased to another build, or the
+    job takes a lease another build holds): it goes back to the queue for another agent."""
 
 
-def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun | str | None:
-    """QUEUED -> RUNNING for this attempt on `agent`. Returns the job; None if the message is
-    stale; HAND_BACK if this agent may not run it now (it is drained, or leased to another
-    build, or the job takes a lease another build holds): another agent will."""
+def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun | None:
+    """QUEUED -> RUNNING for this attempt on `agent`. Returns the job, or None if the message
+    is stale; raises HandBack if this agent may not run it now."""
     with transaction.atomic():
         job = JobRun.objects.filter(pk=job_id, attempt=attempt)
-        job = job.values("build_id", "takes_lease", "reuse_of", "agent").first()
+        job = job.only("build_id", "takes_lease", "reuse_of", "agent").first()
         if job is None:
             return None
-        bound = job["reuse_of"] or (job["takes_lease"] and job["agent"])  # sent here on purpose
-        if draining and not bound:
-            return HAND_BACK
+        if draining and not job.bound:  # a bound job was sent here on purpose
+            raise HandBack
         leases.lock_agent(agent)  # its lease is decided by one start (or release) at a time
-        held_by = leases.holder(agent)
-        if held_by not in (None, job["build_id"]):
-            return HAND_BACK
-        if job["takes_lease"]:
-            if not leases.acquire(agent, job["build_id"]):
-                return HAND_BACK
-            leases.pull_jobs(agent, job["build_id"])
+        if leases.holder(agent) not in (None, job.build_id):
+            raise HandBack
+        if job.takes_lease:
+            if not leases.acquire(agent, job.build_id):
+                raise HandBack
+            leases.pull_jobs(agent, job.build_id)
         # QUEUED only: a job is sent once its stage is queued, so a message for a PENDING job
         # (a duplicate, sent early) must not start it before the stages ahead of it end.
         updated = JobRun.objects.filter(
@@ -81,13 +82,6 @@ def next_attempt(step: StepRun) -> bool:
     if updated:
         step.attempt, step.started_at = step.attempt + 1, now
     return bool(updated)
-
-
-def append_log(step_id: int, attempt: int, seq: int, text: str) -> None:
-    """Idempotent: a chunk sent again (its commit went through, the answer was lost with the
-    connection) is already there and is ignored."""
-    chunk = StepLogChunk(step_id=step_id, attempt=attempt, seq=seq, text=text)
-    StepLogChunk.objects.bulk_create([chunk], ignore_conflicts=True)
 
 
 def _cancel_wins(build_id: int, status: str) -> str:
@@ -156,15 +150,7 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
             status=RunStatus.CANCELED if status == RunStatus.CANCELED else RunStatus.FAILED,
             finished_at=now,
         )
-        build_id = job.build_id
-        transaction.on_commit(
-            lambda: publish(
-                app.send_task,
-                "builds.tasks.advance_build",
-                args=(build_id,),
-                queue=CONTROLLER_QUEUE,
-            )
-        )
+        messages.advance_build(job.build_id)
     return True
 
 
@@ -178,28 +164,21 @@ def build_variables(build_id: int) -> dict[str, str]:
     )
 
 
-def step_log(step: StepRun, attempt: int | None = None) -> str:
-    chunks = StepLogChunk.objects.filter(step=step, attempt=attempt or step.attempt)
-    return "".join(chunks.values_list("text", flat=True))
-
-
-def fail_jobs_on_agent(agent: str, reason: str) -> list[int]:
-    """The jobs recorded as RUNNING on a lost agent end FAILED (CANCELED if their build is
-    being cancelled) with `reason`; their builds move on. The agent, if it still runs them
-    somewhere, is told to stop: its late results are fenced off by the job's status."""
-    from builds.services.cancellation import stop_job_on_agent
-
-    failed = []
-    for job in JobRun.objects.filter(agent=agent, status=RunStatus.RUNNING):
-        cut_short = list(job.steps.filter(status=RunStatus.RUNNING).values_list("id", "attempt"))
-        if not finish_job(job, RunStatus.FAILED, reason):
+def end_untracked_jobs(agent: str, tracked: set[tuple[int, int]], started_before) -> list[int]:
+    """The agent's heartbeat: end the jobs recorded RUNNING on it that it no longer runs
+    (their end could not be recorded). The agent tracks a job before start_job stamps
+    started_at, and until its end is recorded; so a job started before `started_before`
+    (taken before `tracked` was read) and not in `tracked` has ended there."""
+    ended = []
+    running = JobRun.objects.filter(
+        agent=agent, status=RunStatus.RUNNING, started_at__lt=started_before
+    )
+    for job in running.select_related("build"):
+        if (job.pk, job.attempt) in tracked:
             continue
-        # After anything the agent may still have written, should it come back.
-        note = f"\n[ciproject] {reason}\n"
-        StepLogChunk.objects.bulk_create(
-            StepLogChunk(step_id=step_id, attempt=attempt, seq=LATE_NOTE_SEQ, text=note)
-            for step_id, attempt in cut_short
-        )
-        stop_job_on_agent(job.pk, job.attempt, agent)
-        failed.append(job.pk)
-    return failed
+        reason = f"agent error on {agent}: its end could not be recorded (see the agent's log)"
+        with log_context(build_id=job.build_id, job_id=job.pk, attempt=job.attempt):
+            if finish_job(job, RunStatus.FAILED, reason):
+                log.warning("job %s attempt %s: %s; ended now", job.pk, job.attempt, reason)
+                ended.append(job.pk)
+    return ended

@@ -19,9 +19,16 @@ from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from builds import partitions
-from builds.errors import BuildNotRetryable, RetryWindowExpired, StepNotFound, StepNotRetryable
+from builds.errors import (
+    BuildNotFound,
+    BuildNotRetryable,
+    RetryWindowExpired,
+    StepNotFound,
+    StepNotRetryable,
+)
 from builds.models import Build, BuildVariable, JobRun, StepRun
-from builds.services.lifecycle import advance_locked
+from builds.services.cancellation import cancel_at_once
+from builds.services.progress import advance_locked
 from builds.statuses import (
     BUILD_FINAL,
     BUILD_RETRY_TRANSITIONS,
@@ -32,6 +39,7 @@ from builds.statuses import (
     RunStatus,
 )
 from ciproject import metrics
+from ciproject.errors import CIError
 from concurrency import services as concurrency
 
 
@@ -138,9 +146,13 @@ RETRYABLE_BUILDS = frozenset({BuildStatus.FAILED, BuildStatus.CANCELED, BuildSta
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    code: str = ""
+    refusal: type[CIError] | None = None  # the error a refused retry raises
     reason: str = ""
     fields: dict = field(default_factory=dict)
+
+    @property
+    def code(self) -> str:
+        return self.refusal.code if self.refusal else ""
 
 
 def can_retry(build: Build, include_succeeded: bool = False) -> Decision:
@@ -152,7 +164,7 @@ def can_retry(build: Build, include_succeeded: bool = False) -> Decision:
         hint = " (retry a SUCCEEDED build with all jobs)" if build.status == "SUCCEEDED" else ""
         return Decision(
             False,
-            "BUILD_NOT_RETRYABLE",
+            BuildNotRetryable,
             f"Build #{build.number} of {build.pipeline.name!r} is {build.status}; only a"
             f" FAILED, CANCELED or QUEUE_TIMEOUT build can be retried{hint}.",
             {"status": build.status},
@@ -169,7 +181,7 @@ def can_retry(build: Build, include_succeeded: bool = False) -> Decision:
     )
     return Decision(
         False,
-        "RETRY_WINDOW_EXPIRED",
+        RetryWindowExpired,
         f"Build #{build.number} of {build.pipeline.name!r} was created on"
         f" {build.created_at:%Y-%m-%d}; {since}, because build variables are kept for"
         f" {days} days.",
@@ -185,7 +197,9 @@ def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
     """Re-run a finished build as the same build with attempt + 1, its variables restored
     from the variable table: with failed_only, its failed and cancelled jobs and everything
     after them; else every job. It goes through its concurrency policy like a new build."""
-    build = Build.objects.select_related("pipeline").get(pk=build_id)
+    build = Build.objects.select_related("pipeline").filter(pk=build_id).first()
+    if build is None:
+        raise BuildNotFound(f"there is no build with id {build_id}")
     _refuse_unless(can_retry(build, include_succeeded=not failed_only))
     with transaction.atomic():
         if build.concurrency_group:
@@ -217,8 +231,7 @@ def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
 def _refuse_unless(decision: Decision) -> None:
     if not decision.allowed:
         metrics.BUILD_RETRIES_REFUSED.labels(decision.code).inc()
-        error = RetryWindowExpired if decision.code == "RETRY_WINDOW_EXPIRED" else BuildNotRetryable
-        raise error(decision.reason, **decision.fields)
+        raise decision.refusal(decision.reason, **decision.fields)
 
 
 def _reset_for_retry(build: Build, failed_only: bool) -> None:
@@ -264,8 +277,6 @@ def _reset_for_retry(build: Build, failed_only: bool) -> None:
 
 
 def _admit_retry(build: Build) -> str:
-    from builds.services.cancellation import cancel_at_once
-
     def evict(oldest: Build) -> None:
         cancel_at_once(
             oldest,

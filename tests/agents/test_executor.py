@@ -5,8 +5,8 @@ RUNNING on an agent that goes on heartbeating."""
 import pytest
 from django.db import OperationalError
 
-from agents import control, executor
 from agents import services as agents
+from agents.process.agent import AgentProcess
 from builds import services as builds
 from builds.models import JobRun
 from tests.support import make_pipeline, one_step, process_alive, wait_until
@@ -33,7 +33,7 @@ def test_an_error_before_the_steps_fails_the_job_naming_the_agent(monkeypatch):
 
     monkeypatch.setattr(builds, "build_variables", unreadable)  # read in JobExecution()
     job = queued_job()
-    assert executor.execute_job(job.pk, 1, "a1") == "FAILED"
+    assert AgentProcess("a1", ["unit-tests"]).run_job(job.pk, 1) == "FAILED"
     job.refresh_from_db()
     assert (job.status, job.reason) == (
         "FAILED",
@@ -54,7 +54,7 @@ def test_a_result_that_cannot_be_recorded_still_ends_the_job(monkeypatch):
 
     monkeypatch.setattr(builds, "finish_job", database_gone_once)
     job = queued_job()
-    assert executor.execute_job(job.pk, 1, "a1") == "FAILED"
+    assert AgentProcess("a1", ["unit-tests"]).run_job(job.pk, 1) == "FAILED"
     assert calls == ["SUCCEEDED", "FAILED"]
     job.refresh_from_db()
     assert job.status == "FAILED"
@@ -75,7 +75,7 @@ def test_an_error_while_a_step_runs_kills_its_group_and_fails_the_job(
     monkeypatch.setattr(builds, "append_log", log_store_broken)
     settings.STEP_LOG_FLUSH_SECONDS = 0
     job = queued_job(f"sleep 600 & echo $! > {pid_file}; echo started; wait")
-    assert executor.execute_job(job.pk, 1, "a1") == "FAILED"
+    assert AgentProcess("a1", ["unit-tests"]).run_job(job.pk, 1) == "FAILED"
     job.refresh_from_db()
     assert job.reason == "agent error on a1: RuntimeError: log store broken"
     assert job.steps.get().status == "FAILED"
@@ -92,14 +92,15 @@ def test_a_job_whose_end_was_never_recorded_is_ended_by_the_heartbeat(monkeypatc
 
     monkeypatch.setattr(builds, "finish_job", database_gone)
     orphan = queued_job()
-    assert executor.execute_job(orphan.pk, 1, "a1") == "FAILED"  # logged, not recorded
+    a1 = AgentProcess("a1", ["unit-tests"])
+    assert a1.run_job(orphan.pk, 1) == "FAILED"  # logged, not recorded
     orphan.refresh_from_db()
     assert orphan.status == "RUNNING"
     monkeypatch.setattr(builds, "finish_job", finish_job)  # the database is back
 
     running = builds.start_job(queued_job().pk, 1, "a1")
-    with control.tracking(running.pk, running.attempt):  # still running here: left alone
-        assert executor.end_orphaned_jobs("a1") == [orphan.pk]
+    with a1.tracking(running.pk, running.attempt):  # still running here: left alone
+        assert a1.end_orphaned_jobs() == [orphan.pk]
     orphan.refresh_from_db()
     assert (orphan.status, orphan.reason) == (
         "FAILED",

@@ -8,7 +8,7 @@ import redis
 from agents import services
 from builds import services as builds
 from builds.models import JobRun, StepRun
-from ciproject.celery import agent_queue
+from ciproject.protocol import agent_queue
 from tests.conftest import TEST_BROKER_URL
 from tests.support import make_pipeline
 

@@ -11,7 +11,7 @@ from agents import services
 from agents.models import Agent
 from builds import services as builds
 from builds.models import Build, JobRun
-from builds.services.lifecycle import fail_unplaced_jobs
+from builds.services.sweeps import fail_unplaced_jobs
 from tests.support import REUSE, make_pipeline, one_step
 
 

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agents.runner import MAX_LINE, MAX_WARNINGS, StepOutput, run_step, step_environment
+from agents.process.runner import MAX_LINE, MAX_WARNINGS, StepOutput, run_step, step_environment
 from builds.definition import MAX_VARIABLE_NAME, MAX_VARIABLES
 from tests.support import process_alive, wait_until
 

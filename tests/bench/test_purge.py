@@ -151,7 +151,7 @@ def test_purge_against_delete_and_vacuum():
         # (a) the purge: only the first partition ends before `end1`.
         with writing(writing_build) as writer, statement_times() as spent:
             started = time.perf_counter()
-            assert partitions.purge(before=end1, by="bench") == [dropped_name]
+            assert partitions.purge(before=end1, by="bench").dropped == [dropped_name]
             ended = time.perf_counter()
         purge = ended - started
         purge_writes = writer.during(started, ended)
@@ -185,7 +185,7 @@ def test_purge_against_delete_and_vacuum():
             f"\n  concurrent variable writer during DELETE + VACUUM: {delete_writes}"
         )
         # Drop the emptied partition too, so the next size starts from two fresh ones.
-        assert partitions.purge(before=end2, by="bench") == [deleted_name]
+        assert partitions.purge(before=end2, by="bench").dropped == [deleted_name]
 
     print("\n       rows   purge s   DELETE s   VACUUM s   (DELETE+VACUUM)/purge")
     for rows, purge, delete, vacuum, ratio in results:

@@ -8,7 +8,7 @@ from django.test import Client
 from django.urls import reverse
 
 from builds import services
-from builds.admin import parse_variable_lines
+from builds.admin.pipelines import parse_variable_lines
 from builds.errors import InvalidVariables
 from builds.models import Build
 from concurrency.models import ConcurrencyPolicy

@@ -324,7 +324,7 @@ def test_unexpected_error_is_500_json_and_logged(api, pipeline, monkeypatch, cap
     def broken(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(services, "trigger_build", broken)
+    monkeypatch.setattr(services, "trigger", broken)
     with caplog.at_level(logging.ERROR, logger="ciproject.api"):
         response = api.post(f"/api/pipelines/{pipeline.pk}/builds/", {}, format="json")
     assert response.status_code == 500

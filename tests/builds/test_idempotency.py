@@ -26,9 +26,9 @@ def pipeline(db):
 
 
 def test_the_same_key_returns_the_first_build_and_takes_no_number(pipeline):
-    first = services.trigger_build(pipeline, {"A": "1"}, idempotency_key=KEY)
-    again = services.trigger_build(pipeline, {"A": 1}, idempotency_key=KEY)  # normalized alike
-    assert (again.pk, again.replayed, first.replayed) == (first.pk, True, False)
+    first = services.trigger(pipeline, {"A": "1"}, idempotency_key=KEY)
+    again = services.trigger(pipeline, {"A": 1}, idempotency_key=KEY)  # normalized alike
+    assert (again.build.pk, again.replayed, first.replayed) == (first.build.pk, True, False)
     assert services.trigger_build(pipeline, {"A": "1"}).number == 2  # no number lost
     other = make_pipeline("other", PARALLEL)  # a key is the pipeline's own
     assert services.trigger_build(other, {"A": "1"}, idempotency_key=KEY).number == 1
@@ -57,7 +57,7 @@ def test_a_refused_trigger_stores_no_key(pipeline):
     with pytest.raises(PipelineQueueFull):
         services.trigger_build(pipeline, {}, idempotency_key=KEY)
     Build.objects.filter(pk=running.pk).update(status="SUCCEEDED")
-    assert services.trigger_build(pipeline, {}, idempotency_key=KEY).replayed is False
+    assert services.trigger(pipeline, {}, idempotency_key=KEY).replayed is False
 
 
 @pytest.mark.django_db(transaction=True)

@@ -191,16 +191,16 @@ def test_purge_drops_exactly_the_expired_partitions_and_dry_run_changes_nothing(
     kept_build = build_at(now - 80 * DAY)
     expired_name = partition_of(expired_build)
     before = [p.name for p in partitions.catalog()]
-    assert partitions.purge(dry_run=True) == [expired_name]
+    assert partitions.purge(dry_run=True).dropped == [expired_name]
     assert [p.name for p in partitions.catalog()] == before
-    assert partitions.purge(by="test") == [expired_name]
+    assert partitions.purge(by="test").dropped == [expired_name]
     after = [p.name for p in partitions.catalog()]
     assert after == [name for name in before if name != expired_name]
     assert not BuildVariable.objects.filter(build=expired_build).exists()
     assert BuildVariable.objects.filter(build=kept_build).exists()
     row = VariablePartition.objects.get(name=expired_name)
     assert (row.state, row.dropped_by) == ("dropped", "test")
-    assert partitions.purge() == []  # nothing left to do
+    assert partitions.purge().dropped == []  # nothing left to do
 
 
 @pytest.mark.django_db(transaction=True)
@@ -229,7 +229,7 @@ def test_purge_does_not_block_writers_while_it_waits_for_readers(settings):
         purge.join(timeout=30)
     assert not purge.is_alive()
     assert purge.error is None
-    assert purge.result == [name]
+    assert purge.result.dropped == [name]
     assert max(stalls) < 0.5, f"a writer waited {max(stalls):.2f} s"
     assert not BuildVariable.objects.filter(build=old).exists()
 
@@ -266,7 +266,7 @@ def test_a_long_transaction_on_builds_makes_the_purge_give_up_not_stall_builds(
         wait_until(lambda: len(stalls) > seen + 5, timeout=10, message="the writer to go on")
     assert gave_up, "the purge waited for the long transaction, and builds queued behind it"
     assert purge.error is None
-    assert (purge.result, purge.result.postponed) == ([], [name])
+    assert (purge.result.dropped, purge.result.postponed) == ([], [name])
     assert f"a lock wait for {name} took over 300 ms" in purge.result.reason
     assert max(stalls) < 1.0, f"a build write waited {max(stalls):.2f} s behind the purge"
     pending = [p.detach_pending for p in partitions.catalog() if p.name == name]
@@ -274,7 +274,7 @@ def test_a_long_transaction_on_builds_makes_the_purge_give_up_not_stall_builds(
     assert (pending, leftover) == (([True], False) if left_as == "pending" else ([], True))
     assert VariablePartition.objects.get(name=name).state == PartitionState.DETACHING
     # The next run, the long transaction gone, finishes the job.
-    assert partitions.purge(by="beat") == [name]
+    assert partitions.purge(by="beat").dropped == [name]
     assert name not in catalog_names()
     assert partitions.detached_leftovers() == []
     assert not BuildVariable.objects.filter(build=old).exists()
@@ -289,7 +289,7 @@ def test_an_interrupted_detach_and_a_detached_leftover_are_finished():
         admin.execute(f'ALTER TABLE builds_buildvariable DETACH PARTITION "{leftover}"')
     interrupt_detach(pending)
     assert leftover in partitions.detached_leftovers()
-    assert partitions.purge(by="test") == [leftover, pending]
+    assert partitions.purge(by="test").dropped == [leftover, pending]
     assert pending not in catalog_names()
     assert partitions.detached_leftovers() == []
 
@@ -305,9 +305,9 @@ def test_a_pending_detach_is_finished_whatever_the_cutoff():
     interrupt_detach(pending)
     before = partitions.bounds_for(oldest.created_at)[1]  # reaches the oldest only
     oldest = partition_of(oldest)
-    assert partitions.purge(before=before, dry_run=True) == [pending, oldest]
-    assert partitions.purge(before=before, by="test") == [pending, oldest]
-    assert partitions.purge(by="test") == [expired]
+    assert partitions.purge(before=before, dry_run=True).dropped == [pending, oldest]
+    assert partitions.purge(before=before, by="test").dropped == [pending, oldest]
+    assert partitions.purge(by="test").dropped == [expired]
     assert not {pending, oldest, expired} & set(catalog_names())
 
 
@@ -334,9 +334,9 @@ def test_one_purge_at_a_time(settings):
         ).fetchone()
     assert elapsed < 2, f"the second purge took {elapsed:.1f} s to give way"
     assert output == "dropped 0 partition(s)\nstopped: another purge is running\n"
-    assert (second, second.postponed, second.reason) == ([], [], partitions.ANOTHER_PURGE)
+    assert (second.dropped, second.postponed, second.reason) == ([], [], partitions.ANOTHER_PURGE)
     assert first.error is None
-    assert first.result == [name]
+    assert first.result.dropped == [name]
     assert advisory == 0  # released when the first ended
     assert partitions.purge(by="test").reason == ""
 
@@ -406,7 +406,7 @@ def test_purge_refuses_a_before_later_than_the_retention_cutoff():
             "retention_days": 90,
         },
     )
-    assert partitions.purge(before=cutoff, now=now) == []  # the cutoff itself is allowed
+    assert partitions.purge(before=cutoff, now=now).dropped == []  # the cutoff itself is allowed
 
 
 @pytest.mark.django_db(transaction=True)

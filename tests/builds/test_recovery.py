@@ -9,7 +9,7 @@ from django.utils import timezone
 from agents import services as agents
 from builds import services
 from builds.models import JobRun
-from builds.services.recovery import resend_lost_jobs
+from dispatch.placement import resend_lost_jobs
 from tests.conftest import TEST_BROKER_URL
 from tests.support import make_pipeline, one_step
 

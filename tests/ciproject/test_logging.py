@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from agents import executor
 from agents import services as agents
+from agents.process.agent import AgentProcess
 from builds import services
 from builds.models import JobRun
 from ciproject.log_format import ContextFilter, JsonFormatter, PlainFormatter, log_context
@@ -194,7 +194,7 @@ def test_an_agent_logs_a_job_with_its_ids(lines, settings, tmp_path):
     build = services.trigger_build(pipeline)
     job = JobRun.objects.get(build=build)
     step = job.steps.get()
-    assert executor.execute_job(job.pk, 1, "a1") == "SUCCEEDED"
+    assert AgentProcess("a1", ["unit-tests"]).run_job(job.pk, 1) == "SUCCEEDED"
     assert services.advance_build(build.pk) == "SUCCEEDED"
     job_ids = {"build_id": build.pk, "job_id": job.pk, "attempt": 1}
     step_ids = {**job_ids, "step_id": step.pk, "step_attempt": 1}

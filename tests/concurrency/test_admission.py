@@ -33,7 +33,7 @@ def statuses(*builds) -> list[str]:
 
 def finish(build, status="SUCCEEDED"):
     """End a build as its controller would (the slot frees once the transaction commits)."""
-    from builds.services.lifecycle import finish_build
+    from builds.services.progress import finish_build
 
     finish_build(Build.objects.get(pk=build.pk), status)
 

@@ -475,7 +475,7 @@ def test_agent_unit_runs_runagent_for_its_instance():
 
 
 def test_agent_unit_waits_for_the_warm_shutdown():
-    from agents.worker import SHUTDOWN_JOIN_SECONDS
+    from agents.process.agent import SHUTDOWN_JOIN_SECONDS
     from builds.definition import StepSpec
 
     default_step_timeout = StepSpec.model_fields["timeout"].default

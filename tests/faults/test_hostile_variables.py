@@ -14,9 +14,9 @@ from django.core.management import CommandError, call_command
 from django.test import Client
 from django.urls import reverse
 
-from agents import executor
 from agents import services as agents
-from agents.runner import StepOutput, run_step, step_environment
+from agents.process.agent import AgentProcess
+from agents.process.runner import StepOutput, run_step, step_environment
 from builds import services
 from builds.definition import (
     MAX_VARIABLE_NAME,
@@ -282,7 +282,7 @@ def _yaml(text: str) -> str:
 
 
 def run_build(build) -> str:
-    return executor.execute_job(JobRun.objects.get(build=build).pk, 1, "a1")
+    return AgentProcess("a1", ["unit-tests"]).run_job(JobRun.objects.get(build=build).pk, 1)
 
 
 def test_injections_reach_the_steps_as_data_through_every_door(agent, admin_client, tmp_path):

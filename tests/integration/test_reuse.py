@@ -9,7 +9,8 @@ from rest_framework.test import APIClient
 from agents.models import AgentLease
 from builds import services
 from builds.models import Build, JobRun, StepRun
-from ciproject.celery import agent_queue, app
+from ciproject.celery import app
+from ciproject.protocol import agent_queue
 from tests.support import make_pipeline, wait_for_build, wait_until
 
 pytestmark = [pytest.mark.usefixtures("workers"), pytest.mark.django_db(transaction=True)]

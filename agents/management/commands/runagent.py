@@ -3,7 +3,7 @@ import socket
 
 from django.core.management.base import BaseCommand, CommandError
 
-from agents.worker import run_agent
+from agents.process.agent import AgentProcess
 from builds.definition import LABEL_PATTERN
 from ciproject.services_check import require_services
 
@@ -31,4 +31,4 @@ class Command(BaseCommand):
         if not 1 <= capacity <= 64:
             raise CommandError("--capacity: from 1 to 64")
         require_services()
-        run_agent(name, label_list, capacity, loglevel)
+        AgentProcess(name, label_list, capacity).run(loglevel)

@@ -1,8 +1,7 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from builds import services
-from builds.models import Build
-from ciproject.errors import CIError
+from ciproject.commands import reporting_errors
 from ciproject.services_check import require_services
 
 
@@ -14,10 +13,6 @@ class Command(BaseCommand):
 
     def handle(self, *args, build_id, **options):
         require_services()  # one clear message naming a service that is down
-        if not Build.objects.filter(pk=build_id).exists():
-            raise CommandError(f"BUILD_NOT_FOUND: there is no build with id {build_id}")
-        try:
+        with reporting_errors():
             status = services.request_cancel(build_id)
-        except CIError as exc:
-            raise CommandError(f"{exc.code}: {exc.detail}") from None
         self.stdout.write(status)

@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from builds import services
 from builds.models import Pipeline
-from ciproject.errors import CIError
+from ciproject.commands import reporting_errors
 from ciproject.services_check import check_database
 
 
@@ -22,9 +22,7 @@ class Command(BaseCommand):
         except (OSError, UnicodeDecodeError) as exc:
             raise CommandError(f"{file}: cannot be read: {exc}") from None
         existing = Pipeline.objects.filter(name=name).first()
-        try:
+        with reporting_errors():
             pipeline = services.save_pipeline(name, definition, pipeline=existing)
-        except CIError as exc:
-            raise CommandError(f"{exc.code}: {exc.detail}") from None
         verb = "updated" if existing else "created"
         self.stdout.write(f"pipeline {pipeline.name!r} {verb} (id {pipeline.pk})")

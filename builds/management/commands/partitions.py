@@ -1,10 +1,10 @@
 from argparse import ArgumentTypeError
 from datetime import UTC, datetime
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from builds import partitions
-from ciproject.errors import CIError
+from ciproject.commands import reporting_errors
 from ciproject.services_check import check_database
 
 
@@ -48,13 +48,11 @@ class Command(BaseCommand):
                 self.stdout.write(f"  {name}")
             return
         dry_run = options["dry_run"]
-        try:
+        with reporting_errors():
             result = partitions.purge(before=options["before"], dry_run=dry_run, by="manage.py")
-        except CIError as exc:
-            raise CommandError(f"{exc.code}: {exc.detail}") from None
         verb = "would drop" if dry_run else "dropped"
-        self.stdout.write(f"{verb} {len(result)} partition(s)")
-        for name in result:
+        self.stdout.write(f"{verb} {len(result.dropped)} partition(s)")
+        for name in result.dropped:
             self.stdout.write(f"  {name}")
         if result.reason:
             self.stdout.write(f"stopped: {result.reason}")

@@ -1,8 +1,7 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from builds import services
-from builds.models import Build
-from ciproject.errors import CIError
+from ciproject.commands import reporting_errors
 from ciproject.services_check import require_services
 
 
@@ -18,10 +17,6 @@ class Command(BaseCommand):
 
     def handle(self, *args, build_id, all, **options):
         require_services()  # one clear message naming a service that is down
-        try:
+        with reporting_errors():
             build = services.retry_build(build_id, failed_only=not all)
-        except CIError as exc:
-            raise CommandError(f"{exc.code}: {exc.detail}") from None
-        except Build.DoesNotExist:
-            raise CommandError(f"BUILD_NOT_FOUND: there is no build with id {build_id}") from None
         self.stdout.write(f"build #{build.number} attempt {build.attempt}: {build.status}")

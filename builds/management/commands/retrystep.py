@@ -1,7 +1,7 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
 from builds import services
-from ciproject.errors import CIError
+from ciproject.commands import reporting_errors
 from ciproject.services_check import require_services
 
 
@@ -14,8 +14,6 @@ class Command(BaseCommand):
 
     def handle(self, *args, build_id, step_id, **options):
         require_services()  # one clear message naming a service that is down
-        try:
+        with reporting_errors():
             step = services.retry_step(build_id, step_id)
-        except CIError as exc:
-            raise CommandError(f"{exc.code}: {exc.detail}") from None
         self.stdout.write(f"step {step.name!r} attempt {step.attempt}: {step.status}")

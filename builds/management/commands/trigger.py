@@ -3,17 +3,12 @@ import time
 from django.core.management.base import BaseCommand, CommandError
 
 from builds import services
+from builds.definition import parse_assignments
+from builds.errors import PipelineNotFound
 from builds.models import Build, Pipeline
 from builds.statuses import BUILD_FINAL, BuildStatus
-from ciproject.errors import CIError
+from ciproject.commands import reporting_errors
 from ciproject.services_check import require_services
-
-
-def parse_var(text: str) -> tuple[str, str]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        raise CommandError(f"--var {text!r}: expected KEY=VALUE")
-    return name, value
 
 
 class Command(BaseCommand):
@@ -21,7 +16,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("name")
-        parser.add_argument("--var", action="append", default=[], type=parse_var, metavar="K=V")
+        parser.add_argument("--var", action="append", default=[], metavar="K=V")
         parser.add_argument(
             "--idempotency-key",
             default="",
@@ -33,18 +28,17 @@ class Command(BaseCommand):
 
     def handle(self, *args, name, var, idempotency_key, wait, timeout, **options):
         require_services()  # one clear message naming a service that is down
-        pipeline = Pipeline.objects.filter(name=name).first()
-        if pipeline is None:
-            raise CommandError(f"PIPELINE_NOT_FOUND: there is no pipeline named {name!r}")
-        names = [name for name, _ in var]
-        if twice := sorted({name for name in names if names.count(name) > 1}):
-            # As in the admin: refused, rather than silently keeping the last value.
-            raise CommandError(f"INVALID_VARIABLES: --var {', '.join(twice)} given twice")
-        try:
-            build = services.trigger_build(pipeline, dict(var), idempotency_key=idempotency_key)
-        except CIError as exc:
-            raise CommandError(f"{exc.code}: {exc.detail}") from None
-        earlier = " (made earlier with this idempotency key)" if build.replayed else ""
+        with reporting_errors():
+            pipeline = Pipeline.objects.filter(name=name).first()
+            if pipeline is None:
+                raise PipelineNotFound(f"there is no pipeline named {name!r}")
+            variables = parse_assignments(
+                (("--var", text) for text in var),
+                unreadable="{place} {text!r}: expected KEY=VALUE",
+                twice="{place} {name} given twice",
+            )
+            build, replayed = services.trigger(pipeline, variables, idempotency_key=idempotency_key)
+        earlier = " (made earlier with this idempotency key)" if replayed else ""
         self.stdout.write(f"build #{build.number} (id {build.pk}) {build.status}{earlier}")
         if not wait:
             return

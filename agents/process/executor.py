@@ -1,5 +1,6 @@
 """Runs a job on this agent: its steps in order, in the job's workspace, with automatic
-retries, logs streamed to PostgreSQL, and the results recorded through builds.services."""
+retries, logs streamed to PostgreSQL, and the results recorded through builds.services.
+`agent` is the AgentProcess running it (agents.process.agent, which imports this module)."""
 
 import logging
 import shutil
@@ -9,10 +10,9 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
-from django.utils import timezone
 
-from agents import control, orphans, worker
-from agents.runner import StepOutcome, StepOutput, run_step, step_environment
+from agents.process import orphans
+from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
 from builds.models import JobRun, StepRun
 from builds.statuses import RunStatus
@@ -80,27 +80,29 @@ def workspace_for(agent: str, job: JobRun) -> Path:
     return root / (job.reuse_of or job.key)
 
 
-def execute_job(job_id: int, attempt: int, agent: str) -> str | None:
+def execute_job(agent, job_id: int, attempt: int) -> str | None:
     """Run one job attempt to its end. Returns its final status, or None for a stale message."""
     # Tracked before it starts, so a stop that races the start is not lost.
-    with log_context(job_id=job_id, attempt=attempt), control.tracking(job_id, attempt) as stop:
-        job = services.start_job(job_id, attempt, agent, draining=worker.draining.is_set())
-        if job == services.HAND_BACK:  # not for this agent now: another one takes it
+    with log_context(job_id=job_id, attempt=attempt), agent.tracking(job_id, attempt) as stop:
+        try:
+            job = services.start_job(job_id, attempt, agent.name, agent.draining.is_set())
+        except services.HandBack:  # not for this agent now: another one takes it
             services.requeue_job(job_id, attempt)
             return None
         if job is None:
             log.info("job %s attempt %s: stale, duplicate or cancelled; ignored", job_id, attempt)
             return None
         with log_context(build_id=job.build_id):
-            return _run_started_job(job, agent, stop)
+            return _run_started_job(agent, job, stop)
 
 
-def _run_started_job(job: JobRun, agent: str, stop: threading.Event) -> str:
-    log.info("job %s attempt %s: running on %s", job.pk, job.attempt, agent)
+def _run_started_job(agent, job: JobRun, stop: threading.Event) -> str:
+    log.info("job %s attempt %s: running on %s", job.pk, job.attempt, agent.name)
     try:
         if job.takes_lease:
-            worker.sync_consumers()  # leased to this build now: leave the shared queues
-        status, reason = JobExecution(job, workspace_for(agent, job), stop).run()
+            agent.sync_consumers()  # leased to this build now: leave the shared queues
+        workspace = workspace_for(agent.name, job)
+        status, reason = JobExecution(job, workspace, stop, agent.keep_workspace).run()
         # Fenced: a stale attempt changes nothing.
         recorded = persist(services.finish_job, job, status, reason)
         log.info(
@@ -115,7 +117,7 @@ def _run_started_job(job: JobRun, agent: str, stop: threading.Event) -> str:
         # was running is already stopped: run_step ends its process group however it
         # exits.)
         log.exception("job %s attempt %s: agent error", job.pk, job.attempt)
-        _end_after_error(job, agent_error(agent, exc))
+        _end_after_error(job, agent_error(agent.name, exc))
         return RunStatus.FAILED
 
 
@@ -137,35 +139,15 @@ def _end_after_error(job: JobRun, reason: str) -> None:
         )
 
 
-def end_orphaned_jobs(agent: str) -> list[int]:
-    """On each heartbeat: end the jobs recorded RUNNING on this agent that it no longer runs
-    (their end could not be recorded). A job is tracked before start_job stamps started_at,
-    and until its end is recorded; so one started before `now` and untracked since has ended
-    here."""
-    now = timezone.now()
-    tracked = control.running_attempts()
-    ended = []
-    running = JobRun.objects.filter(agent=agent, status=RunStatus.RUNNING, started_at__lt=now)
-    for job in running.select_related("build"):
-        if (job.pk, job.attempt) in tracked:
-            continue
-        reason = f"agent error on {agent}: its end could not be recorded (see the agent's log)"
-        with log_context(build_id=job.build_id, job_id=job.pk, attempt=job.attempt):
-            if services.finish_job(job, RunStatus.FAILED, reason):
-                log.warning("job %s attempt %s: %s; ended now", job.pk, job.attempt, reason)
-                ended.append(job.pk)
-    return ended
-
-
 class JobExecution:
-    def __init__(self, job: JobRun, workspace: Path, stop: threading.Event):
+    def __init__(self, job: JobRun, workspace: Path, stop: threading.Event, keep_workspace):
         self.job, self.build, self.workspace, self.stop = job, job.build, workspace, stop
+        self.keep_workspace = keep_workspace  # (build id, path): kept for the build's lease
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
         self.variables = services.build_variables(job.build_id)
 
     def run(self) -> tuple[str, str]:
-        shared = self.job.takes_lease or bool(self.job.reuse_of)
         try:
             if self.job.takes_lease and self.fresh_start():
                 shutil.rmtree(self.workspace, ignore_errors=True)  # a full job retry: clean
@@ -182,8 +164,8 @@ class JobExecution:
             log.exception("job %s attempt %s failed on the agent", self.job.pk, self.job.attempt)
             return RunStatus.FAILED, agent_error(self.job.agent, exc)
         finally:
-            if shared:  # the build's later jobs work in it: kept until its lease ends
-                worker.keep_workspace(self.job.build_id, self.workspace)
+            if self.job.uses_lease:  # the build's later jobs work in it: kept till the lease ends
+                self.keep_workspace(self.job.build_id, self.workspace)
             else:
                 shutil.rmtree(self.workspace, ignore_errors=True)
 

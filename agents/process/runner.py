@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents import orphans
+from agents.process import orphans
 from builds.definition import (
     MAX_VARIABLE_NAME,
     MAX_VARIABLE_VALUE,

@@ -21,16 +21,15 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef, Q
 from django.utils import timezone
 
 from agents.models import Agent, AgentLease, AgentStatus, LeaseWait
+from builds.models import Build, JobRun
 from builds.statuses import BUILD_FINAL, RunStatus
-from ciproject.celery import app, publish
+from dispatch import messages
 
 log = logging.getLogger(__name__)
 
-SYNC_COMMAND = "sync_consumers"  # agents.control.sync_consumers
 NEEDING = (RunStatus.PENDING, RunStatus.QUEUED, RunStatus.RUNNING)
 
 
@@ -63,37 +62,34 @@ def acquire(agent_name: str, build_id: int) -> bool:
 
 def pull_jobs(agent_name: str, build_id: int) -> None:
     """Also send the build's queued jobs this agent can run (by label) to its own queue: not
-    those bound to an agent (reusing jobs, retried lease-taking jobs), which run only there."""
-    from builds.models import JobRun
-    from builds.services.lifecycle import publish_to_agent
-
+    those bound to an agent, which run only there."""
     labels = Agent.objects.filter(name=agent_name).values_list("labels", flat=True).first()
-    queued = JobRun.objects.filter(
-        build_id=build_id, status=RunStatus.QUEUED, reuse_of="", runs_on__in=labels or []
-    ).exclude(Q(takes_lease=True) & ~Q(agent=""))
-    for job in queued:
-        publish_to_agent(job, agent_name)
+    queued = JobRun.objects.unbound().filter(
+        build_id=build_id, status=RunStatus.QUEUED, runs_on__in=labels or []
+    )
+    for job_id, attempt in queued.values_list("id", "attempt"):
+        messages.send_to_agent(job_id, attempt, agent_name)
 
 
-def place_on_agent(job, publish) -> None:
-    """Send a job bound to one agent there: a job with `reuse:` to the agent of the job it
-    reuses, a retried lease-taking job back to its own. The build holds (or takes) that
-    agent's lease; else the job waits, or fails at once if the agent is gone."""
-    from builds.models import JobRun
+def pull_to_leased_agents(build_id: int) -> None:
+    """The build's leased agents may run its queued jobs too."""
+    for agent in AgentLease.objects.filter(build_id=build_id).values_list("agent__name", flat=True):
+        pull_jobs(agent, build_id)
 
-    if job.reuse_of:
-        target = JobRun.objects.filter(build_id=job.build_id, key=job.reuse_of).first()
-        name = target.agent if target else ""
-    else:
-        name = job.agent
+
+def place_on_agent(job: JobRun) -> str | None:
+    """Send a bound job to its agent: a job with `reuse:` to the agent of the job it reuses,
+    a retried lease-taking job back to its own. The build holds (or takes) that agent's
+    lease; else the job waits. Returns why it cannot be placed (the agent is gone), else
+    None."""
+    name = job.bound_agent()
     agent = lock_agent(name) if name else None
     if agent is None or agent.status == AgentStatus.OFFLINE:
         owner = job.reuse_of or job.key
-        _fail(job, f"the agent that ran {owner!r}, {name or '(none)'}, is gone; the job needs it")
-        return
+        return f"the agent that ran {owner!r}, {name or '(none)'}, is gone; the job needs it"
     if acquire(agent.name, job.build_id):
-        publish(agent.name)
-        return
+        messages.send_to_agent(job.pk, job.attempt, agent.name)
+        return None
     LeaseWait.objects.update_or_create(
         job=job, defaults={"agent": agent, "build_id": job.build_id, "since": timezone.now()}
     )
@@ -101,20 +97,21 @@ def place_on_agent(job, publish) -> None:
     JobRun.objects.filter(pk=job.pk).update(
         reason=f"waiting for agent {agent.name}, leased to build {held_by}"
     )
+    return None
 
 
-def release_if_done(build) -> None:
+def forget_wait(job_id: int) -> None:
+    LeaseWait.objects.filter(job_id=job_id).delete()
+
+
+def release_if_done(build: Build) -> None:
     """Release the build's leases that no job of it still needs (all of them if it ended)."""
-    from builds.models import JobRun
-
     if build.status in BUILD_FINAL:
         LeaseWait.objects.filter(build=build).delete()
     for lease in AgentLease.objects.filter(build=build).select_related("agent"):
         needed = (
             build.status not in BUILD_FINAL
-            and JobRun.objects.filter(build=build, status__in=NEEDING)
-            .filter(Q(takes_lease=True) | ~Q(reuse_of=""))
-            .exists()
+            and JobRun.objects.using_lease().filter(build=build, status__in=NEEDING).exists()
         )
         if not needed:
             release(lease)
@@ -127,12 +124,10 @@ def release(lease: AgentLease) -> None:
     lease.delete()
     log.info("agent %s: lease of build %s released", agent.name, lease.build_id)
     _grant_next(agent)
-    transaction.on_commit(lambda: _tell(agent))
+    messages.sync_agent(agent)
 
 
 def _grant_next(agent: Agent) -> None:
-    from builds.services.lifecycle import publish_to_agent
-
     waiting = LeaseWait.objects.filter(agent=agent)
     # A wait whose job no longer waits (its build ended, it was retried) is dropped.
     waiting.exclude(job__status=RunStatus.QUEUED).delete()
@@ -140,38 +135,24 @@ def _grant_next(agent: Agent) -> None:
     if first is None or not acquire(agent.name, first.build_id):
         return
     waits = LeaseWait.objects.filter(agent=agent, build_id=first.build_id)
-    jobs = [wait.job for wait in waits.select_related("job")]
+    jobs = [(wait.job_id, wait.job.attempt) for wait in waits.select_related("job")]
     waits.delete()
-    for job in jobs:
-        publish_to_agent(job, agent.name)
+    for job_id, attempt in jobs:
+        messages.send_to_agent(job_id, attempt, agent.name)
 
 
-def agent_lost(agent_name: str, reason: str) -> None:
-    """The agent is gone: the jobs bound to it (waiting for it, or sent to its own queue)
-    fail now rather than wait, and its lease goes."""
-    from builds.models import JobRun
-
-    with transaction.atomic():
-        lock_agent(agent_name)
-        targets = JobRun.objects.filter(
-            build_id=OuterRef("build_id"), key=OuterRef("reuse_of"), agent=agent_name
-        )
-        bound = JobRun.objects.filter(status=RunStatus.QUEUED).filter(
-            Q(takes_lease=True, agent=agent_name) | (~Q(reuse_of="") & Exists(targets))
-        )
-        for job in bound:
-            _fail(job, f"{reason}; this job must run on it")
-        LeaseWait.objects.filter(agent__name=agent_name).delete()
-        AgentLease.objects.filter(agent__name=agent_name).delete()
+def drop_agent(agent_name: str) -> None:
+    """The agent is gone: its lease and the waits for it go (inside the caller's
+    transaction, the agent locked, its bound jobs failed)."""
+    LeaseWait.objects.filter(agent__name=agent_name).delete()
+    AgentLease.objects.filter(agent__name=agent_name).delete()
 
 
-def sweep() -> dict[str, list]:
-    """Beat: release leases whose build has ended (each one is a bug signal: the normal path
-    should have), and fail jobs that waited too long for a leased agent."""
-    from builds.statuses import BUILD_FINAL as FINAL
-
+def release_leaked() -> list[str]:
+    """Release leases whose build has ended, each in its transaction, and log each one: a
+    bug signal, the normal path should have. Returns the agents freed."""
     leaked = []
-    for lease in AgentLease.objects.filter(build__status__in=FINAL).select_related("agent"):
+    for lease in AgentLease.objects.filter(build__status__in=BUILD_FINAL).select_related("agent"):
         with transaction.atomic():
             log.warning(
                 "lease sweep: agent %s was still leased to ended build %s; released",
@@ -180,37 +161,10 @@ def sweep() -> dict[str, list]:
             )
             release(lease)
             leaked.append(lease.agent.name)
+    return leaked
+
+
+def expired_waits() -> list[LeaseWait]:
+    """Waits for a leased agent older than LEASE_WAIT_TIMEOUT_SECONDS."""
     cutoff = timezone.now() - timedelta(seconds=settings.LEASE_WAIT_TIMEOUT_SECONDS)
-    timed_out = []
-    for wait in LeaseWait.objects.filter(since__lt=cutoff).select_related("job", "agent"):
-        with transaction.atomic():
-            _fail(
-                wait.job,
-                f"waited {settings.LEASE_WAIT_TIMEOUT_SECONDS} s for agent {wait.agent.name},"
-                " leased to another build",
-            )
-            wait.delete()
-            timed_out.append(wait.job_id)
-    return {"leaked": leaked, "timed_out": timed_out}
-
-
-def _fail(job, reason: str) -> None:
-    from builds.models import JobRun, StepRun
-    from builds.services.lifecycle import advance_build
-
-    updated = JobRun.objects.filter(pk=job.pk, status=RunStatus.QUEUED).update(
-        status=RunStatus.FAILED, reason=reason, finished_at=timezone.now()
-    )
-    LeaseWait.objects.filter(job_id=job.pk).delete()
-    if updated:
-        StepRun.objects.filter(job_id=job.pk, status=RunStatus.PENDING).update(
-            status=RunStatus.SKIPPED
-        )
-        build_id = job.build_id
-        transaction.on_commit(lambda: advance_build(build_id))
-
-
-def _tell(agent: Agent) -> None:
-    """Ask the agent to re-read its state (its kept workspaces); its heartbeat re-reads it
-    anyway."""
-    publish(app.control.broadcast, SYNC_COMMAND, destination=[f"{agent.name}@{agent.hostname}"])
+    return list(LeaseWait.objects.filter(since__lt=cutoff).select_related("job", "agent"))

@@ -1,0 +1,209 @@
+"""The admin's pipeline pages: edited through the services the API calls (so both take and
+refuse the same definitions), and triggered from their page with KEY=VALUE lines."""
+
+import re
+import uuid
+from urllib.parse import urlencode
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseNotAllowed
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html
+
+from builds import services
+from builds.definition import parse_assignments, parse_definition
+from builds.errors import IdempotencyKeyReused
+from builds.models import Pipeline
+from ciproject.errors import CIError
+
+
+def _ci_error(exc: CIError) -> forms.ValidationError:
+    return forms.ValidationError(f"{exc.code}: {exc.detail}", code=exc.code)
+
+
+class PipelineForm(forms.ModelForm):
+    class Meta:
+        model = Pipeline
+        fields = ["name", "policy", "definition"]
+        help_texts = {
+            "policy": "Concurrency policy; a `concurrency:` line in the definition sets it"
+            " instead. Empty: no limit."
+        }
+        widgets = {
+            "definition": forms.Textarea(
+                attrs={
+                    "rows": 30,
+                    "spellcheck": "false",
+                    "style": "font-family: monospace; width: 100%; box-sizing: border-box;",
+                }
+            )
+        }
+
+    # The same functions the API goes through (via save_pipeline) decide what is valid.
+    def clean_name(self):
+        try:
+            return services.validate_pipeline_name(self.cleaned_data["name"])
+        except CIError as exc:
+            raise _ci_error(exc) from None
+
+    def clean_definition(self):
+        # Browsers submit textareas with CRLF line ends; store what the author typed.
+        definition = self.cleaned_data["definition"].replace("\r\n", "\n")
+        try:
+            self.named_policy = services.policy_named_in(parse_definition(definition))
+        except CIError as exc:
+            raise _ci_error(exc) from None
+        return definition
+
+    def clean(self):
+        cleaned = super().clean()
+        named = getattr(self, "named_policy", None)
+        if named is not None and cleaned.get("policy") not in (None, named):
+            self.add_error(
+                "policy",
+                f"the definition sets the policy {named.name!r} (`concurrency:`); remove that"
+                " line to choose the policy here",
+            )
+        return cleaned
+
+
+class TriggerForm(forms.Form):
+    # A new key each time the form is shown: the same form sent twice (a double click, a
+    # resubmission) shows the build the first one made rather than making another.
+    idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False)
+    variables = forms.CharField(
+        required=False,
+        strip=False,
+        help_text="One KEY=VALUE a line (the value is the rest of the line); they override"
+        " the pipeline's defaults. Empty: the defaults.",
+        widget=forms.Textarea(
+            attrs={
+                "rows": 8,
+                "spellcheck": "false",
+                "style": "font-family: monospace; width: 100%; box-sizing: border-box;",
+            }
+        ),
+    )
+
+
+def parse_variable_lines(text: str) -> dict[str, str]:
+    """`KEY=VALUE` lines (blank lines ignored) as a mapping; trigger_build checks the names and
+    sizes as it does for the API. Raises InvalidVariables for a line it cannot read."""
+    # Only line breaks end a line: str.splitlines() would also cut a value at \x0c, \x1c,
+    # \x85 or \u2028, making the rest of it another KEY=VALUE line.
+    lines = enumerate(re.split(r"\r\n|\r|\n", text), start=1)
+    return parse_assignments(
+        (f"variables, line {number}", line) for number, line in lines if line.strip()
+    )
+
+
+@admin.register(Pipeline)
+class PipelineAdmin(admin.ModelAdmin):
+    form = PipelineForm
+    list_display = ["name", "last_build_number", "updated_at", "builds_link"]
+    search_fields = ["name"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["last_build_number", "builds_count", "created_at", "updated_at"] if obj else []
+
+    def _builds_url(self, obj):
+        url = reverse(f"{self.admin_site.name}:builds_build_changelist")
+        return f"{url}?{urlencode({'pipeline__id__exact': obj.pk})}"
+
+    @admin.display(description="builds")
+    def builds_link(self, obj):
+        return format_html('<a href="{}">builds</a>', self._builds_url(obj))
+
+    # Counted on the change page only: a count per changelist row would be N queries.
+    @admin.display(description="builds")
+    def builds_count(self, obj):
+        return format_html('<a href="{}">{} builds</a>', self._builds_url(obj), obj.builds.count())
+
+    def save_model(self, request, obj, form, change):
+        # save_pipeline sets `spec` and saves `obj` itself, so the admin's log entry and
+        # redirect see the saved row. The form has already validated the same input.
+        data = form.cleaned_data
+        services.save_pipeline(data["name"], data["definition"], obj, policy=data["policy"])
+
+    # Triggering creates a build: the API's permission for it (POST /api/pipelines/{id}/builds/).
+    def has_trigger_permission(self, request):
+        return request.user.has_perm("builds.add_build")
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None and self.has_trigger_permission(request):
+            context["trigger_url"] = reverse(
+                f"{self.admin_site.name}:builds_pipeline_trigger", args=(obj.pk,)
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def trigger_view(self, request, pipeline_id):
+        """A form of variables (GET) that triggers a build (POST) through the service the API
+        calls, then shows the new build; a refusal is a message, and the form keeps its input."""
+        if request.method not in ("GET", "POST"):
+            return HttpResponseNotAllowed(["GET", "POST"])
+        # Checked before the lookup, so a 404 tells nothing to who may not trigger.
+        if not self.has_trigger_permission(request):
+            raise PermissionDenied
+        pipeline = get_object_or_404(Pipeline, pk=pipeline_id)
+        if request.method == "POST":
+            form = TriggerForm(request.POST)
+        else:
+            form = TriggerForm(initial={"idempotency_key": uuid.uuid4().hex})
+        if form.is_valid():
+            try:
+                variables = parse_variable_lines(form.cleaned_data["variables"])
+                key = form.cleaned_data["idempotency_key"]
+                build, replayed = services.trigger(pipeline, variables, request.user, key)
+            except IdempotencyKeyReused as exc:
+                # The form was sent back with other variables: a new build if sent again.
+                self.message_user(
+                    request,
+                    f"This form already triggered build #{exc.fields['number']} with other"
+                    " variables; send it again to trigger a new build.",
+                    messages.WARNING,
+                )
+                form = TriggerForm(
+                    initial={**form.cleaned_data, "idempotency_key": uuid.uuid4().hex}
+                )
+            except CIError as exc:
+                self.message_user(request, f"{exc.code}: {exc.detail}", messages.ERROR)
+            else:
+                reason = f" ({build.reason})" if build.reason else ""
+                done = "was triggered by this form already" if replayed else "triggered"
+                self.message_user(
+                    request, f"Build {build} {done}: {build.status}{reason}", messages.SUCCESS
+                )
+                return redirect(
+                    reverse(f"{self.admin_site.name}:builds_build_change", args=(build.pk,))
+                )
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": f"Trigger a build of {pipeline}",
+            "pipeline": pipeline,
+            # Shown to who may view the pipeline: add_build alone does not read it (nor does
+            # it in the API).
+            "defaults": sorted((pipeline.spec or {}).get("variables", {}).items())
+            if self.has_view_permission(request, pipeline)
+            else None,
+            "form": form,
+            "pipeline_url": reverse(
+                f"{self.admin_site.name}:builds_pipeline_change", args=(pipeline.pk,)
+            ),
+        }
+        return TemplateResponse(request, "admin/builds/pipeline/trigger.html", context)
+
+    def get_urls(self):
+        # Before the defaults: their "<path:object_id>/" would swallow this URL.
+        return [
+            path(
+                "<int:pipeline_id>/trigger/",
+                self.admin_site.admin_view(self.trigger_view),
+                name="builds_pipeline_trigger",
+            ),
+            *super().get_urls(),
+        ]

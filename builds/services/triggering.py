@@ -1,0 +1,205 @@
+"""Triggering a build: its number, variables and status tree, admitted by its pipeline's
+concurrency policy, and its first stage queued if it may run."""
+
+import hashlib
+import json
+import re
+from contextlib import suppress
+from typing import NamedTuple
+
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
+
+from builds.definition import normalize_variables
+from builds.errors import (
+    BuildAlreadyFinished,
+    IdempotencyKeyReused,
+    InvalidIdempotencyKey,
+    VariablePartitionMissing,
+)
+from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
+from builds.services.cancellation import cancel_at_once, request_cancel
+from builds.services.progress import queue_stage
+from builds.statuses import BuildStatus
+from ciproject.log_format import log_context
+from concurrency import services as concurrency
+from concurrency.models import ConcurrencyPolicy
+
+NO_PARTITION_FOR_ROW = "23514"  # check_violation: "no partition of relation ... for row"
+
+
+class Triggered(NamedTuple):
+    build: Build
+    replayed: bool  # made by an earlier trigger with the same idempotency key
+
+
+IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, as a UUID is
+
+
+def trigger_build(pipeline: Pipeline, variables=None, user=None, idempotency_key="") -> Build:
+    """trigger()'s build, for callers that do not ask whether it was replayed."""
+    return trigger(pipeline, variables, user, idempotency_key).build
+
+
+def trigger(pipeline: Pipeline, variables=None, user=None, idempotency_key="") -> Triggered:
+    """Create build N+1 of `pipeline` with its variables and status tree, admit it by the
+    pipeline's concurrency policy, and queue its first stage if it may run. Bad variables
+    raise InvalidVariables, a full queue PipelineQueueFull, before anything is stored.
+
+    With an `idempotency_key`, the same trigger again (a client retrying after a lost
+    answer, a form sent twice) returns the build the first one made, `replayed`;
+    the key with other variables raises IdempotencyKeyReused."""
+    overrides = normalize_variables({} if variables is None else variables)
+    if idempotency_key and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
+        raise InvalidIdempotencyKey(
+            "an idempotency key is 1 to 200 printable ASCII characters, without spaces"
+            " (a UUID, say)"
+        )
+    try:
+        return _trigger(pipeline, overrides, user, idempotency_key)
+    except IntegrityError as exc:
+        if getattr(exc.__cause__, "sqlstate", None) != NO_PARTITION_FOR_ROW:
+            raise
+        raise VariablePartitionMissing(
+            "no partition of the variable table holds builds created now; nothing was stored."
+            " Run `manage.py partitions ensure` (beat runs it every hour)"
+        ) from None
+
+
+def _trigger(pipeline: Pipeline, overrides: dict[str, str], user, key: str) -> Triggered:
+    fingerprint = _fingerprint(overrides) if key else ""
+    with transaction.atomic():
+        if key and (earlier := _earlier_trigger(pipeline.pk, key, fingerprint)):
+            return Triggered(earlier, replayed=True)
+        number, spec, policy_id = _next_build_number(pipeline.pk)
+        now = timezone.now()
+        build = Build(
+            pipeline=pipeline,
+            number=number,
+            status=BuildStatus.RUNNING,
+            spec=spec,
+            triggered_by=user if user and user.is_authenticated else None,
+            created_at=now,
+            idempotency_key=key,
+            idempotency_fingerprint=fingerprint,
+        )
+        if policy_id is not None:
+            _admit(build, policy_id, {**spec["variables"], **overrides})
+        if build.status == BuildStatus.RUNNING:
+            build.started_at = now
+        else:
+            build.enqueued_at = now
+        build.save(force_insert=True)
+        with log_context(build_id=build.pk):
+            _store_variables(build, spec["variables"], "pipeline", skip=overrides)
+            _store_variables(build, overrides, "trigger")
+            _create_tree(build, spec)
+            if build.status == BuildStatus.RUNNING:
+                queue_stage(build.pk, 0)
+    return Triggered(build, replayed=False)
+
+
+def _fingerprint(overrides: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()
+
+
+def _earlier_trigger(pipeline_id: int, key: str, fingerprint: str) -> Build | None:
+    """The build an earlier trigger with this key made. The pipeline's row is locked first,
+    as the trigger's numbering does, so a concurrent trigger with the key waits for this one."""
+    Pipeline.objects.select_for_update().filter(pk=pipeline_id).values_list("pk").first()
+    build = Build.objects.filter(pipeline_id=pipeline_id, idempotency_key=key).first()
+    if build is None:
+        return None
+    if build.idempotency_fingerprint != fingerprint:
+        raise IdempotencyKeyReused(
+            f"build #{build.number} was triggered with this idempotency key and other"
+            " variables; nothing was done. Use a new key for a new build",
+            build=build.pk,
+            number=build.number,
+        )
+    return build
+
+
+def _next_build_number(pipeline_id: int) -> tuple[int, dict, int | None]:
+    # The UPDATE row-locks the pipeline until commit, so concurrent triggers are serialized
+    # here, and the spec and policy are read in the same statement.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE builds_pipeline SET last_build_number = last_build_number + 1"
+            " WHERE id = %s RETURNING last_build_number, spec, policy_id",
+            [pipeline_id],
+        )
+        number, spec, policy_id = cursor.fetchone()
+    return number, json.loads(spec) if isinstance(spec, str) else spec, policy_id
+
+
+def _admit(build: Build, policy_id: int, variables: dict[str, str]) -> None:
+    policy = ConcurrencyPolicy.objects.get(pk=policy_id)
+    build.policy = policy
+    build.concurrency_group = concurrency.group_key(policy, build.pipeline, variables)
+    concurrency.lock_group(build.concurrency_group)
+    if policy.cancel_in_progress:
+        group = Build.objects.filter(concurrency_group=build.concurrency_group)
+        for other in group.filter(status=BuildStatus.QUEUED):
+            cancel_at_once(other, f"cancelled by build #{build.number} (cancel in progress)")
+        for other_id in group.filter(status=BuildStatus.RUNNING).values_list("id", flat=True):
+            with suppress(BuildAlreadyFinished):  # it ended meanwhile: nothing to cancel
+                request_cancel(other_id)  # the real path: its steps are stopped on the agents
+
+    def evict(oldest: Build) -> None:
+        cancel_at_once(
+            oldest,
+            f"evicted from the full queue of group {build.concurrency_group!r}"
+            f" by build #{build.number} of {build.pipeline.name!r}",
+        )
+
+    build.status = concurrency.admit(build, policy, on_evict=evict)
+
+
+def _store_variables(build: Build, variables: dict, source: str, skip=()) -> None:
+    BuildVariable.objects.bulk_create(
+        BuildVariable(
+            build=build, build_created_at=build.created_at, name=k, value=v, source=source
+        )
+        for k, v in variables.items()
+        if k not in skip
+    )
+
+
+def _create_tree(build: Build, spec: dict) -> None:
+    jobs, steps = [], []
+    reuse = {j["id"]: j.get("reuse") for stage in spec["stages"] for j in stage["jobs"]}
+
+    def root(key: str) -> str:  # `c` reuses `b` which reuses `a`: all run on a's agent
+        while reuse.get(key):
+            key = reuse[key]
+        return key
+
+    leased = {root(key) for key, target in reuse.items() if target}
+    for stage_index, stage in enumerate(spec["stages"]):
+        for job_spec in stage["jobs"]:
+            key = job_spec["id"]
+            job = JobRun(
+                build=build,
+                stage_index=stage_index,
+                stage_name=stage["name"],
+                key=key,
+                runs_on=job_spec["runs_on"],
+                reuse_of=root(key) if reuse.get(key) else "",
+                takes_lease=key in leased,
+            )
+            jobs.append(job)
+            steps.extend((job, index, s) for index, s in enumerate(job_spec["steps"]))
+    JobRun.objects.bulk_create(jobs)
+    StepRun.objects.bulk_create(
+        StepRun(
+            job=job,
+            index=index,
+            name=s["name"],
+            command=s["run"],
+            timeout=s["timeout"],
+            max_retries=s["retry"],
+            continue_on_error=s["continue_on_error"],
+        )
+        for job, index, s in steps
+    )
