@@ -11,6 +11,7 @@ from django.utils import timezone
 from agents.models import Agent, AgentStatus
 from builds.services import fail_jobs_of_lost_agent
 from ciproject import metrics
+from dispatch import leases
 
 
 def register_agent(
@@ -51,6 +52,11 @@ def heartbeat(name: str) -> str | None:
         )
         row = cursor.fetchone()
     return row[0] if row else None
+
+
+def leased_to(name: str) -> int | None:
+    """The build holding the agent's lease, if any."""
+    return leases.holder(name)
 
 
 def status_of(name: str) -> str | None:

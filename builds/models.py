@@ -90,23 +90,14 @@ class Build(models.Model):
         return None
 
 
-def is_bound(reuse_of: str, takes_lease: bool, agent: str) -> bool:
-    """The rule "this job runs on one agent only": it reuses another job's agent, or it is a
-    lease-taking job that ran before (its workspace is on that agent). JobRun.bound and
-    JobRunQuerySet.bound() say the same, for a row and in SQL."""
-    return bool(reuse_of) or (takes_lease and bool(agent))
-
-
 class JobRunQuerySet(models.QuerySet):
+    # JobRun.bound, in SQL.
     BOUND = ~models.Q(reuse_of="") | (models.Q(takes_lease=True) & ~models.Q(agent=""))
     USES_LEASE = models.Q(takes_lease=True) | ~models.Q(reuse_of="")
 
     def using_lease(self):
         """The jobs that need their build to hold an agent's lease (see JobRun.uses_lease)."""
         return self.filter(self.USES_LEASE)
-
-    def bound(self):
-        return self.filter(self.BOUND)
 
     def unbound(self):
         return self.exclude(self.BOUND)
@@ -162,7 +153,9 @@ class JobRun(models.Model):
 
     @property
     def bound(self) -> bool:
-        return is_bound(self.reuse_of, self.takes_lease, self.agent)
+        """The rule "this job runs on one agent only": it reuses another job's agent, or it
+        is a lease-taking job that ran before (its workspace is on that agent)."""
+        return bool(self.reuse_of) or (self.takes_lease and bool(self.agent))
 
     def bound_agent(self) -> str | None:
         """The agent a bound job must run on ("" if the job it reuses has not run); None

@@ -1,6 +1,6 @@
 """Where queued jobs go: a job bound to one agent (dispatch.leases) to that agent's own
-queue, any other to its label's queue, which the agents with that label consume; a job an
-agent handed back goes again; a job whose message was lost is sent again."""
+queue, any other to its label's queue, which the agents with that label consume; a job whose
+message was lost is sent again."""
 
 from collections import Counter
 from datetime import timedelta
@@ -16,10 +16,11 @@ from builds.statuses import RunStatus
 from dispatch import leases, messages
 
 
-def place(jobs: list[JobRun]) -> list[tuple[JobRun, str]]:
+def place(jobs: list[JobRun], explain_waits: bool = True) -> list[tuple[JobRun, str]]:
     """Send queued jobs on their way once the caller's transaction commits. A job whose label
-    no online agent has waits QUEUED, saying so. Returns the jobs that cannot be placed
-    (the agent they are bound to is gone), with why: the caller fails them."""
+    no online agent has waits QUEUED, saying so (unless `explain_waits` is off: a job handed
+    back keeps its reason). Returns the jobs that cannot be placed (the agent they are bound
+    to is gone), with why: the caller fails them."""
     unplaceable, free = [], []
     for job in jobs:
         if job.bound:
@@ -28,7 +29,8 @@ def place(jobs: list[JobRun]) -> list[tuple[JobRun, str]]:
                 unplaceable.append((job, reason))
         else:
             free.append(job)
-    _explain_waits(free)
+    if explain_waits:
+        _explain_waits(free)
     messages.send_jobs([(job.pk, job.attempt, job.runs_on) for job in free])
     return unplaceable
 

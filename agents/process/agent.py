@@ -1,7 +1,7 @@
 """The agent process: a Celery worker that registers itself, heartbeats, follows what the
 server says of it (disabled by an operator, leased to a build), runs the jobs it is sent, and
-marks itself offline when it stops. `manage.py runagent` starts it; the run_job task and the
-remote-control commands (agents.process.control) reach it through current()."""
+marks itself offline when it stops. `manage.py runagent` starts it; the run_job task reaches
+it through current(), the remote-control commands (agents.process.control) through install()."""
 
 import ctypes
 import logging
@@ -25,7 +25,6 @@ from builds import services as builds
 from ciproject import __version__
 from ciproject.celery import app
 from ciproject.protocol import agent_queue, job_queue, node_name, retry_queue
-from dispatch import leases
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ class AgentProcess:
         close_old_connections()
         with self.lock:
             status = services.status_of(self.name)
-            holder = leases.holder(self.name)
+            holder = services.leased_to(self.name)
             self.draining.set() if status == AgentStatus.DISABLED else self.draining.clear()
             wanted = status != AgentStatus.DISABLED and holder is None
             command = app.control.add_consumer if wanted else app.control.cancel_consumer

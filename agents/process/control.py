@@ -1,7 +1,9 @@
 """The remote-control commands an agent answers (names in ciproject.protocol). Celery runs
 them in the worker's consumer thread, so they are heard while every pool thread is busy
-running steps; each only calls into the AgentProcess. A stop is keyed by attempt: a stop for
-another attempt stops nothing."""
+running steps; each only calls into the AgentProcess that installed itself here. They are
+registered on import, in every worker that imports the tasks (the controller too, which has
+no agent: there they do nothing). A stop is keyed by attempt: a stop for another attempt
+stops nothing."""
 
 import threading
 
@@ -10,33 +12,39 @@ from celery.worker.control import control_command
 
 from ciproject import protocol
 
+_agent = None  # the AgentProcess of this worker, if it is an agent
+
 
 def install(agent) -> None:
-    """Register the commands for this process's AgentProcess (once, at start): the process
-    imports this module, never the other way round."""
+    """The commands act on this AgentProcess from now on (the process calls this at start:
+    it imports this module, never the other way round)."""
+    global _agent
+    _agent = agent
 
-    @control_command(
-        name=protocol.STOP_JOB,
-        args=[("job_id", int), ("attempt", int)],
-        signature="<job_id> <attempt>",
-    )
-    def stop_job(state, job_id, attempt):
-        """The job's runner sees the flag within a tick and ends the step's processes."""
-        return {"ok": agent.request_stop(job_id, attempt)}
 
-    @control_command(
-        name=protocol.REVOKE_JOBS, args=[("task_ids", list)], signature="<task_id> [task_id ...]"
-    )
-    def revoke_jobs(state, task_ids):
-        """Celery's own `revoke` asks the result backend about every id, on every worker: two
-        queries per job per worker, in the consumer thread. A cancelled job's message needs
-        only to be dropped when it arrives, which the worker's revoked set does (and the
-        job's compare-and-set fences it anyway, e.g. after a restart that forgot the set)."""
-        worker_state.revoked.update(task_ids)
-        return {"ok": len(task_ids)}
+@control_command(
+    name=protocol.STOP_JOB, args=[("job_id", int), ("attempt", int)], signature="<job_id> <attempt>"
+)
+def stop_job(state, job_id, attempt):
+    """The job's runner sees the flag within a tick and ends the step's processes."""
+    return {"ok": _agent is not None and _agent.request_stop(job_id, attempt)}
 
-    @control_command(name=protocol.SYNC_CONSUMERS)
-    def sync_consumers(state):
-        """The server changed something about this agent (a lease released): re-read it."""
-        threading.Thread(target=agent.sync_consumers, daemon=True).start()
-        return {"ok": True}
+
+@control_command(
+    name=protocol.REVOKE_JOBS, args=[("task_ids", list)], signature="<task_id> [task_id ...]"
+)
+def revoke_jobs(state, task_ids):
+    """Celery's own `revoke` asks the result backend about every id, on every worker: two
+    queries per job per worker, in the consumer thread. A cancelled job's message needs only
+    to be dropped when it arrives, which the worker's revoked set does (and the job's
+    compare-and-set fences it anyway, e.g. after a restart that forgot the set)."""
+    worker_state.revoked.update(task_ids)
+    return {"ok": len(task_ids)}
+
+
+@control_command(name=protocol.SYNC_CONSUMERS)
+def sync_consumers(state):
+    """The server changed something about this agent (a lease released): re-read it."""
+    if _agent is not None:
+        threading.Thread(target=_agent.sync_consumers, daemon=True).start()
+    return {"ok": True}

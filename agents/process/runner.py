@@ -182,7 +182,7 @@ def run_step(
     """Run `command` to its end or its timeout. `on_tick` is called about every `tick`
     seconds while it runs (to flush logs); it returns True to stop the step. If it raises,
     the step is ended all the same and the exception propagates. While it runs, the step is
-    recorded in `markers` (agents.orphans), for a restarted agent to end it."""
+    recorded in `markers` (agents.process.orphans), for a restarted agent to end it."""
     proc = subprocess.Popen(
         [SHELL, *SHELL_ARGS, command],
         cwd=cwd,

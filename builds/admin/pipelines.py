@@ -91,8 +91,9 @@ class TriggerForm(forms.Form):
 
 
 def parse_variable_lines(text: str) -> dict[str, str]:
-    """`KEY=VALUE` lines (blank lines ignored) as a mapping; trigger_build checks the names and
-    sizes as it does for the API. Raises InvalidVariables for a line it cannot read."""
+    """`KEY=VALUE` lines (blank lines ignored) as a mapping; the trigger service checks the
+    names and sizes as it does for the API. Raises InvalidVariables for a line it cannot
+    read."""
     # Only line breaks end a line: str.splitlines() would also cut a value at \x0c, \x1c,
     # \x85 or \u2028, making the rest of it another KEY=VALUE line.
     lines = enumerate(re.split(r"\r\n|\r|\n", text), start=1)

@@ -92,11 +92,11 @@ def requeue_job(job_id: int, attempt: int) -> None:
     job = JobRun.objects.filter(pk=job_id, attempt=attempt, status=RunStatus.QUEUED).first()
     if job is not None:
         with transaction.atomic():
-            _place([job])
+            _place([job], explain_waits=False)
 
 
-def _place(jobs: list[JobRun]) -> None:
-    for job, reason in placement.place(jobs):
+def _place(jobs: list[JobRun], explain_waits: bool = True) -> None:
+    for job, reason in placement.place(jobs, explain_waits):
         if fail_queued_job(job.pk, reason):
             advance_after_commit(job.build_id)
 

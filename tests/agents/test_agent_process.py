@@ -5,9 +5,13 @@ import threading
 import time
 
 import pytest
+from celery.worker.control import Panel
 
+import agents.tasks  # noqa: F401  (what a worker's task autodiscovery imports)
 from agents import services
+from agents.process import control
 from agents.process.agent import AgentProcess
+from ciproject.protocol import REVOKE_JOBS, STOP_JOB, SYNC_CONSUMERS
 
 
 def test_a_stop_reaches_the_running_attempt_even_after_a_duplicate_delivery_ended():
@@ -47,3 +51,18 @@ def test_a_heartbeat_in_flight_at_shutdown_does_not_bring_the_agent_back(monkeyp
         agent.stopping.set()
         agent.beats.join(10)  # a beat still in flight lands now
     assert services.status_of("a1") == "offline"
+
+
+def test_every_worker_that_imports_the_tasks_knows_the_agent_commands(monkeypatch):
+    """The controller hears the server's broadcasts too: without the commands it would log
+    a KeyError for each. With no agent installed they stop nothing; once an agent installs
+    itself, they reach its attempts."""
+    commands = {name: Panel.data.get(name) for name in (STOP_JOB, REVOKE_JOBS, SYNC_CONSUMERS)}
+    assert all(commands.values()), commands
+    monkeypatch.setattr(control, "_agent", None)
+    assert commands[STOP_JOB](None, job_id=7, attempt=1) == {"ok": False}
+    agent = AgentProcess("a1", ["unit-tests"])
+    control.install(agent)
+    with agent.tracking(7, 1) as running:
+        assert commands[STOP_JOB](None, job_id=7, attempt=1) == {"ok": True}
+        assert running.is_set()
