@@ -8,14 +8,14 @@ from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from django.urls import re_path
 from drf_spectacular import openapi
-from rest_framework import exceptions, serializers, status
+from rest_framework import exceptions, serializers
 from rest_framework.response import Response
 from rest_framework.routers import DefaultRouter
 from rest_framework.views import APIView, set_rollback
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from ciproject.api_defaults import RequestTooLarge
-from ciproject.errors import CIError
+from ciproject.errors import CIError, DatabaseUnavailable, InternalError, InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _database_unreachable(exc) -> bool:
 def exception_handler(exc, context):
     """Every error is {"code": STABLE_CODE, "detail": "what happened", ...}."""
     if isinstance(exc, CIError):
-        return Response({"code": exc.code, "detail": exc.detail, **exc.fields}, exc.http_status)
+        return _answer(exc)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, RequestDataTooBig):
@@ -94,25 +94,25 @@ def exception_handler(exc, context):
         # been written: a retry with its Idempotency-Key is safe either way.
         logger.warning("database unreachable: %s", exc)
         set_rollback()
-        return Response(
-            {"code": "DATABASE_UNAVAILABLE", "detail": "the database is unreachable; retry"},
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            headers={"Retry-After": "5"},
+        return _answer(
+            DatabaseUnavailable("the database is unreachable; retry"), {"Retry-After": "5"}
         )
     if response is None:
         # A bug, not bad input: log it with its traceback; the client gets no internals.
         logger.error("unhandled error in the API", exc_info=exc)
         set_rollback()
-        return Response(
-            {"code": "INTERNAL_ERROR", "detail": "an unexpected error; it has been logged"},
-            status.HTTP_500_INTERNAL_SERVER_ERROR,
-        )
+        return _answer(InternalError("an unexpected error; it has been logged"))
     if isinstance(exc, exceptions.ValidationError):
-        response.data = {
-            "code": "INVALID_REQUEST",
-            "detail": "the request is not valid; see errors",
-            "errors": response.data,
-        }
+        invalid = InvalidRequest("the request is not valid; see errors", errors=response.data)
+        response.data = _body(invalid)
     else:
         response.data = {"code": str(exc.default_code).upper(), "detail": str(exc.detail)}
     return response
+
+
+def _body(error: CIError) -> dict:
+    return {"code": error.code, "detail": error.detail, **error.fields}
+
+
+def _answer(error: CIError, headers=None) -> Response:
+    return Response(_body(error), error.http_status, headers=headers)

@@ -9,3 +9,17 @@ class CIError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.fields = fields
+
+
+class InvalidRequest(CIError):
+    code = "INVALID_REQUEST"  # the request's shape; `errors` says what, field by field
+
+
+class DatabaseUnavailable(CIError):
+    code = "DATABASE_UNAVAILABLE"
+    http_status = 503
+
+
+class InternalError(CIError):
+    code = "INTERNAL_ERROR"
+    http_status = 500
