@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from builds.errors import InvalidPipeline, InvalidVariables
+from concurrency import keys
 
 MAX_DEFINITION_BYTES = 256 * 1024
 MAX_STAGES = 50
@@ -30,6 +31,8 @@ RESERVED_NAMES = frozenset(
     # These three glibc variables act on every program, bash included: loader tunables,
     # locale files (read as bash starts) and charset modules (shared objects).
     | {"GLIBC_TUNABLES", "LOCPATH", "GCONV_PATH"}
+    # What the server decides in a concurrency group key (${pipeline_id}, ...).
+    | {name.upper() for name in keys.SERVER_NAMES}
 )
 
 VARIABLE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -243,7 +246,8 @@ def normalize_variables(variables: Any, where: str = "variables") -> dict[str, s
         if is_reserved_variable_name(name):
             raise InvalidVariables(
                 f"{where}.{name}: reserved (CI_*, BASH_*, LD_*, PATH, HOME, IFS, ... are set by"
-                " the agent or change how the shell runs)"
+                " the agent or change how the shell runs; pipeline_id and pipeline_name by the"
+                " server)"
             )
         if isinstance(value, bool):
             value = "true" if value else "false"

@@ -28,6 +28,11 @@ class VariablePartitionMissing(CIError):
     http_status = 503
 
 
+class BuildVariablesMissing(CIError):
+    code = "BUILD_VARIABLES_MISSING"
+    http_status = 409
+
+
 class RetryWindowExpired(CIError):
     code = "RETRY_WINDOW_EXPIRED"
     http_status = 409

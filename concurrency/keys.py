@@ -4,6 +4,9 @@ import re
 
 PLACEHOLDER = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_KEY = 400
+# What the server puts in a key: never a build variable's to set (builds.definition reserves
+# these names), so no trigger can choose another pipeline's group.
+SERVER_NAMES = ("pipeline_id", "pipeline_name")
 
 
 def validate_template(template: str) -> None:
@@ -17,5 +20,6 @@ def validate_template(template: str) -> None:
 def render(template: str, pipeline, variables: dict[str, str]) -> str:
     """Render a group key. An unknown placeholder renders empty, so `deploy-${BRANCH}` without
     BRANCH is `deploy-` (one group for all builds that do not say)."""
-    values = {"pipeline_id": str(pipeline.pk), "pipeline_name": pipeline.name, **variables}
+    server = dict(zip(SERVER_NAMES, (str(pipeline.pk), pipeline.name), strict=True))
+    values = {**variables, **server}  # the server's values win, whatever a variable says
     return PLACEHOLDER.sub(lambda m: values.get(m.group(1), ""), template)[:MAX_KEY]

@@ -14,6 +14,7 @@ from django.db import InterfaceError, OperationalError, connection
 from agents.process import orphans
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
+from builds.errors import BuildVariablesMissing
 from builds.models import JobRun, StepRun
 from builds.statuses import RunStatus
 from ciproject import metrics
@@ -102,7 +103,12 @@ def _run_started_job(agent, job: JobRun, stop: threading.Event) -> str:
         if job.takes_lease:
             agent.sync_consumers()  # leased to this build now: leave the shared queues
         workspace = workspace_for(agent.name, job)
-        status, reason = JobExecution(job, workspace, stop, agent.keep_workspace).run()
+        try:
+            execution = JobExecution(job, workspace, stop, agent.keep_workspace)
+        except BuildVariablesMissing as exc:  # purged: its steps must not run without them
+            status, reason = RunStatus.FAILED, exc.detail
+        else:
+            status, reason = execution.run()
         # Fenced: a stale attempt changes nothing.
         recorded = persist(services.finish_job, job, status, reason)
         log.info(

@@ -91,7 +91,11 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
         steps = StepRun.objects.order_by("index")
         jobs = JobRun.objects.filter(build=build).order_by("stage_index", "id")
         jobs = jobs.prefetch_related(Prefetch("steps", steps))
-        can_retry = self.has_retry_permission(request)
+        # A finished build's steps run again only within its retry window: the same rule.
+        can_retry = self.has_retry_permission(request) and (
+            build.status not in BUILD_FINAL
+            or services.can_retry(build, include_succeeded=True).allowed
+        )
         return [
             (
                 stage,

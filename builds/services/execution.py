@@ -6,6 +6,8 @@ from django.db import connection, transaction
 from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
+from builds import partitions
+from builds.errors import BuildVariablesMissing
 from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.statuses import BuildStatus, RunStatus, run_allowed_from
 from ciproject.log_format import log_context
@@ -21,7 +23,7 @@ def _build_running(build_id) -> Exists:
     return Exists(Build.objects.filter(pk=build_id, status=BuildStatus.RUNNING))
 
 
-class HandBack(Exception):  # noqa: N818: an outcome, not an error
+class HandBack(Exception):  # an outcome, not an error: no "Error" in its name
     """This agent may not run the job now (it is drained, or leased to another build, or the
     job takes a lease another build holds): it goes back to the queue for another agent."""
 
@@ -155,13 +157,22 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
 
 
 def build_variables(build_id: int) -> dict[str, str]:
+    """The build's variables. Raises BuildVariablesMissing when its partition is gone: a
+    job never runs with its variables silently missing."""
+    build = Build.objects.only("number", "created_at").get(pk=build_id)
     # Filtered by the partition key too, so PostgreSQL reads one partition only.
-    created_at = Build.objects.filter(pk=build_id).values("created_at")[:1]
-    return dict(
-        BuildVariable.objects.filter(build_created_at=created_at, build_id=build_id)
+    variables = dict(
+        BuildVariable.objects.filter(build_created_at=build.created_at, build_id=build_id)
         .order_by("name")
         .values_list("name", "value")
     )
+    # No row may mean no variable, or no partition: only then is the catalog asked.
+    if not variables and not partitions.partition_exists_for(build.created_at):
+        raise BuildVariablesMissing(
+            f"the variables of build #{build.number} are gone: the partition holding builds"
+            f" created on {build.created_at:%Y-%m-%d} was purged (VARIABLE_RETENTION_DAYS)"
+        )
+    return variables
 
 
 def end_untracked_jobs(agent: str, tracked: set[tuple[int, int]], started_before) -> list[int]:

@@ -44,6 +44,8 @@ from concurrency import services as concurrency
 
 
 def retry_step(build_id: int, step_id: int) -> StepRun:
+    """Run a failed step again, then the rest of its job and of the build. Of a finished
+    build, only within the retry window (can_retry, as for a build retry)."""
     step = StepRun.objects.select_related("job__build").filter(pk=step_id).first()
     if step is None or step.job.build_id != build_id:
         raise StepNotFound(f"build {build_id} has no step {step_id}")
@@ -55,6 +57,8 @@ def retry_step(build_id: int, step_id: int) -> StepRun:
         job = JobRun.objects.select_for_update().get(pk=step.job_id)
         step = StepRun.objects.select_for_update().get(pk=step_id)
         check_step_retryable(build, job, step)
+        if build.status in BUILD_FINAL:  # it runs again: only while its variables are kept
+            _refuse_unless(can_retry(build, include_succeeded=True))
         _reset_job_from(job, step)
         if build.status in BUILD_FINAL:
             _reset_later_stages(build, job.stage_index)

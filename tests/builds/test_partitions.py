@@ -18,10 +18,19 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.utils import timezone
 
+from agents import services as agents
+from agents.process.agent import AgentProcess
 from builds import partitions, services
 from builds.errors import PurgeBeforeTooLate, RetryWindowExpired, VariablePartitionMissing
 from builds.management.commands.partitions import parse_date
-from builds.models import Build, BuildVariable, PartitionState, VariablePartition
+from builds.models import (
+    Build,
+    BuildVariable,
+    JobRun,
+    PartitionState,
+    StepRun,
+    VariablePartition,
+)
 from tests.support import make_pipeline, one_step, raw_connection, wait_until
 
 DAY = timedelta(days=1)
@@ -465,3 +474,61 @@ def test_admin_lists_the_partitions_from_the_catalog(admin_client):
     partitions.purge(by="test")
     page = admin_client.get("/admin/builds/variablepartition/?state__exact=dropped")
     assert name in page.content.decode()
+
+
+def failed_step_of(build) -> StepRun:
+    """Its one step, FAILED as its job: a step retry's candidate."""
+    job = JobRun.objects.get(build=build)
+    JobRun.objects.filter(pk=job.pk).update(status="FAILED")
+    StepRun.objects.filter(job=job).update(status="FAILED", started_at=build.created_at)
+    return job.steps.get()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_step_retry_of_a_finished_build_is_held_to_the_retry_window():
+    build = build_at(timezone.now() - 60 * DAY)
+    step = failed_step_of(build)
+    with raw_connection() as admin:
+        admin.execute(f'DROP TABLE "{partition_of(build)}"')
+    expected = services.can_retry(build, include_succeeded=True)
+    with pytest.raises(RetryWindowExpired) as refused:
+        services.retry_step(build.pk, step.pk)
+    # The build retry's own answer: its reason and its fields.
+    assert (refused.value.detail, refused.value.fields) == (expected.reason, expected.fields)
+    fresh = StepRun.objects.get(pk=step.pk)
+    assert (fresh.status, fresh.attempt, Build.objects.get(pk=build.pk).status) == (
+        "FAILED",
+        1,
+        "FAILED",
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_step_retry_within_the_window_runs_as_before():
+    build = build_at(timezone.now() - 60 * DAY)
+    step = services.retry_step(build.pk, failed_step_of(build).pk)
+    assert (step.status, step.attempt) == ("PENDING", 2)
+    assert Build.objects.get(pk=build.pk).status == "RUNNING"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_job_whose_variables_were_purged_fails_saying_so_and_runs_nothing(settings, tmp_path):
+    settings.AGENT_WORKSPACE_ROOT = str(tmp_path)
+    agents.register_agent("a1", "host", ["unit-tests"], 1, "1")
+    moment = timezone.now() - 60 * DAY
+    partitions.ensure(now=moment, ahead=0)
+    marker = tmp_path / "ran"
+    pipeline = make_pipeline("purged", one_step(f"touch {marker}", runs_on="unit-tests"))
+    with time_machine.travel(moment, tick=False):
+        build = services.trigger_build(pipeline, {"WHO": "old"})  # RUNNING, its job QUEUED
+    with raw_connection() as admin:
+        admin.execute(f'DROP TABLE "{partition_of(build)}"')
+    job = JobRun.objects.get(build=build)
+    assert AgentProcess("a1", ["unit-tests"]).run_job(job.pk, 1) == "FAILED"
+    job.refresh_from_db()
+    assert job.reason == (
+        f"the variables of build #{build.number} are gone: the partition holding builds"
+        f" created on {build.created_at:%Y-%m-%d} was purged (VARIABLE_RETENTION_DAYS)"
+    )
+    assert not marker.exists()
+    assert job.steps.get().status == "SKIPPED"
