@@ -122,15 +122,24 @@ def _watch_cancels(limit: int = 200) -> list[int]:
     ).order_by("cancel_requested_at")
     for build_id, requested_at in stalled.values_list("id", "cancel_requested_at")[:limit]:
         if now - requested_at > patience:
-            _force_cancel(build_id, now)
-            forced.append(build_id)
+            if _force_cancel(build_id, requested_at, now):
+                forced.append(build_id)
         else:
             finish_cancel(build_id, skip_locked=True)
     return forced
 
 
-def _force_cancel(build_id: int, now) -> None:
+def _force_cancel(build_id: int, requested_at, now) -> bool:
+    """End the jobs of a cancel whose agents never confirmed the stop, and tell those agents
+    again (one that was cut off must not go on when it is back). The build was listed before
+    its lock was taken: only a build still cancelling from that same request is forced (the
+    build row first, then its jobs, as everywhere)."""
     with transaction.atomic():
+        still = Build.objects.select_for_update(no_key=True).filter(
+            pk=build_id, status=BuildStatus.CANCELLING, cancel_requested_at=requested_at
+        )
+        if not still.exists():
+            return False
         jobs = list(
             JobRun.objects.select_for_update().filter(build_id=build_id, status=RunStatus.RUNNING)
         )
@@ -152,4 +161,7 @@ def _force_cancel(build_id: int, now) -> None:
         )
         if agents:
             log.warning("build %s: agents %s did not confirm the stop", build_id, sorted(agents))
+        for job in jobs:
+            messages.stop_job(job.pk, job.attempt, job.agent)
     finish_cancel(build_id)
+    return True

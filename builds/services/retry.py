@@ -113,11 +113,22 @@ def _reset_job_from(job: JobRun, step: StepRun) -> None:
 
 
 def _reset_later_stages(build: Build, stage_index: int) -> None:
-    """What a finished build skipped or cancelled after the retried stage runs again."""
+    """What a finished build skipped or cancelled after the retried stage runs again. A step
+    that had started (cancelled mid-run) gets a new attempt, so its new log and results
+    never mix with the old ones."""
     not_run = RUN_RETRY_TRANSITIONS[RunStatus.PENDING] - {RunStatus.FAILED, RunStatus.TIMED_OUT}
     jobs = JobRun.objects.filter(build=build, stage_index__gt=stage_index, status__in=not_run)
-    StepRun.objects.filter(job__in=jobs, status__in=not_run).update(status=RunStatus.PENDING)
-    jobs.update(status=RunStatus.PENDING, attempt=F("attempt") + 1, finished_at=None)
+    steps = StepRun.objects.filter(job__in=jobs, status__in=not_run)
+    steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
+    steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
+    jobs.update(
+        status=RunStatus.PENDING,
+        attempt=F("attempt") + 1,
+        reason="",
+        queued_at=None,
+        started_at=None,
+        finished_at=None,
+    )
 
 
 def _take_back(build: Build) -> None:
@@ -130,8 +141,12 @@ def _take_back(build: Build) -> None:
         if build.policy is not None and running >= build.policy.max_running:
             status = BuildStatus.QUEUED
     now = timezone.now()
+    running = status == BuildStatus.RUNNING
     Build.objects.filter(pk=build.pk, status__in=BUILD_RETRY_TRANSITIONS[status]).update(
         status=status,
+        # A build cancelled while it queued never started: running now, it holds a slot, and
+        # occupying() counts a CANCELLING build by its start.
+        started_at=(build.started_at or now) if running else build.started_at,
         finished_at=None,
         reason="",
         cancel_requested_at=None,

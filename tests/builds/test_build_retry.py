@@ -154,3 +154,19 @@ def test_the_refusal_is_the_same_in_the_api_the_admin_and_the_cli(worker_env):
     assert cli.returncode == 1
     assert f"RETRY_WINDOW_EXPIRED: {reason}" in cli.stderr
     assert Build.objects.get(pk=build.pk).attempt == 1
+
+
+@pytest.mark.django_db
+def test_a_step_retry_gives_later_stages_that_had_run_a_new_attempt():
+    """A build cancelled in stage two, its stage-one step retried: the stage-two step that
+    had started runs again as attempt 2, so its new log and result never mix with the old."""
+    build = services.trigger_build(make_pipeline("later", THREE_STAGES))
+    started = timezone.now()
+    Build.objects.filter(pk=build.pk).update(status="CANCELED", finished_at=started)
+    JobRun.objects.filter(build=build).update(status="CANCELED", finished_at=started)
+    StepRun.objects.filter(job__build=build).update(status="CANCELED", started_at=started)
+    first = StepRun.objects.get(job__build=build, job__key="a")
+    services.retry_step(build.pk, first.pk)
+    later = StepRun.objects.filter(job__build=build, job__stage_index__gt=0)
+    assert later.exists()
+    assert {(s.status, s.attempt, s.started_at) for s in later} == {("PENDING", 2, None)}

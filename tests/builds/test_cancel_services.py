@@ -12,7 +12,9 @@ from agents.models import Agent
 from builds import services
 from builds.errors import BuildAlreadyFinished
 from builds.models import Build, JobRun, StepRun
+from builds.services import cancellation
 from builds.statuses import BuildStatus, RunStatus
+from dispatch import messages
 from tests.support import make_pipeline
 
 
@@ -122,3 +124,45 @@ def test_watchdog_forces_a_cancel_the_agent_never_confirmed(settings):
     agent = Agent.objects.get(name="gone")
     assert agent.suspect_since is not None
     assert f"build {build.pk}" in agent.suspect_reason
+
+
+def cancelling_on_gone_agent(settings, name="p"):
+    """A build cancelled while its job runs on an agent that never confirms the stop."""
+    settings.STEP_KILL_GRACE_SECONDS = 10
+    settings.CANCEL_WATCHDOG_MARGIN_SECONDS = 5
+    Agent.objects.get_or_create(name="gone", defaults={"labels": ["default"]})
+    build = services.trigger_build(pipeline_with_jobs(name, 1))
+    job = services.start_job(JobRun.objects.get(build=build).pk, 1, "gone")
+    services.request_cancel(build.pk)
+    return build, job, timezone.now()
+
+
+@pytest.mark.django_db
+def test_the_watchdog_tells_the_agent_again_when_it_forces_a_cancel(settings, monkeypatch):
+    build, job, requested = cancelling_on_gone_agent(settings)
+    stops = []
+    monkeypatch.setattr(messages, "stop_job", lambda *args: stops.append(args))
+    with time_machine.travel(requested + timedelta(seconds=16), tick=False):
+        assert services.cancel_watchdog() == [build.pk]
+    assert stops == [(job.pk, 1, "gone")]  # a cut-off agent hears it once it is back
+
+
+@pytest.mark.django_db
+def test_the_watchdog_rechecks_a_build_under_its_lock(settings, monkeypatch):
+    """The watchdog lists the stalled cancels, then forces each: a build that moved on in
+    between (its cancel finished, a retry runs its job again) is left alone."""
+    build, job, requested = cancelling_on_gone_agent(settings)
+    force = cancellation._force_cancel
+
+    def after_a_retry(*args, **kwargs):
+        Build.objects.filter(pk=build.pk).update(status="RUNNING", cancel_requested_at=None)
+        JobRun.objects.filter(pk=job.pk).update(attempt=2, agent="other")
+        return force(*args, **kwargs)
+
+    monkeypatch.setattr(cancellation, "_force_cancel", after_a_retry)
+    with time_machine.travel(requested + timedelta(seconds=16), tick=False):
+        assert services.cancel_watchdog() == []
+    job.refresh_from_db()
+    assert (job.status, job.attempt, job.reason) == ("RUNNING", 2, "")
+    assert Build.objects.get(pk=build.pk).status == "RUNNING"
+    assert Agent.objects.get(name="gone").suspect_since is None

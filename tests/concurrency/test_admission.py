@@ -242,3 +242,21 @@ def test_builds_queued_by_a_deleted_policy_start_without_limit():
     pol.delete()
     assert services.sweep_queues()["started"] == [b.pk, c.pk]
     assert statuses(a, b, c) == ["RUNNING", "RUNNING", "RUNNING"]
+
+
+@pytest.mark.django_db
+def test_a_build_cancelled_in_the_queue_then_retried_holds_its_slot_while_cancelling():
+    """It never started before; taken back to RUNNING by a step retry it holds a running
+    slot, also once cancelled again (occupying() counts a CANCELLING build by its start)."""
+    pipeline = governed("web", policy(max_running=1, queue_length=1))
+    first = services.trigger_build(pipeline)
+    waiting = services.trigger_build(pipeline)
+    services.request_cancel(waiting.pk)
+    services.finish_cancel(waiting.pk)  # nothing of it ran: CANCELED at once
+    finish(first)
+    step = StepRun.objects.filter(job__build=waiting).first()
+    services.retry_step(waiting.pk, step.pk)
+    assert statuses(waiting) == ["RUNNING"]
+    assert services.request_cancel(waiting.pk) == "CANCELLING"  # its job still stopping
+    newcomer = services.trigger_build(pipeline)
+    assert statuses(waiting, newcomer) == ["CANCELLING", "QUEUED"]  # never two running
