@@ -1,11 +1,14 @@
 """Agent registry: registration, heartbeats, draining, and lost agents. An agent is lost
 when it stops heartbeating (or starts again while jobs are recorded as running on it): the
-jobs it was running end FAILED with a reason naming it, and their builds move on."""
+jobs it was running end FAILED with a reason naming it, and their builds move on.
 
-from datetime import timedelta
+Heartbeats are stamped, and their age judged, by the database's clock alone: an agent whose
+own clock is behind or ahead is not taken for lost, nor kept alive, by the difference."""
+
 
 from django.conf import settings
 from django.db import connection
+from django.db.models import Func
 from django.utils import timezone
 
 from agents.models import Agent, AgentStatus
@@ -30,14 +33,21 @@ def register_agent(
             "capacity": capacity,
             "version": version,
             "started_at": now,
-            "last_heartbeat": now,
         },
     )
+    Agent.objects.filter(pk=agent.pk).update(last_heartbeat=DatabaseNow())
     # A drained agent stays drained across restarts; any other comes back online.
     Agent.objects.filter(pk=agent.pk).exclude(status=AgentStatus.DISABLED).update(
         status=AgentStatus.ONLINE
     )
+    agent.refresh_from_db()
     return agent
+
+
+class DatabaseNow(Func):
+    """The database's clock, per statement (not the transaction's start, as now() is)."""
+
+    template = "statement_timestamp()"
 
 
 def heartbeat(name: str) -> str | None:
@@ -45,10 +55,10 @@ def heartbeat(name: str) -> str | None:
     marked it offline; returns its status (None if it is not registered). One statement."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE agents_agent SET last_heartbeat = %s,"
+            "UPDATE agents_agent SET last_heartbeat = statement_timestamp(),"
             " status = CASE WHEN status = %s THEN %s ELSE status END"
             " WHERE name = %s RETURNING status",
-            [timezone.now(), AgentStatus.OFFLINE, AgentStatus.ONLINE, name],
+            [AgentStatus.OFFLINE, AgentStatus.ONLINE, name],
         )
         row = cursor.fetchone()
     return row[0] if row else None
@@ -76,13 +86,18 @@ def set_status(agent: Agent, status: str) -> None:
 def mark_lost_agents() -> list[str]:
     """Agents whose heartbeat is older than the timeout are lost: online ones go offline
     (drained ones stay disabled), and the jobs they were running fail."""
-    cutoff = timezone.now() - timedelta(seconds=settings.AGENT_OFFLINE_AFTER_SECONDS)
     # One statement, so an agent that heartbeats meanwhile is not taken for lost.
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE agents_agent SET status = CASE WHEN status = %s THEN %s ELSE status END"
-            " WHERE last_heartbeat < %s AND status <> %s RETURNING name, status",
-            [AgentStatus.ONLINE, AgentStatus.OFFLINE, cutoff, AgentStatus.OFFLINE],
+            " WHERE last_heartbeat < statement_timestamp() - make_interval(secs => %s)"
+            " AND status <> %s RETURNING name, status",
+            [
+                AgentStatus.ONLINE,
+                AgentStatus.OFFLINE,
+                settings.AGENT_OFFLINE_AFTER_SECONDS,
+                AgentStatus.OFFLINE,
+            ],
         )
         rows = cursor.fetchall()
     names = [name for name, _ in rows]

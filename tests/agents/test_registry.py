@@ -5,6 +5,7 @@ from datetime import timedelta
 
 import pytest
 import time_machine
+from django.db.models import F
 from django.utils import timezone
 
 from agents import services
@@ -13,6 +14,14 @@ from builds import services as builds
 from builds.models import Build, JobRun
 from builds.services.sweeps import fail_unplaced_jobs
 from tests.support import REUSE, make_pipeline, one_step
+
+
+def silent_for(agent: str, seconds: float) -> None:
+    """As if its last heartbeat were `seconds` older (heartbeats are aged by the database's
+    clock, which time-machine does not move)."""
+    Agent.objects.filter(name=agent).update(
+        last_heartbeat=F("last_heartbeat") - timedelta(seconds=seconds)
+    )
 
 
 def running_job_on(agent: str):
@@ -39,8 +48,8 @@ def test_a_lost_agent_goes_offline_and_its_jobs_fail_naming_it(settings):
     services.register_agent("a1", "host", ["unit-tests"], 1, "1")
     build, job = running_job_on("a1")
     assert services.mark_lost_agents() == []
-    with time_machine.travel(timezone.now() + timedelta(seconds=31), tick=False):
-        assert services.mark_lost_agents() == ["a1"]
+    silent_for("a1", 31)
+    assert services.mark_lost_agents() == ["a1"]
     assert Agent.objects.get(name="a1").status == "offline"
     job.refresh_from_db()
     assert job.status == "FAILED"
@@ -89,9 +98,23 @@ def test_a_lost_agent_frees_its_lease_and_fails_the_jobs_bound_to_it(settings):
     assert builds.advance_build(build.pk) == "RUNNING"  # `use` is sent to a1's own queue
     use = JobRun.objects.get(build=build, key="use")
     assert use.status == "QUEUED"
-    with time_machine.travel(timezone.now() + timedelta(seconds=31), tick=False):
-        services.mark_lost_agents()
+    silent_for("a1", 31)
+    services.mark_lost_agents()
     use.refresh_from_db()
     assert use.status == "FAILED"
     assert "agent a1 was lost" in use.reason
     assert not AgentLease.objects.exists()
+
+
+@pytest.mark.django_db
+def test_an_agent_whose_clock_is_behind_is_not_taken_for_lost(settings):
+    """The heartbeat's time is the database's, not the agent's: an agent 40 s behind, with
+    the timeout at 30 s, stays online and keeps its job."""
+    settings.AGENT_OFFLINE_AFTER_SECONDS = 30
+    with time_machine.travel(timezone.now() - timedelta(seconds=40)):  # the agent's clock
+        services.register_agent("slow", "host", ["unit-tests"], 1, "1")
+        _, job = running_job_on("slow")
+        assert services.heartbeat("slow") == "online"
+    assert services.mark_lost_agents() == []
+    job.refresh_from_db()
+    assert (job.status, Agent.objects.get(name="slow").status) == ("RUNNING", "online")
