@@ -5,7 +5,6 @@ jobs it was running end FAILED with a reason naming it, and their builds move on
 Heartbeats are stamped, and their age judged, by the database's clock alone: an agent whose
 own clock is behind or ahead is not taken for lost, nor kept alive, by the difference."""
 
-
 from django.conf import settings
 from django.db import connection
 from django.db.models import Func

@@ -43,33 +43,37 @@ def persist(write, *args):
 
 
 class LogWriter:
-    """Appends a step attempt's output to its log, a chunk at a time. While the database is
-    unreachable the text is kept and sent with the next chunk."""
+    """Appends a step attempt's output to its log, a chunk at a time. A chunk gets its
+    number once: while the database is unreachable the chunks are kept and sent again as
+    they were (a chunk whose commit went through before the connection dropped is ignored
+    the second time), and what the step prints meanwhile goes in the next ones, so nothing
+    is lost and nothing is stored twice."""
 
     def __init__(self, step: StepRun):
         self.step_id, self.attempt = step.pk, step.attempt
-        self.seq = 0
-        self.unsent = ""
+        self.next_seq = 0
+        self.unsent: list[tuple[int, str]] = []  # (seq, text), oldest first
         self.flushed_at = time.monotonic()
 
     def write(self, text: str, final: bool = False) -> None:
-        self.unsent += text
         self.flushed_at = time.monotonic()
-        if not self.unsent:
-            return
-        try:
-            if final:
-                persist(services.append_log, self.step_id, self.attempt, self.seq, self.unsent)
-            else:
-                services.append_log(self.step_id, self.attempt, self.seq, self.unsent)
-        except DATABASE_ERRORS:
-            if final:
-                raise
-            connection.close()
-            log.warning("step %s: log chunk kept until the database answers", self.step_id)
-            return
-        self.seq += 1
-        self.unsent = ""
+        if text:
+            self.unsent.append((self.next_seq, text))
+            self.next_seq += 1
+        while self.unsent:
+            seq, chunk = self.unsent[0]
+            try:
+                if final:
+                    persist(services.append_log, self.step_id, self.attempt, seq, chunk)
+                else:
+                    services.append_log(self.step_id, self.attempt, seq, chunk)
+            except DATABASE_ERRORS:
+                if final:
+                    raise
+                connection.close()
+                log.warning("step %s: log chunks kept until the database answers", self.step_id)
+                return
+            self.unsent.pop(0)
 
     def due(self) -> bool:
         return time.monotonic() - self.flushed_at >= settings.STEP_LOG_FLUSH_SECONDS

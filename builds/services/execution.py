@@ -73,7 +73,9 @@ def start_step(step: StepRun) -> bool:
 
 
 def next_attempt(step: StepRun) -> bool:
-    """An automatic retry: a RUNNING step whose attempt failed goes on at attempt + 1."""
+    """An automatic retry: a RUNNING step whose attempt failed goes on at attempt + 1.
+    Idempotent: sent again after its commit went through (the answer was lost with the
+    connection), it finds the step at attempt + 1 and says so."""
     now = timezone.now()
     updated = StepRun.objects.filter(
         _build_running(step.job.build_id),
@@ -81,6 +83,14 @@ def next_attempt(step: StepRun) -> bool:
         attempt=step.attempt,
         status=RunStatus.RUNNING,
     ).update(attempt=step.attempt + 1, exit_code=None, started_at=now)
+    if not updated:
+        updated = StepRun.objects.filter(
+            _build_running(step.job.build_id),
+            pk=step.pk,
+            attempt=step.attempt + 1,
+            status=RunStatus.RUNNING,
+            exit_code=None,
+        ).exists()
     if updated:
         step.attempt, step.started_at = step.attempt + 1, now
     return bool(updated)
@@ -99,15 +109,20 @@ def _cancel_wins(build_id: int, status: str) -> str:
 
 def finish_step(step: StepRun, attempt: int, status: str, exit_code, variables: dict) -> str | None:
     """RUNNING -> final for this attempt, with the variables it set. Returns the status
-    recorded, or None if the attempt is no longer the step's (stale)."""
+    recorded, or None if the attempt is no longer the step's (stale). The same result sent
+    again (its first commit went through, the answer was lost) is recorded already: that
+    status is returned."""
     with transaction.atomic():
         build = step.job.build
+        result = status
         status = _cancel_wins(build.pk, status)
         updated = StepRun.objects.filter(
             pk=step.pk, attempt=attempt, status__in=run_allowed_from(status)
         ).update(status=status, exit_code=exit_code, finished_at=timezone.now())
         if not updated:
-            return None
+            recorded = StepRun.objects.filter(pk=step.pk, attempt=attempt)
+            recorded = recorded.values_list("status", "exit_code").first()
+            return recorded[0] if recorded in {(result, exit_code), (status, exit_code)} else None
         if variables and status != RunStatus.CANCELED:
             _upsert_variables(build.pk, build.created_at, variables, source="step")
     return status
@@ -132,16 +147,20 @@ def _upsert_variables(build_id, build_created_at, variables: dict, source: str) 
 
 def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
     """RUNNING -> final for this attempt; what is left of it is skipped; the controller is
-    told to advance the build."""
+    told to advance the build. True if recorded, or found recorded already with the same
+    status and reason (a write sent again after its commit went through)."""
     with transaction.atomic():
         now = timezone.now()
+        result = (status, reason)
         if _cancel_wins(job.build_id, status) != status:
             status, reason = RunStatus.CANCELED, reason or "the build was cancelled"
         updated = JobRun.objects.filter(
             pk=job.pk, attempt=job.attempt, status__in=run_allowed_from(status)
         ).update(status=status, reason=reason, finished_at=now)
         if not updated:
-            return False
+            recorded = JobRun.objects.filter(pk=job.pk, attempt=job.attempt)
+            recorded = recorded.values_list("status", "reason").first()
+            return recorded in {result, (status, reason)}
         # What never ran is SKIPPED, or CANCELED with the job.
         leftover = RunStatus.CANCELED if status == RunStatus.CANCELED else RunStatus.SKIPPED
         StepRun.objects.filter(job=job, status__in=(RunStatus.PENDING, RunStatus.QUEUED)).update(
