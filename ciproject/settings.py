@@ -177,6 +177,15 @@ RECONCILE_SECONDS = float(os.environ.get("RECONCILE_SECONDS", 15))
 # A job no agent takes within this time ends FAILED (no agent with its label came).
 JOB_WAIT_TIMEOUT_SECONDS = env_int("JOB_WAIT_TIMEOUT_SECONDS", 3600)
 STEP_KILL_GRACE_SECONDS = float(os.environ.get("STEP_KILL_GRACE_SECONDS", 10))
+# An agent whose heartbeat has not reached PostgreSQL for this long (by its own monotonic
+# clock) fences itself: it stops its running steps, so that they are dead before the server
+# (by the database's clock, after AGENT_OFFLINE_AFTER_SECONDS) hands their slots and leases
+# to anyone else. The rule, checked at start-up (ciproject.checks):
+# AGENT_FENCE_SECONDS + STEP_KILL_GRACE_SECONDS + 1 <= AGENT_OFFLINE_AFTER_SECONDS.
+# Default: the longest that keeps it.
+AGENT_FENCE_SECONDS = float(
+    os.environ.get("AGENT_FENCE_SECONDS", AGENT_OFFLINE_AFTER_SECONDS - STEP_KILL_GRACE_SECONDS - 1)
+)
 # A cancel the agents have not confirmed after the grace period plus this margin is
 # finished by the watchdog, and those agents are marked suspect.
 CANCEL_WATCHDOG_MARGIN_SECONDS = float(os.environ.get("CANCEL_WATCHDOG_MARGIN_SECONDS", 5))

@@ -8,6 +8,7 @@ import logging
 import shutil
 import socket
 import threading
+import time
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 PR_SET_DUMPABLE = 4
 SHUTDOWN_JOIN_SECONDS = 30  # a beat blocked on the database does not hold the exit for ever
+FENCE_TICK_SECONDS = 0.5  # how often the fence is checked (within ciproject.checks' margin)
 
 _current: "AgentProcess | None" = None
 
@@ -59,8 +61,13 @@ class AgentProcess:
         self.running: dict[tuple[int, int], threading.Event] = {}
         self.holders: Counter[tuple[int, int]] = Counter()
         self.running_lock = threading.Lock()
+        # Self-fencing: when a heartbeat last reached the database, by this process's
+        # monotonic clock; the attempts it stopped for want of one, with the reason.
+        self.renewed_at = time.monotonic()
+        self.fenced: dict[tuple[int, int], str] = {}
         self.stopping = threading.Event()
         self.beats = threading.Thread(target=self.heartbeat_loop, daemon=True)
+        self.fence_watch = threading.Thread(target=self.fence_loop, daemon=True)
 
     # Jobs -----------------------------------------------------------------------------
 
@@ -136,11 +143,54 @@ class AgentProcess:
                 close_old_connections()
                 if services.heartbeat(self.name) is None:
                     self.register()  # the row was removed under us: put it back
+                self.renewed()
                 self.sync_consumers()
                 self.end_orphaned_jobs()
             except Exception:  # the database may be restarting: the next beat tries again
                 log.warning("agent %s: heartbeat failed", self.name, exc_info=True)
         connection.close()
+
+    def renewed(self) -> None:
+        """A heartbeat reached the database: the agent's hold on its jobs is renewed."""
+        self.renewed_at = time.monotonic()
+        with self.running_lock:
+            stopped = sorted(self.fenced)
+        if stopped:
+            log.warning(
+                "agent %s: reaches the database again; it had stopped %s (fenced)",
+                self.name, ", ".join(f"job {j} attempt {a}" for j, a in stopped),
+            )  # fmt: skip
+
+    def fence_loop(self) -> None:
+        while not self.stopping.wait(FENCE_TICK_SECONDS):
+            self.check_fence()
+
+    def check_fence(self) -> list[tuple[int, int]]:
+        """Cut off from the database for longer than AGENT_FENCE_SECONDS: stop every step
+        running here (SIGTERM, grace, SIGKILL), so that they are dead before the server,
+        after AGENT_OFFLINE_AFTER_SECONDS, frees their slots and leases for other builds.
+        Returns the attempts it stopped now."""
+        silent = time.monotonic() - self.renewed_at
+        if silent <= settings.AGENT_FENCE_SECONDS:
+            return []
+        reason = (
+            f"agent {self.name} fenced itself: no heartbeat reached the database for"
+            f" {silent:.0f} s (AGENT_FENCE_SECONDS {settings.AGENT_FENCE_SECONDS:g}), so it"
+            " stopped its steps"
+        )
+        with self.running_lock:
+            stopping = sorted(set(self.running) - set(self.fenced))
+            self.fenced.update(dict.fromkeys(stopping, reason))
+        for job_id, attempt in stopping:
+            self.request_stop(job_id, attempt)
+        if stopping:
+            log.warning("%s: %s", reason, ", ".join(f"job {j}/{a}" for j, a in stopping))
+        return stopping
+
+    def fence_reason(self, job_id: int, attempt: int) -> str | None:
+        """Why this attempt was stopped, if the agent fenced itself; forgotten once asked."""
+        with self.running_lock:
+            return self.fenced.pop((job_id, attempt), None)
 
     def end_orphaned_jobs(self) -> list[int]:
         """End the jobs recorded RUNNING here that this process no longer runs (their end
@@ -163,7 +213,9 @@ class AgentProcess:
         @worker_ready.connect(weak=False)
         def start_heartbeats(**kwargs):  # once the worker hears control commands
             threading.Thread(target=self.sync_consumers, daemon=True).start()
+            self.renewed_at = time.monotonic()  # registered just now
             self.beats.start()
+            self.fence_watch.start()
 
         log.info("agent %s consumes %s", self.name, ", ".join(queues))
         try:

@@ -113,6 +113,8 @@ def _run_started_job(agent, job: JobRun, stop: threading.Event) -> str:
             status, reason = RunStatus.FAILED, exc.detail
         else:
             status, reason = execution.run()
+        if fenced := agent.fence_reason(job.pk, job.attempt):
+            status, reason = RunStatus.FAILED, fenced  # cut off, it stopped the job itself
         # Fenced: a stale attempt changes nothing.
         recorded = persist(services.finish_job, job, status, reason)
         log.info(

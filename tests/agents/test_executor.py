@@ -2,6 +2,8 @@
 agent after the job has started, the job ends (FAILED, naming the agent), never stays
 RUNNING on an agent that goes on heartbeating."""
 
+import threading
+
 import pytest
 from django.db import OperationalError
 
@@ -108,3 +110,29 @@ def test_a_job_whose_end_was_never_recorded_is_ended_by_the_heartbeat(monkeypatc
     )
     running.refresh_from_db()
     assert running.status == "RUNNING"
+
+
+@pytest.mark.django_db(transaction=True)  # the job runs in a thread of its own
+def test_an_agent_cut_off_from_the_database_fences_itself(settings, tmp_path):
+    """No heartbeat has reached the database for longer than AGENT_FENCE_SECONDS: the agent
+    stops its running steps itself (before the server may give their slot away) and its job
+    ends FAILED saying so."""
+    settings.AGENT_FENCE_SECONDS = 5
+    settings.STEP_KILL_GRACE_SECONDS = 1
+    pid_file = tmp_path / "pid"
+    job = queued_job(f"sleep 600 & echo $! > {pid_file}; wait")
+    agent, ended = AgentProcess("a1", ["unit-tests"]), []
+    running = threading.Thread(target=lambda: ended.append(agent.run_job(job.pk, 1)))
+    running.start()
+    wait_until(pid_file.exists, timeout=10, message="the step to start")
+    assert agent.check_fence() == []  # renewed just now: nothing is stopped
+    agent.renewed_at -= 6  # as if no heartbeat had reached the database for 6 s
+    assert agent.check_fence() == [(job.pk, 1)]
+    running.join(timeout=15)
+    assert ended == ["FAILED"]
+    assert not process_alive(int(pid_file.read_text()))
+    job.refresh_from_db()
+    assert job.reason.startswith(
+        "agent a1 fenced itself: no heartbeat reached the database for 6 s"
+    ), job.reason
+    assert job.steps.get().status == "CANCELED"
