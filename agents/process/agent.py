@@ -146,6 +146,7 @@ class AgentProcess:
                 self.renewed()
                 self.sync_consumers()
                 self.end_orphaned_jobs()
+                self.stop_jobs_ended_elsewhere()
             except Exception:  # the database may be restarting: the next beat tries again
                 log.warning("agent %s: heartbeat failed", self.name, exc_info=True)
         connection.close()
@@ -197,6 +198,18 @@ class AgentProcess:
         could not be recorded)."""
         started_before = timezone.now()  # before reading what runs: see end_untracked_jobs
         return builds.end_untracked_jobs(self.name, self.running_attempts(), started_before)
+
+    def stop_jobs_ended_elsewhere(self) -> list[tuple[int, int]]:
+        """Stop what runs here for a job the server has ended (a stop message may have been
+        lost, or sent while this agent was cut off): an ended job is never resumed."""
+        ended = sorted(builds.ended_elsewhere(self.name, self.running_attempts()))
+        for job_id, attempt in ended:
+            if self.request_stop(job_id, attempt):
+                log.warning(
+                    "agent %s: job %s attempt %s was ended by the server; stopping it",
+                    self.name, job_id, attempt,
+                )  # fmt: skip
+        return ended
 
     # The process -----------------------------------------------------------------------
 

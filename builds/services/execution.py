@@ -212,3 +212,19 @@ def end_untracked_jobs(agent: str, tracked: set[tuple[int, int]], started_before
                 log.warning("job %s attempt %s: %s; ended now", job.pk, job.attempt, reason)
                 ended.append(job.pk)
     return ended
+
+
+def ended_elsewhere(agent: str, attempts: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The agent's heartbeat: of the job attempts it runs, those that are no longer its to
+    run (the server ended them: a lost agent, a forced cancel; or a retry moved the job on).
+    The agent stops them, whether or not a stop message ever reached it. An attempt still
+    QUEUED is one about to start (the agent tracks it before start_job)."""
+    if not attempts:
+        return set()
+    rows = JobRun.objects.filter(pk__in={job_id for job_id, _ in attempts})
+    current = {
+        (job_id, attempt)
+        for job_id, attempt, status, on in rows.values_list("pk", "attempt", "status", "agent")
+        if status == RunStatus.QUEUED or (status == RunStatus.RUNNING and on == agent)
+    }
+    return attempts - current

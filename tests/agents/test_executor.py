@@ -136,3 +136,24 @@ def test_an_agent_cut_off_from_the_database_fences_itself(settings, tmp_path):
         "agent a1 fenced itself: no heartbeat reached the database for 6 s"
     ), job.reason
     assert job.steps.get().status == "CANCELED"
+
+
+@pytest.mark.django_db(transaction=True)  # the job runs in a thread of its own
+def test_a_job_the_server_ended_is_stopped_by_the_next_heartbeat(settings, tmp_path):
+    """The server failed the job (its agent was taken for lost) and its stop message never
+    arrived: the agent's heartbeat finds the job is no longer its own and stops its step."""
+    settings.STEP_KILL_GRACE_SECONDS = 1
+    pid_file = tmp_path / "pid"
+    job = queued_job(f"sleep 600 & echo $! > {pid_file}; wait")
+    agent, ended = AgentProcess("a1", ["unit-tests"]), []
+    running = threading.Thread(target=lambda: ended.append(agent.run_job(job.pk, 1)))
+    running.start()
+    wait_until(pid_file.exists, timeout=10, message="the step to start")
+    assert agent.stop_jobs_ended_elsewhere() == []  # still its own
+    assert builds.fail_jobs_on_agent("a1", "agent a1 was lost: it stopped heartbeating") == [job.pk]
+    assert agent.stop_jobs_ended_elsewhere() == [(job.pk, 1)]
+    running.join(timeout=15)
+    assert not running.is_alive()
+    assert not process_alive(int(pid_file.read_text()))
+    job.refresh_from_db()
+    assert (job.status, job.reason) == ("FAILED", "agent a1 was lost: it stopped heartbeating")
