@@ -43,7 +43,7 @@ def holder(agent_name: str) -> int | None:
 def lock_agent(agent_name: str) -> Agent | None:
     """Lock the agent's row: every decision about its lease is taken holding it, so a
     placement, a start and a release of one agent never interleave."""
-    return Agent.objects.select_for_update().filter(name=agent_name).first()
+    return Agent.objects.select_for_update(no_key=True).filter(name=agent_name).first()
 
 
 def acquire(agent_name: str, build_id: int) -> bool:

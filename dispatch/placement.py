@@ -77,7 +77,7 @@ def resend_lost_jobs(now=None) -> list[int]:
         return []
     resent, to_label_queues = [], []
     with transaction.atomic():
-        for job in waiting.select_for_update(skip_locked=True):
+        for job in waiting.select_for_update(no_key=True, skip_locked=True):
             agent = _idle_agent_for(job, idle)
             if agent is None:
                 continue

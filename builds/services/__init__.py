@@ -1,6 +1,9 @@
 """Every change of state of pipelines, builds, jobs and steps. Each public function is one
 transaction; each status change is a compare-and-set through builds.statuses; messages
 leave with transaction.on_commit, through dispatch (DESIGN.md principles 1, 2 and 8).
+Rows are locked FOR NO KEY UPDATE (no key of a build, a job or an agent ever changes): the
+FOR KEY SHARE lock of a foreign-key check, taken by every insert that references one, never
+waits for those locks nor they for it.
 
 Modules, each importing only those above it in this list:
 

@@ -67,7 +67,11 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
     """The batched part of a cancel; idempotent, so the watchdog may call it again (with
     skip_locked, so it never queues up behind the controller working on the same build)."""
     with transaction.atomic():
-        build = Build.objects.select_for_update(skip_locked=skip_locked).filter(pk=build_id).first()
+        build = (
+            Build.objects.select_for_update(no_key=True, skip_locked=skip_locked)
+            .filter(pk=build_id)
+            .first()
+        )
         if build is None or build.status != BuildStatus.CANCELLING:
             return None
         now = timezone.now()
@@ -141,7 +145,9 @@ def _force_cancel(build_id: int, requested_at, now) -> bool:
         if not still.exists():
             return False
         jobs = list(
-            JobRun.objects.select_for_update().filter(build_id=build_id, status=RunStatus.RUNNING)
+            JobRun.objects.select_for_update(no_key=True).filter(
+                build_id=build_id, status=RunStatus.RUNNING
+            )
         )
         for job in jobs:
             steps = StepRun.objects.filter(job=job, status=RunStatus.RUNNING)

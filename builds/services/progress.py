@@ -29,7 +29,7 @@ def advance_build(build_id: int) -> str | None:
     CANCELLING one as CANCELED once nothing of it runs any more). Idempotent: the build row
     is locked and everything is re-read."""
     with log_context(build_id=build_id), transaction.atomic():
-        build = Build.objects.select_for_update().filter(pk=build_id).first()
+        build = Build.objects.select_for_update(no_key=True).filter(pk=build_id).first()
         if build is None or build.status not in (BuildStatus.RUNNING, BuildStatus.CANCELLING):
             return None
         return advance_locked(build)
@@ -152,7 +152,7 @@ def start_queued_builds(group: str) -> list[int]:
     with transaction.atomic():
         started = []
         for build_id in concurrency.builds_to_start(group):
-            build = Build.objects.select_for_update().get(pk=build_id)
+            build = Build.objects.select_for_update(no_key=True).get(pk=build_id)
             updated = Build.objects.filter(
                 pk=build_id, status__in=build_allowed_from(BuildStatus.RUNNING)
             ).update(status=BuildStatus.RUNNING, started_at=build.started_at or timezone.now())

@@ -53,9 +53,9 @@ def retry_step(build_id: int, step_id: int) -> StepRun:
     with transaction.atomic():
         if group:
             concurrency.lock_group(group)  # the group before the build, as everywhere
-        build = Build.objects.select_for_update().get(pk=build_id)
-        job = JobRun.objects.select_for_update().get(pk=step.job_id)
-        step = StepRun.objects.select_for_update().get(pk=step_id)
+        build = Build.objects.select_for_update(no_key=True).get(pk=build_id)
+        job = JobRun.objects.select_for_update(no_key=True).get(pk=step.job_id)
+        step = StepRun.objects.select_for_update(no_key=True).get(pk=step_id)
         check_step_retryable(build, job, step)
         if build.status in BUILD_FINAL:  # it runs again: only while its variables are kept
             _refuse_unless(can_retry(build, include_succeeded=True))
@@ -223,7 +223,11 @@ def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
     with transaction.atomic():
         if build.concurrency_group:
             concurrency.lock_group(build.concurrency_group)
-        build = Build.objects.select_for_update().select_related("pipeline").get(pk=build_id)
+        build = (
+            Build.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("pipeline")
+            .get(pk=build_id)
+        )
         _refuse_unless(can_retry(build, include_succeeded=not failed_only))  # it may have changed
         _reset_for_retry(build, failed_only)
         status = BuildStatus.RUNNING

@@ -42,7 +42,7 @@ def sweep_queues() -> dict[str, list[int]]:
     timed_out = []
     for build_id, timeout in concurrency.expired_queued_builds():
         with transaction.atomic():
-            build = Build.objects.select_for_update().get(pk=build_id)
+            build = Build.objects.select_for_update(no_key=True).get(pk=build_id)
             reason = f"waited in the queue longer than the policy's queue_timeout ({timeout} s)"
             if finish_build(build, BuildStatus.QUEUE_TIMEOUT, reason):
                 timed_out.append(build_id)

@@ -106,7 +106,7 @@ def _fingerprint(overrides: dict[str, str]) -> str:
 def _earlier_trigger(pipeline_id: int, key: str, fingerprint: str) -> Build | None:
     """The build an earlier trigger with this key made. The pipeline's row is locked first,
     as the trigger's numbering does, so a concurrent trigger with the key waits for this one."""
-    Pipeline.objects.select_for_update().filter(pk=pipeline_id).values_list("pk").first()
+    Pipeline.objects.select_for_update(no_key=True).filter(pk=pipeline_id).values_list("pk").first()
     build = Build.objects.filter(pipeline_id=pipeline_id, idempotency_key=key).first()
     if build is None:
         return None
