@@ -15,7 +15,14 @@ from rest_framework.views import APIView, set_rollback
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from ciproject.api_defaults import RequestTooLarge
-from ciproject.errors import CIError, DatabaseUnavailable, InternalError, InvalidRequest
+from ciproject.errors import (
+    CIError,
+    DatabaseBusy,
+    DatabaseUnavailable,
+    InternalError,
+    InvalidRequest,
+)
+from ciproject.transactions import conflict_of
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +101,12 @@ def exception_handler(exc, context):
         # been written: a retry with its Idempotency-Key is safe either way.
         logger.warning("database unreachable: %s", exc)
         set_rollback()
-        return _answer(
-            DatabaseUnavailable("the database is unreachable; retry"), {"Retry-After": "5"}
-        )
+        return _answer(DatabaseUnavailable("the database is unreachable; retry"))
+    if response is None and (what := conflict_of(exc)):
+        # Aborted for a conflict where no service retried it: rolled back, safe to resend.
+        logger.warning("transaction aborted by %s: %s", what, exc)
+        set_rollback()
+        return _answer(DatabaseBusy(f"the database aborted this ({what}); nothing was done: retry"))
     if response is None:
         # A bug, not bad input: log it with its traceback; the client gets no internals.
         logger.error("unhandled error in the API", exc_info=exc)
@@ -114,5 +124,6 @@ def _body(error: CIError) -> dict:
     return {"code": error.code, "detail": error.detail, **error.fields}
 
 
-def _answer(error: CIError, headers=None) -> Response:
+def _answer(error: CIError) -> Response:
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
     return Response(_body(error), error.http_status, headers=headers)

@@ -4,6 +4,7 @@
 class CIError(Exception):
     code = "ERROR"
     http_status = 400
+    retry_after: int | None = None  # seconds, for an answer the client should send again
 
     def __init__(self, detail: str, **fields):
         super().__init__(detail)
@@ -18,6 +19,13 @@ class InvalidRequest(CIError):
 class DatabaseUnavailable(CIError):
     code = "DATABASE_UNAVAILABLE"
     http_status = 503
+    retry_after = 5
+
+
+class DatabaseBusy(CIError):
+    code = "DATABASE_BUSY"  # aborted for a conflict with other work, every time it was tried
+    http_status = 503
+    retry_after = 1
 
 
 class InternalError(CIError):

@@ -20,11 +20,13 @@ from builds.services.progress import advance_build
 from builds.statuses import BuildStatus, RunStatus, build_allowed_from
 from ciproject import metrics
 from ciproject.locks import try_advisory_lock
+from ciproject.transactions import retried_on_conflict
 from dispatch import messages
 
 log = logging.getLogger(__name__)
 
 
+@retried_on_conflict
 def request_cancel(build_id: int, user=None) -> str:
     """Ask for a build to be cancelled; returns its status (CANCELLING). A second request is
     accepted and changes nothing; a finished build raises BuildAlreadyFinished."""

@@ -40,9 +40,11 @@ from builds.statuses import (
 )
 from ciproject import metrics
 from ciproject.errors import CIError
+from ciproject.transactions import retried_on_conflict
 from concurrency import services as concurrency
 
 
+@retried_on_conflict
 def retry_step(build_id: int, step_id: int) -> StepRun:
     """Run a failed step again, then the rest of its job and of the build. Of a finished
     build, only within the retry window (can_retry, as for a build retry)."""
@@ -212,6 +214,7 @@ def can_retry(build: Build, include_succeeded: bool = False) -> Decision:
     )
 
 
+@retried_on_conflict
 def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
     """Re-run a finished build as the same build with attempt + 1, its variables restored
     from the variable table: with failed_only, its failed and cancelled jobs and everything

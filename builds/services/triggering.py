@@ -22,6 +22,7 @@ from builds.services.cancellation import cancel_at_once, request_cancel
 from builds.services.progress import queue_stage
 from builds.statuses import BuildStatus
 from ciproject.log_format import log_context
+from ciproject.transactions import retried_on_conflict
 from concurrency import services as concurrency
 from concurrency.models import ConcurrencyPolicy
 
@@ -41,6 +42,7 @@ def trigger_build(pipeline: Pipeline, variables=None, user=None, idempotency_key
     return trigger(pipeline, variables, user, idempotency_key).build
 
 
+@retried_on_conflict
 def trigger(pipeline: Pipeline, variables=None, user=None, idempotency_key="") -> Triggered:
     """Create build N+1 of `pipeline` with its variables and status tree, admit it by the
     pipeline's concurrency policy, and queue its first stage if it may run. Bad variables

@@ -1,0 +1,69 @@
+"""A transaction PostgreSQL aborts for a conflict (here a real deadlock between a trigger
+and another transaction) is run again by the service: the client gets its build, never a
+500; and an abort nothing retried answers 503 DATABASE_BUSY with Retry-After."""
+
+import threading
+
+import pytest
+from django.db import connection
+
+from builds.models import Build
+from concurrency.models import ConcurrencyPolicy
+from tests.support import PARALLEL, client_for, make_pipeline, raw_connection, wait_until
+
+pytestmark = pytest.mark.django_db(transaction=True)  # the deadlock needs three sessions
+
+
+def waiting_for_a_lock(watcher, pid: int) -> bool:
+    row = watcher.execute(
+        "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]
+    ).fetchone()
+    return bool(row) and row[0] == "Lock"
+
+
+def test_a_trigger_aborted_by_a_deadlock_is_run_again():
+    policy = ConcurrencyPolicy.objects.create(name="p", max_running=5, queue_length=5)
+    pipeline = make_pipeline("deadlocked", PARALLEL)
+    pipeline.policy = policy
+    pipeline.save()
+    api = client_for("builds.add_build")
+    assert api.post(f"/api/pipelines/{pipeline.pk}/builds/", {}, format="json").status_code == 201
+    answers, trigger_pid = [], []
+
+    def trigger():
+        with connection.cursor() as cursor:  # this session detects the deadlock: its victim
+            cursor.execute("SET deadlock_timeout = '100ms'")
+            trigger_pid.append(connection.connection.info.backend_pid)
+        answers.append(api.post(f"/api/pipelines/{pipeline.pk}/builds/", {}, format="json"))
+        connection.close()
+
+    with raw_connection() as group, raw_connection() as policies, raw_connection() as watcher:
+        group.execute("SET deadlock_timeout = '10s'")
+        group.execute("BEGIN")
+        group.execute(
+            "SELECT 1 FROM concurrency_concurrencygroup WHERE key = %s FOR UPDATE",
+            [str(pipeline.pk)],
+        )
+        # Holds the trigger between its numbering (the pipeline row) and its group's lock.
+        policies.execute("BEGIN")
+        policies.execute("LOCK TABLE concurrency_concurrencypolicy IN ACCESS EXCLUSIVE MODE")
+        triggering = threading.Thread(target=trigger)
+        triggering.start()
+        wait_until(lambda: trigger_pid and waiting_for_a_lock(watcher, trigger_pid[0]), timeout=10)
+        group_pid = group.info.backend_pid
+        blocked = threading.Thread(
+            target=group.execute,
+            args=(
+                "UPDATE builds_pipeline SET updated_at = updated_at WHERE id = %s",
+                [pipeline.pk],
+            ),
+        )
+        blocked.start()  # waits for the trigger's row lock on the pipeline
+        wait_until(lambda: waiting_for_a_lock(watcher, group_pid), timeout=10)
+        policies.rollback()  # the trigger goes on to the group's lock: a deadlock
+        blocked.join(timeout=10)  # the trigger was its victim; this one goes through
+        group.rollback()
+        triggering.join(timeout=20)
+    (answer,) = answers
+    assert answer.status_code == 201, answer.content
+    assert Build.objects.filter(pipeline=pipeline).count() == 2
