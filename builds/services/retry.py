@@ -92,45 +92,42 @@ def check_step_retryable(build: Build, job: JobRun, step: StepRun) -> None:
         )
 
 
-def _reset_job_from(job: JobRun, step: StepRun) -> None:
-    """The step and the steps after it run again; those that ran before get a new attempt,
-    so their earlier logs stay apart. The steps before it keep their results."""
-    later = StepRun.objects.filter(job=job, index__gte=step.index)
-    later.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
-    later.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
-    updated = JobRun.objects.filter(
-        pk=job.pk, status__in=RUN_RETRY_TRANSITIONS[RunStatus.QUEUED] | {RunStatus.SUCCEEDED}
-    ).update(
+def _run_again(steps, jobs, **job_fields) -> int:
+    """Steps and jobs that run again: PENDING, their results cleared, each job at attempt + 1
+    and each step that had started too (so its new log and results never mix with the old
+    ones). Returns the jobs updated."""
+    steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
+    steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
+    return jobs.update(
         status=RunStatus.PENDING,
         attempt=F("attempt") + 1,
-        # A job whose agent is leased to the build keeps it: the retry continues its job
-        # there, in its workspace.
-        agent=Case(When(takes_lease=True, then=F("agent")), default=Value("")),
         reason="",
         queued_at=None,
         started_at=None,
         finished_at=None,
+        **job_fields,
+    )
+
+
+def _reset_job_from(job: JobRun, step: StepRun) -> None:
+    """The step and the steps after it run again; the steps before it keep their results."""
+    updated = _run_again(
+        StepRun.objects.filter(job=job, index__gte=step.index),
+        JobRun.objects.filter(
+            pk=job.pk, status__in=RUN_RETRY_TRANSITIONS[RunStatus.QUEUED] | {RunStatus.SUCCEEDED}
+        ),
+        # A job whose agent is leased to the build keeps it: the retry continues its job
+        # there, in its workspace.
+        agent=Case(When(takes_lease=True, then=F("agent")), default=Value("")),
     )
     assert updated, "the job was locked and checked final"
 
 
 def _reset_later_stages(build: Build, stage_index: int) -> None:
-    """What a finished build skipped or cancelled after the retried stage runs again. A step
-    that had started (cancelled mid-run) gets a new attempt, so its new log and results
-    never mix with the old ones."""
+    """What a finished build skipped or cancelled after the retried stage runs again."""
     not_run = RUN_RETRY_TRANSITIONS[RunStatus.PENDING] - {RunStatus.FAILED, RunStatus.TIMED_OUT}
     jobs = JobRun.objects.filter(build=build, stage_index__gt=stage_index, status__in=not_run)
-    steps = StepRun.objects.filter(job__in=jobs, status__in=not_run)
-    steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
-    steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
-    jobs.update(
-        status=RunStatus.PENDING,
-        attempt=F("attempt") + 1,
-        reason="",
-        queued_at=None,
-        started_at=None,
-        finished_at=None,
-    )
+    _run_again(StepRun.objects.filter(job__in=jobs, status__in=not_run), jobs)
 
 
 def _take_back(build: Build) -> None:
@@ -288,18 +285,7 @@ def _reset_for_retry(build: Build, failed_only: bool) -> None:
             triggered_value=None,
             triggered_source="",
         )
-    steps = StepRun.objects.filter(job__in=jobs)
-    steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
-    steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
-    jobs.update(
-        status=RunStatus.PENDING,
-        attempt=F("attempt") + 1,
-        agent="",
-        reason="",
-        queued_at=None,
-        started_at=None,
-        finished_at=None,
-    )
+    _run_again(StepRun.objects.filter(job__in=jobs), jobs, agent="")
 
 
 def _admit_retry(build: Build) -> str:
