@@ -5,7 +5,7 @@ RUNNING on an agent that goes on heartbeating."""
 import threading
 
 import pytest
-from django.db import OperationalError
+from django.db import OperationalError, connection
 
 from agents import services as agents
 from agents.process.agent import AgentProcess
@@ -112,6 +112,26 @@ def test_a_job_whose_end_was_never_recorded_is_ended_by_the_heartbeat(monkeypatc
     assert running.status == "RUNNING"
 
 
+def running_in_a_thread(tmp_path):
+    """A job whose step runs for ever on agent a1, started in a thread of its own (with its
+    own connection, closed when the job ends): the agent, the job, the thread, the list the
+    job's final status goes to, and the file holding the step's pid."""
+    pid_file = tmp_path / "pid"
+    job = queued_job(f"sleep 600 & echo $! > {pid_file}; wait")
+    agent, ended = AgentProcess("a1", ["unit-tests"]), []
+
+    def run():
+        try:
+            ended.append(agent.run_job(job.pk, 1))
+        finally:
+            connection.close()
+
+    running = threading.Thread(target=run)
+    running.start()
+    wait_until(pid_file.exists, timeout=10, message="the step to start")
+    return agent, job, running, ended, pid_file
+
+
 @pytest.mark.django_db(transaction=True)  # the job runs in a thread of its own
 def test_an_agent_cut_off_from_the_database_fences_itself(settings, tmp_path):
     """No heartbeat has reached the database for longer than AGENT_FENCE_SECONDS: the agent
@@ -119,12 +139,7 @@ def test_an_agent_cut_off_from_the_database_fences_itself(settings, tmp_path):
     ends FAILED saying so."""
     settings.AGENT_FENCE_SECONDS = 5
     settings.STEP_KILL_GRACE_SECONDS = 1
-    pid_file = tmp_path / "pid"
-    job = queued_job(f"sleep 600 & echo $! > {pid_file}; wait")
-    agent, ended = AgentProcess("a1", ["unit-tests"]), []
-    running = threading.Thread(target=lambda: ended.append(agent.run_job(job.pk, 1)))
-    running.start()
-    wait_until(pid_file.exists, timeout=10, message="the step to start")
+    agent, job, running, ended, pid_file = running_in_a_thread(tmp_path)
     assert agent.check_fence() == []  # renewed just now: nothing is stopped
     agent.renewed_at -= 6  # as if no heartbeat had reached the database for 6 s
     assert agent.check_fence() == [(job.pk, 1)]
@@ -143,12 +158,7 @@ def test_a_job_the_server_ended_is_stopped_by_the_next_heartbeat(settings, tmp_p
     """The server failed the job (its agent was taken for lost) and its stop message never
     arrived: the agent's heartbeat finds the job is no longer its own and stops its step."""
     settings.STEP_KILL_GRACE_SECONDS = 1
-    pid_file = tmp_path / "pid"
-    job = queued_job(f"sleep 600 & echo $! > {pid_file}; wait")
-    agent, ended = AgentProcess("a1", ["unit-tests"]), []
-    running = threading.Thread(target=lambda: ended.append(agent.run_job(job.pk, 1)))
-    running.start()
-    wait_until(pid_file.exists, timeout=10, message="the step to start")
+    agent, job, running, _, pid_file = running_in_a_thread(tmp_path)
     assert agent.stop_jobs_ended_elsewhere() == []  # still its own
     assert builds.fail_jobs_on_agent("a1", "agent a1 was lost: it stopped heartbeating") == [job.pk]
     assert agent.stop_jobs_ended_elsewhere() == [(job.pk, 1)]
