@@ -9,7 +9,7 @@ export VAR_DIR
 ADMIN_USER ?= admin
 ADMIN_PASSWORD ?= admin
 
-.PHONY: install prepare run test lint chromium bench faults lock demo clean
+.PHONY: install prepare run test lint chromium socat bench faults lock demo clean
 
 $(BIN)/.installed: requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +48,12 @@ chromium:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends chromium; }
 
-test: lint chromium
+# The network fault tests relay the machine's RabbitMQ (loopback only) to their test hosts.
+socat:
+	@command -v socat >/dev/null || { $(SUDO) apt-get update && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends socat; }
+
+test: lint chromium socat
 	$(BIN)/pytest
 
 bench: install
@@ -56,7 +61,7 @@ bench: install
 
 # The fault suite with the soak (tests/faults/soak: 1,000 builds, minutes; `make test` skips
 # it). SOAK_BUILDS=100 runs a shorter soak, SOAK_SEED=N repeats a mix.
-faults: install
+faults: install socat
 	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/faults --ignore=tests/faults/soak -q
 	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/faults/soak -s -q  # -s: its figures
 

@@ -84,12 +84,15 @@ def set_status(agent: Agent, status: str) -> None:
 
 def mark_lost_agents() -> list[str]:
     """Agents whose heartbeat is older than the timeout are lost: online ones go offline
-    (drained ones stay disabled), and the jobs they were running fail."""
+    (drained ones stay disabled), and the jobs they were running fail. Time PostgreSQL itself
+    was down does not count: silence is measured from its start at the latest, so the
+    first sweep after an outage does not take every agent for lost before it could beat."""
     # One statement, so an agent that heartbeats meanwhile is not taken for lost.
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE agents_agent SET status = CASE WHEN status = %s THEN %s ELSE status END"
-            " WHERE last_heartbeat < statement_timestamp() - make_interval(secs => %s)"
+            " WHERE greatest(last_heartbeat, pg_postmaster_start_time())"
+            " < statement_timestamp() - make_interval(secs => %s)"
             " AND status <> %s RETURNING name, status",
             [
                 AgentStatus.ONLINE,

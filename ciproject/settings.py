@@ -147,6 +147,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     **json.loads(os.environ.get("CELERY_TRANSPORT_OPTIONS") or "{}"),
 }
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# RabbitMQ: a worker's control queue is not exclusive to its connection. After a network cut
+# the broker keeps the worker's old connection until its heartbeat times out, and an
+# exclusive queue held by it would refuse the reconnecting worker (405 RESOURCE_LOCKED, which
+# stops the worker). Control messages the old connection swallows meanwhile are lost, which
+# the heartbeats make good (agents re-read their state from PostgreSQL).
+CELERY_CONTROL_QUEUE_EXCLUSIVE = False
 
 # Build variables: partitions of VARIABLE_PARTITION_SECONDS (a day), created
 # VARIABLE_PARTITIONS_AHEAD ahead, dropped when wholly older than VARIABLE_RETENTION_DAYS. A
@@ -186,11 +192,17 @@ STEP_KILL_GRACE_SECONDS = float(os.environ.get("STEP_KILL_GRACE_SECONDS", 10))
 AGENT_FENCE_SECONDS = float(
     os.environ.get("AGENT_FENCE_SECONDS", AGENT_OFFLINE_AFTER_SECONDS - STEP_KILL_GRACE_SECONDS - 1)
 )
-# A cancel the agents have not confirmed after the grace period plus this margin is
-# finished by the watchdog, and those agents are marked suspect.
+# A cancel the agents have not confirmed is finished by the watchdog once no agent can still
+# be running its steps: AGENT_HEARTBEAT_SECONDS + AGENT_OFFLINE_AFTER_SECONDS + this margin
+# after the request (see builds.services.cancellation.force_after); those agents are marked
+# suspect.
 CANCEL_WATCHDOG_MARGIN_SECONDS = float(os.environ.get("CANCEL_WATCHDOG_MARGIN_SECONDS", 5))
 STEP_LOG_MAX_BYTES = env_int("STEP_LOG_MAX_BYTES", 1024 * 1024)
 STEP_LOG_FLUSH_SECONDS = float(os.environ.get("STEP_LOG_FLUSH_SECONDS", 1))
+# The AMQP heartbeat of an agent's broker connections (RabbitMQ; Redis has none): after a
+# network cut RabbitMQ drops the agent's old connection, and the control queue it holds,
+# within about this, so the agent can consume again soon after the cut heals.
+AGENT_BROKER_HEARTBEAT_SECONDS = float(os.environ.get("AGENT_BROKER_HEARTBEAT_SECONDS", 10))
 # How long an agent keeps retrying a result it could not write (PostgreSQL restarting).
 AGENT_DB_RETRY_SECONDS = float(os.environ.get("AGENT_DB_RETRY_SECONDS", 120))
 

@@ -48,8 +48,12 @@ class Workers:
         )
 
     def start_agent(self, name: str, labels: str, capacity: int = 1, env=None) -> None:
+        self.start(name, self.agent_argv(name, labels, capacity), env)
+
+    @staticmethod
+    def agent_argv(name: str, labels: str, capacity: int) -> list[str]:
         argv = f"manage.py runagent --name {name} --labels {labels} --capacity {capacity}"
-        self.start(name, [sys.executable, *argv.split()], env)
+        return [sys.executable, *argv.split()]
 
     def start_controller(self) -> None:
         argv = (

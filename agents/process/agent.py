@@ -15,7 +15,7 @@ from pathlib import Path
 
 from celery.signals import worker_ready
 from django.conf import settings
-from django.db import close_old_connections, connection
+from django.db import close_old_connections, connection, connections
 from django.utils import timezone
 
 from agents import services
@@ -61,13 +61,19 @@ class AgentProcess:
         self.running: dict[tuple[int, int], threading.Event] = {}
         self.holders: Counter[tuple[int, int]] = Counter()
         self.running_lock = threading.Lock()
-        # Self-fencing: when a heartbeat last reached the database, by this process's
-        # monotonic clock; the attempts it stopped for want of one, with the reason.
+        # Self-fencing: when the last heartbeat that reached the database was sent, by this
+        # process's monotonic clock; the attempts it stopped for want of one, with the
+        # reason, and those it has yet to report once it reaches the database again.
         self.renewed_at = time.monotonic()
         self.fenced: dict[tuple[int, int], str] = {}
+        self.unreported: set[tuple[int, int]] = set()
         self.stopping = threading.Event()
         self.beats = threading.Thread(target=self.heartbeat_loop, daemon=True)
         self.fence_watch = threading.Thread(target=self.fence_loop, daemon=True)
+        # Consumer sync talks to the broker: on a thread of its own, so that a broker that
+        # does not answer never holds up the heartbeat (the lease lives in PostgreSQL).
+        self.resync = threading.Event()
+        self.consumer_sync = threading.Thread(target=self.consumer_sync_loop, daemon=True)
 
     # Jobs -----------------------------------------------------------------------------
 
@@ -90,6 +96,7 @@ class AgentProcess:
                 self.holders[key] -= 1
                 if not self.holders[key]:
                     del self.holders[key], self.running[key]
+                    self.fenced.pop(key, None)
 
     def running_attempts(self) -> set[tuple[int, int]]:
         """The (job, attempt) pairs running here now."""
@@ -97,17 +104,34 @@ class AgentProcess:
             return set(self.running)
 
     def request_stop(self, job_id: int, attempt: int) -> bool:
+        """Ask a running attempt to stop; False if it is not running here, or was already
+        asked (or has run its steps: see executor)."""
         with self.running_lock:
             stop = self.running.get((job_id, attempt))
-        if stop is not None:
+            if stop is None or stop.is_set():
+                return False
             stop.set()
-        return stop is not None
+            return True
 
     def keep_workspace(self, build_id: int, path: Path) -> None:
         with self.lock:
             self.kept.setdefault(build_id, set()).add(path)
 
     # What the server says of this agent ----------------------------------------------
+
+    def request_sync(self) -> None:
+        """Re-read the consumer state soon, on the consumer sync thread."""
+        self.resync.set()
+
+    def consumer_sync_loop(self) -> None:
+        while not self.stopping.is_set():
+            self.resync.clear()
+            try:
+                self.sync_consumers()
+            except Exception:  # the broker or the database is away: the next round retries
+                log.warning("agent %s: consumer sync failed", self.name, exc_info=True)
+            self.resync.wait(settings.AGENT_HEARTBEAT_SECONDS)
+        connection.close()
 
     def sync_consumers(self) -> None:
         """Consume the shared queues unless disabled or leased to a build (a leased agent gets
@@ -138,24 +162,41 @@ class AgentProcess:
         )
 
     def heartbeat_loop(self) -> None:
-        while not self.stopping.wait(settings.AGENT_HEARTBEAT_SECONDS):
+        pause = settings.AGENT_HEARTBEAT_SECONDS
+        while not self.stopping.wait(pause):
             try:
-                close_old_connections()
-                if services.heartbeat(self.name) is None:
-                    self.register()  # the row was removed under us: put it back
-                self.renewed()
-                self.sync_consumers()
-                self.end_orphaned_jobs()
-                self.stop_jobs_ended_elsewhere()
+                self.beat()
             except Exception:  # the database may be restarting: the next beat tries again
                 log.warning("agent %s: heartbeat failed", self.name, exc_info=True)
+            # A beat that hung through a cut renews from when it was sent, too long ago to
+            # lift the fence: beat again at once rather than stay fenced for a beat.
+            pause = 0 if self.lapsed() else settings.AGENT_HEARTBEAT_SECONDS
         connection.close()
 
-    def renewed(self) -> None:
-        """A heartbeat reached the database: the agent's hold on its jobs is renewed."""
-        self.renewed_at = time.monotonic()
+    def lapsed(self) -> bool:
+        """No heartbeat sent within AGENT_FENCE_SECONDS has reached the database: this agent
+        may already be taken for lost, and must not run anything."""
+        return time.monotonic() - self.renewed_at > settings.AGENT_FENCE_SECONDS
+
+    def beat(self) -> None:
+        """One heartbeat. The hold on the jobs is renewed from the moment it was sent (the
+        database's timestamp is later, so the server never counts from earlier than this
+        agent does), and only once the agent has also stopped what the server ended or is
+        cancelling: a renewal always comes with the stops of its time (see the cancel
+        watchdog)."""
+        sent = time.monotonic()
+        close_old_connections()
+        if services.heartbeat(self.name) is None:
+            self.register()  # the row was removed under us: put it back
+        self.stop_jobs_ended_elsewhere()
+        self.renewed(sent)
+        self.end_orphaned_jobs()
+
+    def renewed(self, sent: float) -> None:
+        """A heartbeat sent at `sent` reached the database: the hold on the jobs is renewed."""
+        self.renewed_at = max(self.renewed_at, sent)
         with self.running_lock:
-            stopped = sorted(self.fenced)
+            stopped, self.unreported = sorted(self.unreported), set()
         if stopped:
             log.warning(
                 "agent %s: reaches the database again; it had stopped %s (fenced)",
@@ -171,9 +212,9 @@ class AgentProcess:
         running here (SIGTERM, grace, SIGKILL), so that they are dead before the server,
         after AGENT_OFFLINE_AFTER_SECONDS, frees their slots and leases for other builds.
         Returns the attempts it stopped now."""
-        silent = time.monotonic() - self.renewed_at
-        if silent <= settings.AGENT_FENCE_SECONDS:
+        if not self.lapsed():
             return []
+        silent = time.monotonic() - self.renewed_at
         reason = (
             f"agent {self.name} fenced itself: no heartbeat reached the database for"
             f" {silent:.0f} s (AGENT_FENCE_SECONDS {settings.AGENT_FENCE_SECONDS:g}), so it"
@@ -182,16 +223,17 @@ class AgentProcess:
         with self.running_lock:
             stopping = sorted(set(self.running) - set(self.fenced))
             self.fenced.update(dict.fromkeys(stopping, reason))
+            self.unreported.update(stopping)
         for job_id, attempt in stopping:
-            self.request_stop(job_id, attempt)
+            self.request_stop(job_id, attempt)  # not yet asked: it was not in self.fenced
         if stopping:
             log.warning("%s: %s", reason, ", ".join(f"job {j}/{a}" for j, a in stopping))
         return stopping
 
     def fence_reason(self, job_id: int, attempt: int) -> str | None:
-        """Why this attempt was stopped, if the agent fenced itself; forgotten once asked."""
+        """Why this attempt was stopped, if the agent fenced itself."""
         with self.running_lock:
-            return self.fenced.pop((job_id, attempt), None)
+            return self.fenced.get((job_id, attempt))
 
     def end_orphaned_jobs(self) -> list[int]:
         """End the jobs recorded RUNNING here that this process no longer runs (their end
@@ -200,13 +242,14 @@ class AgentProcess:
         return builds.end_untracked_jobs(self.name, self.running_attempts(), started_before)
 
     def stop_jobs_ended_elsewhere(self) -> list[tuple[int, int]]:
-        """Stop what runs here for a job the server has ended (a stop message may have been
-        lost, or sent while this agent was cut off): an ended job is never resumed."""
+        """Stop what runs here for a job the server has ended or is cancelling (a stop
+        message may have been lost, or sent while this agent was cut off): an ended job is
+        never resumed."""
         ended = sorted(builds.ended_elsewhere(self.name, self.running_attempts()))
         for job_id, attempt in ended:
             if self.request_stop(job_id, attempt):
                 log.warning(
-                    "agent %s: job %s attempt %s was ended by the server; stopping it",
+                    "agent %s: job %s attempt %s was ended or cancelled by the server; stopping it",
                     self.name, job_id, attempt,
                 )  # fmt: skip
         return ended
@@ -218,6 +261,7 @@ class AgentProcess:
         _current = self
         control.install(self)
         _hide_environment()
+        _bound_network_waits()
         orphans.reap(orphans.directory(self.name))  # steps a killed run of it left running
         self.register(starting=True)
         metrics.serve(self.name)
@@ -225,7 +269,7 @@ class AgentProcess:
 
         @worker_ready.connect(weak=False)
         def start_heartbeats(**kwargs):  # once the worker hears control commands
-            threading.Thread(target=self.sync_consumers, daemon=True).start()
+            self.consumer_sync.start()
             self.renewed_at = time.monotonic()  # registered just now
             self.beats.start()
             self.fence_watch.start()
@@ -252,12 +296,31 @@ class AgentProcess:
         would bring it back online (a beat revives an agent the lost-agent sweep marked
         offline)."""
         self.stopping.set()
+        self.resync.set()
         if self.beats.is_alive():
             self.beats.join(timeout=SHUTDOWN_JOIN_SECONDS)
             if self.beats.is_alive():  # stuck on the database: the lost-agent sweep will see it
                 log.warning("agent %s: heartbeat still in flight at shutdown", self.name)
         close_old_connections()
         services.mark_offline(self.name)
+
+
+def _bound_network_waits() -> None:
+    """Cut off, an agent must not hang on a dead connection for the minutes TCP takes to
+    give up. A database connection that cannot get an answer within AGENT_FENCE_SECONDS is
+    dropped (its beat would be too late to renew the lease anyway), so the next beat
+    reconnects as soon as the link is back. RabbitMQ drops the connection this agent had
+    before a cut within about AGENT_BROKER_HEARTBEAT_SECONDS: until then it holds the
+    agent's exclusive control queue, and the agent's reconnection is refused."""
+    fence = settings.AGENT_FENCE_SECONDS
+    connections.settings["default"].setdefault("OPTIONS", {}).update(
+        keepalives=1,
+        keepalives_idle=1,
+        keepalives_interval=1,
+        keepalives_count=max(1, int(fence)),
+        tcp_user_timeout=int(fence * 1000),
+    )
+    app.conf.broker_heartbeat = settings.AGENT_BROKER_HEARTBEAT_SECONDS
 
 
 def _hide_environment() -> None:

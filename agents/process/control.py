@@ -5,8 +5,6 @@ registered on import, in every worker that imports the tasks (the controller too
 no agent: there they do nothing). A stop is keyed by attempt: a stop for another attempt
 stops nothing."""
 
-import threading
-
 from celery.worker import state as worker_state
 from celery.worker.control import control_command
 
@@ -46,5 +44,5 @@ def revoke_jobs(state, task_ids):
 def sync_consumers(state):
     """The server changed something about this agent (a lease released): re-read it."""
     if _agent is not None:
-        threading.Thread(target=_agent.sync_consumers, daemon=True).start()
+        _agent.request_sync()
     return {"ok": True}

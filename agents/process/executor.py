@@ -2,6 +2,7 @@
 retries, logs streamed to PostgreSQL, and the results recorded through builds.services.
 `agent` is the AgentProcess running it (agents.process.agent, which imports this module)."""
 
+import contextlib
 import logging
 import shutil
 import threading
@@ -89,6 +90,11 @@ def execute_job(agent, job_id: int, attempt: int) -> str | None:
     """Run one job attempt to its end. Returns its final status, or None for a stale message."""
     # Tracked before it starts, so a stop that races the start is not lost.
     with log_context(job_id=job_id, attempt=attempt), agent.tracking(job_id, attempt) as stop:
+        if agent.lapsed():  # fenced: it would be stopped at once; an agent in touch takes it
+            log.info("job %s attempt %s: handed back, this agent is fenced", job_id, attempt)
+            with contextlib.suppress(*DATABASE_ERRORS):  # unsent, the sweep sends it again
+                services.requeue_job(job_id, attempt)
+            return None
         try:
             job = services.start_job(job_id, attempt, agent.name, agent.draining.is_set())
         except services.HandBack:  # not for this agent now: another one takes it
@@ -105,7 +111,7 @@ def _run_started_job(agent, job: JobRun, stop: threading.Event) -> str:
     log.info("job %s attempt %s: running on %s", job.pk, job.attempt, agent.name)
     try:
         if job.takes_lease:
-            agent.sync_consumers()  # leased to this build now: leave the shared queues
+            agent.request_sync()  # leased to this build now: leave the shared queues
         workspace = workspace_for(agent.name, job)
         try:
             execution = JobExecution(job, workspace, stop, agent.keep_workspace)
@@ -113,6 +119,7 @@ def _run_started_job(agent, job: JobRun, stop: threading.Event) -> str:
             status, reason = RunStatus.FAILED, exc.detail
         else:
             status, reason = execution.run()
+        stop.set()  # its steps are over: nothing left to stop (a late stop request is no news)
         if fenced := agent.fence_reason(job.pk, job.attempt):
             status, reason = RunStatus.FAILED, fenced  # cut off, it stopped the job itself
         # Fenced: a stale attempt changes nothing.
@@ -151,6 +158,12 @@ def _end_after_error(job: JobRun, reason: str) -> None:
         )
 
 
+RERUN_NOTE = (
+    "re-run from its first step: the workspace its earlier steps worked in is gone (a job's"
+    " workspace is deleted when it ends, unless its build holds the agent)"
+)
+
+
 class JobExecution:
     def __init__(self, job: JobRun, workspace: Path, stop: threading.Event, keep_workspace):
         self.job, self.build, self.workspace, self.stop = job, job.build, workspace, stop
@@ -161,8 +174,19 @@ class JobExecution:
 
     def run(self) -> tuple[str, str]:
         try:
-            if self.job.takes_lease and self.fresh_start():
+            fresh = self.fresh_start()
+            if self.job.takes_lease and fresh:
                 shutil.rmtree(self.workspace, ignore_errors=True)  # a full job retry: clean
+            elif not fresh and not self.workspace.is_dir():
+                # A step retry, and what the earlier steps made is gone: never run a step in
+                # a workspace that silently lacks it.
+                if self.job.reuse_of:
+                    return RunStatus.FAILED, (
+                        f"the workspace of job {self.job.reuse_of!r} is gone (the build no"
+                        " longer holds its agent): a failed-only build retry runs that job again"
+                    )
+                if not persist(services.rerun_from_first_step, self.job, RERUN_NOTE):
+                    return RunStatus.CANCELED, "stopped: the build is no longer running"
             self.workspace.mkdir(parents=True, exist_ok=True)
             for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
                 step.job = self.job
@@ -171,7 +195,7 @@ class JobExecution:
                     return RunStatus.CANCELED, "stopped: the build is no longer running"
                 if status != RunStatus.SUCCEEDED and not step.continue_on_error:
                     return status, f"step {step.name!r} ended {status}"
-            return RunStatus.SUCCEEDED, ""
+            return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
         except Exception as exc:
             log.exception("job %s attempt %s failed on the agent", self.job.pk, self.job.attempt)
             return RunStatus.FAILED, agent_error(self.job.agent, exc)

@@ -27,6 +27,7 @@ from builds.services.execution import (
     finish_job,
     finish_step,
     next_attempt,
+    rerun_from_first_step,
     start_job,
     start_step,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "reconcile_running_builds",
     "request_cancel",
     "requeue_job",
+    "rerun_from_first_step",
     "retry_build",
     "retry_step",
     "save_pipeline",

@@ -10,6 +10,8 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from agents.models import Agent
@@ -36,7 +38,7 @@ def request_cancel(build_id: int, user=None) -> str:
             pk=build_id, status__in=build_allowed_from(BuildStatus.CANCELLING)
         ).update(
             status=BuildStatus.CANCELLING,
-            cancel_requested_at=timezone.now(),
+            cancel_requested_at=Now(),  # the database's clock, as the watchdog's
             cancel_requested_by=user if user and user.is_authenticated else None,
         )
         if not updated:
@@ -58,7 +60,7 @@ def cancel_at_once(build: Build, reason: str) -> bool:
     """Cancel a QUEUED build, of which nothing runs, within the caller's transaction: for
     eviction from a full queue and for cancel-in-progress."""
     updated = Build.objects.filter(pk=build.pk, status=BuildStatus.QUEUED).update(
-        status=BuildStatus.CANCELLING, cancel_requested_at=timezone.now(), reason=reason
+        status=BuildStatus.CANCELLING, cancel_requested_at=Now(), reason=reason
     )
     if updated:
         finish_cancel(build.pk)
@@ -107,35 +109,50 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
 REDRIVE_AFTER = timedelta(seconds=3)
 
 
+def force_after() -> timedelta:
+    """How long after a cancel request the watchdog may end a job its agent never confirmed.
+    By then the agent cannot still be running it: its first heartbeat sent after the
+    request (within AGENT_HEARTBEAT_SECONDS) either came back, with the stop (agents stop
+    what their build is cancelling), or did not, and then the agent fenced itself within
+    AGENT_FENCE_SECONDS of its last renewal and killed the step within the grace period;
+    fence + grace + 1 <= AGENT_OFFLINE_AFTER_SECONDS (ciproject.checks). So a cancel never
+    frees a slot while the step might run, even on an agent cut off mid-cancel."""
+    return timedelta(
+        seconds=settings.AGENT_HEARTBEAT_SECONDS
+        + settings.AGENT_OFFLINE_AFTER_SECONDS
+        + settings.CANCEL_WATCHDOG_MARGIN_SECONDS
+    )
+
+
 def cancel_watchdog() -> list[int]:
     """Drive CANCELLING builds to CANCELED: repeat the batched part for those still cancelling
-    after a few seconds, and once the grace period and a margin have passed, end the jobs
-    whose agents never confirmed, marking those agents suspect. Returns the builds forced.
-    One watchdog runs at a time: a run that finds another under way returns at once."""
+    after a few seconds, and after force_after(), end the jobs whose agents never confirmed,
+    marking those agents suspect. Returns the builds forced. One watchdog runs at a time: a
+    run that finds another under way returns at once."""
     # A session lock, not a transaction's: each build is handled in its own transaction.
     with try_advisory_lock("cancel-watchdog") as acquired:
         return _watch_cancels() if acquired else []
 
 
 def _watch_cancels(limit: int = 200) -> list[int]:
-    now = timezone.now()
-    patience = timedelta(
-        seconds=settings.STEP_KILL_GRACE_SECONDS + settings.CANCEL_WATCHDOG_MARGIN_SECONDS
-    )
     forced = []
-    stalled = Build.objects.filter(
-        status=BuildStatus.CANCELLING, cancel_requested_at__lt=now - REDRIVE_AFTER
-    ).order_by("cancel_requested_at")
-    for build_id, requested_at in stalled.values_list("id", "cancel_requested_at")[:limit]:
-        if now - requested_at > patience:
-            if _force_cancel(build_id, requested_at, now):
-                forced.append(build_id)
-        else:
+    stalled = (
+        Build.objects.filter(
+            status=BuildStatus.CANCELLING, cancel_requested_at__lt=Now() - REDRIVE_AFTER
+        )
+        .annotate(overdue=Q(cancel_requested_at__lt=Now() - force_after()))
+        .order_by("cancel_requested_at")
+    )
+    rows = stalled.values_list("id", "cancel_requested_at", "overdue")[:limit]
+    for build_id, requested_at, overdue in rows:
+        if not overdue:
             finish_cancel(build_id, skip_locked=True)
+        elif _force_cancel(build_id, requested_at):
+            forced.append(build_id)
     return forced
 
 
-def _force_cancel(build_id: int, requested_at, now) -> bool:
+def _force_cancel(build_id: int, requested_at) -> bool:
     """End the jobs of a cancel whose agents never confirmed the stop, and tell those agents
     again (one that was cut off must not go on when it is back). The build was listed before
     its lock was taken: only a build still cancelling from that same request is forced (the
@@ -146,6 +163,7 @@ def _force_cancel(build_id: int, requested_at, now) -> bool:
         )
         if not still.exists():
             return False
+        now = timezone.now()
         jobs = list(
             JobRun.objects.select_for_update(no_key=True).filter(
                 build_id=build_id, status=RunStatus.RUNNING

@@ -3,12 +3,13 @@
 import logging
 
 from django.db import connection, transaction
-from django.db.models import Exists, OuterRef
+from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from builds import partitions
 from builds.errors import BuildVariablesMissing
 from builds.models import Build, BuildVariable, JobRun, StepRun
+from builds.services.logs import add_late_note
 from builds.statuses import BuildStatus, RunStatus, run_allowed_from
 from ciproject.log_format import log_context
 from dispatch import leases, messages
@@ -70,6 +71,27 @@ def start_step(step: StepRun) -> bool:
     ).update(status=RunStatus.RUNNING, started_at=now)
     step.status, step.started_at = RunStatus.RUNNING, now
     return bool(updated)
+
+
+def rerun_from_first_step(job: JobRun, note: str) -> bool:
+    """A job continued by a step retry finds the workspace its earlier steps worked in gone:
+    those steps run again first (each that had started at attempt + 1), the first one's log
+    and the job's reason saying why. False if the attempt is no longer this agent's."""
+    with transaction.atomic():
+        if not JobRun.objects.filter(
+            pk=job.pk, attempt=job.attempt, status=RunStatus.RUNNING, agent=job.agent
+        ).update(reason=note):
+            return False
+        kept = StepRun.objects.filter(job=job).exclude(
+            status__in=(RunStatus.PENDING, RunStatus.QUEUED)
+        )
+        ids = list(kept.order_by("index").values_list("pk", flat=True))
+        kept.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
+        steps = StepRun.objects.filter(pk__in=ids)
+        steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
+        add_late_note(list(steps.filter(pk__in=ids[:1]).values_list("pk", "attempt")), note)
+    job.reason = note
+    return True
 
 
 def next_attempt(step: StepRun) -> bool:
@@ -219,15 +241,19 @@ def end_untracked_jobs(agent: str, tracked: set[tuple[int, int]], started_before
 
 def ended_elsewhere(agent: str, attempts: set[tuple[int, int]]) -> set[tuple[int, int]]:
     """The agent's heartbeat: of the job attempts it runs, those that are no longer its to
-    run (the server ended them: a lost agent, a forced cancel; or a retry moved the job on).
-    The agent stops them, whether or not a stop message ever reached it. An attempt still
-    QUEUED is one about to start (the agent tracks it before start_job)."""
+    run (the server ended them: a lost agent, a forced cancel; a retry moved the job on; or
+    their build is being cancelled). The agent stops them, whether or not a stop message
+    ever reached it. An attempt still QUEUED is one about to start (the agent tracks it
+    before start_job)."""
     if not attempts:
         return set()
-    rows = JobRun.objects.filter(pk__in={job_id for job_id, _ in attempts})
+    rows = JobRun.objects.filter(pk__in={job_id for job_id, _ in attempts}).values_list(
+        "pk", "attempt", "status", "agent", "build__status"
+    )
     current = {
         (job_id, attempt)
-        for job_id, attempt, status, on in rows.values_list("pk", "attempt", "status", "agent")
-        if status == RunStatus.QUEUED or (status == RunStatus.RUNNING and on == agent)
+        for job_id, attempt, status, on, build_status in rows
+        if status == RunStatus.QUEUED
+        or (status == RunStatus.RUNNING and on == agent and build_status != BuildStatus.CANCELLING)
     }
     return attempts - current

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from builds import partitions
@@ -260,19 +260,7 @@ def _refuse_unless(decision: Decision) -> None:
 def _reset_for_retry(build: Build, failed_only: bool) -> None:
     jobs = JobRun.objects.filter(build=build)
     if failed_only:
-        first_failed = (
-            jobs.filter(status__in=RETRYABLE_RUNS | {RunStatus.SKIPPED, RunStatus.PENDING})
-            .order_by("stage_index")
-            .values_list("stage_index", flat=True)
-            .first()
-        )
-        if first_failed is None:
-            raise BuildNotRetryable(f"build #{build.number} has no failed job to retry")
-        # The failed jobs of that stage, and every job of the stages after it.
-        jobs = jobs.filter(
-            Q(stage_index=first_failed, status__in=RETRYABLE_RUNS | {RunStatus.SKIPPED})
-            | Q(stage_index__gt=first_failed)
-        )
+        jobs = jobs.filter(pk__in=_failed_and_after(build, list(jobs)))
     else:
         # A full retry starts from the variables the build was triggered with.
         by_steps = BuildVariable.objects.filter(
@@ -286,6 +274,25 @@ def _reset_for_retry(build: Build, failed_only: bool) -> None:
             triggered_source="",
         )
     _run_again(StepRun.objects.filter(job__in=jobs), jobs, agent="")
+
+
+def _failed_and_after(build: Build, jobs: list[JobRun]) -> set[int]:
+    """What a failed-only retry runs again: the failed jobs of the first stage with one, every
+    job of the stages after it, and the jobs these reuse (their workspace went with the
+    build's lease), which moves the start back to the earliest of those stages."""
+    not_done = RETRYABLE_RUNS | {RunStatus.SKIPPED}
+    stages = [j.stage_index for j in jobs if j.status in not_done | {RunStatus.PENDING}]
+    if not stages:
+        raise BuildNotRetryable(f"build #{build.number} has no failed job to retry")
+    by_key, start = {job.key: job for job in jobs}, min(stages)
+    again = {job.key for job in jobs if job.stage_index == start and job.status in not_done}
+    while True:
+        again |= {job.key for job in jobs if job.stage_index > start}
+        reused = {by_key[key].reuse_of for key in again} - {""} - again
+        if not reused:
+            return {by_key[key].pk for key in again}
+        again |= reused
+        start = min(start, *(by_key[key].stage_index for key in reused))
 
 
 def _admit_retry(build: Build) -> str:

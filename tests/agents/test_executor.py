@@ -3,6 +3,7 @@ agent after the job has started, the job ends (FAILED, naming the agent), never 
 RUNNING on an agent that goes on heartbeating."""
 
 import threading
+import time
 
 import pytest
 from django.db import OperationalError, connection
@@ -11,7 +12,7 @@ from agents import services as agents
 from agents.process.agent import AgentProcess
 from builds import services as builds
 from builds.models import JobRun
-from tests.support import make_pipeline, one_step, process_alive, wait_until
+from tests.support import make_pipeline, one_step, process_alive, raw_connection, wait_until
 
 pytestmark = pytest.mark.django_db
 
@@ -167,3 +168,82 @@ def test_a_job_the_server_ended_is_stopped_by_the_next_heartbeat(settings, tmp_p
     assert not process_alive(int(pid_file.read_text()))
     job.refresh_from_db()
     assert (job.status, job.reason) == ("FAILED", "agent a1 was lost: it stopped heartbeating")
+
+
+@pytest.mark.django_db(transaction=True)  # the job runs in a thread of its own
+def test_a_job_of_a_build_being_cancelled_is_stopped_by_the_next_heartbeat(settings, tmp_path):
+    """The cancel's stop message never reached the agent (a broker cut, say): its heartbeat
+    finds the job's build CANCELLING and stops the step, so the cancel ends on its own."""
+    settings.STEP_KILL_GRACE_SECONDS = 1
+    agent, job, running, ended, pid_file = running_in_a_thread(tmp_path)
+    builds.request_cancel(job.build_id)  # no controller here: nothing else tells the agent
+    assert agent.stop_jobs_ended_elsewhere() == [(job.pk, 1)]
+    running.join(timeout=15)
+    assert ended == ["CANCELED"]
+    assert not process_alive(int(pid_file.read_text()))
+    assert builds.advance_build(job.build_id) == "CANCELED"
+
+
+def test_a_fenced_agent_takes_no_job(settings):
+    """Its lease has lapsed (no heartbeat got through for AGENT_FENCE_SECONDS): a job sent to
+    it goes back to its queue untouched, for an agent in touch with the server."""
+    settings.AGENT_FENCE_SECONDS = 5
+    agent, job = AgentProcess("a1", ["unit-tests"]), queued_job()
+    agent.renewed_at -= 6
+    assert agent.run_job(job.pk, 1) is None
+    job.refresh_from_db()
+    assert (job.status, job.agent) == ("QUEUED", "")
+
+
+@pytest.mark.django_db(transaction=True)  # the heartbeat waits on another session's lock
+def test_a_slow_heartbeat_renews_from_when_it_was_sent(settings):
+    """The database records a heartbeat when it runs it, which may be long after it was sent
+    (a slow link, a lock): the agent's lease counts from the sending, never later than the
+    server's count."""
+    agent = AgentProcess("a1", ["unit-tests"])
+    agent.renewed_at = 0
+    locked = threading.Event()
+
+    def hold_the_agent_row():
+        with raw_connection() as locker, locker.transaction():
+            locker.execute("SELECT 1 FROM agents_agent WHERE name = 'a1' FOR UPDATE")
+            locked.set()
+            time.sleep(1)  # how long the heartbeat is held up
+
+    holder = threading.Thread(target=hold_the_agent_row)
+    holder.start()
+    assert locked.wait(10)
+    sent = time.monotonic()
+    agent.beat()
+    holder.join()
+    assert time.monotonic() - sent >= 1  # it waited on the lock
+    assert sent <= agent.renewed_at < sent + 0.5
+    connection.close()
+
+
+def test_a_step_retry_whose_workspace_is_gone_reruns_the_job_from_its_first_step(tmp_path):
+    """Step 1 needs what step 0 left in the workspace, which was deleted when the job ended:
+    its retry runs step 0 again first, and the job and step 0's log say why."""
+    flag = tmp_path / "second-time"
+    two_steps = (
+        "stages:\n  - name: s\n    jobs:\n      - id: j\n        runs-on: unit-tests\n"
+        "        steps:\n          - run: echo made > out\n"
+        f"          - run: cat out && test -f {flag}\n"
+    )
+    build = builds.trigger_build(make_pipeline("rerun", two_steps))
+    job = JobRun.objects.get(build=build)
+    agent = AgentProcess("a1", ["unit-tests"])
+    assert agent.run_job(job.pk, 1) == "FAILED"
+    assert builds.advance_build(build.pk) == "FAILED"
+    flag.touch()
+    first, second = job.steps.order_by("index")
+    builds.retry_step(build.pk, second.pk)
+
+    assert agent.run_job(job.pk, 2) == "SUCCEEDED"
+    job.refresh_from_db()
+    assert job.reason.startswith("re-run from its first step: the workspace"), job.reason
+    first.refresh_from_db()
+    assert (first.status, first.attempt) == ("SUCCEEDED", 2)
+    assert "re-run from its first step" in builds.step_log(first)
+    second.refresh_from_db()
+    assert "made" in builds.step_log(second)

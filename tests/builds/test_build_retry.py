@@ -170,3 +170,40 @@ def test_a_step_retry_gives_later_stages_that_had_run_a_new_attempt():
     later = StepRun.objects.filter(job__build=build, job__stage_index__gt=0)
     assert later.exists()
     assert {(s.status, s.attempt, s.started_at) for s in later} == {("PENDING", 2, None)}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_only_reruns_the_job_a_failed_job_reuses():
+    """`then` reuses `j`'s agent and workspace, which went with the build's lease when it
+    ended: retrying `then` alone would run it in an empty directory, so `j` runs again too
+    (and the stage between, as everything after the first stage that runs again)."""
+    pipeline = make_pipeline("reusing", REUSING)
+    build = services.trigger_build(pipeline)
+    now = timezone.now()
+    for key, status in [("j", "SUCCEEDED"), ("other", "SUCCEEDED"), ("mid", "SUCCEEDED"),
+                        ("then", "FAILED")]:  # fmt: skip
+        JobRun.objects.filter(build=build, key=key).update(status=status, started_at=now)
+        StepRun.objects.filter(job__build=build, job__key=key).update(status=status, started_at=now)
+    assert services.advance_build(build.pk) == "FAILED"
+    services.retry_build(build.pk, failed_only=True)
+    assert jobs(build) == {
+        "j": ("QUEUED", 2),
+        "other": ("SUCCEEDED", 1),
+        "mid": ("PENDING", 2),
+        "then": ("PENDING", 2),
+    }
+
+
+REUSING = """
+stages:
+  - name: one
+    jobs:
+      - {id: j, runs-on: unit-tests, steps: [{run: "true"}]}
+      - {id: other, runs-on: unit-tests, steps: [{run: "true"}]}
+  - name: two
+    jobs:
+      - {id: mid, runs-on: unit-tests, steps: [{run: "true"}]}
+  - name: three
+    jobs:
+      - {id: then, reuse: j, steps: [{run: "true"}]}
+"""

@@ -40,8 +40,9 @@ class PostgresServer:
     """A throwaway cluster (trust auth, no fsync). PostgreSQL refuses to run as root, so as
     root it runs as the `postgres` user."""
 
-    def __init__(self):
+    def __init__(self, addresses=()):
         self.port = free_port()
+        self.addresses = ["127.0.0.1", *addresses]  # where it listens (test hosts' links)
         self.dir = Path(tempfile.mkdtemp(prefix="ciproject-faults-pg-"))
         self.bin = postgres_bin()
         self.as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -49,6 +50,9 @@ class PostgresServer:
             shutil.chown(self.dir, "postgres")
         self._run("initdb", "-D", self.dir / "data", "-A", "trust", "-U", "postgres",
                   "--no-sync", "-E", "UTF8")  # fmt: skip
+        if addresses:  # the test hosts, on the subnets of its links
+            with open(self.dir / "data" / "pg_hba.conf", "a") as hba:
+                hba.write("host all all samenet trust\n")
 
     def _run(self, tool, *args) -> None:
         argv = [*self.as_owner, str(self.bin / tool), *map(str, args)]
@@ -56,7 +60,8 @@ class PostgresServer:
 
     def start(self) -> None:
         options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+            f"-p {self.port} -k {self.dir} -c listen_addresses={','.join(self.addresses)}"
+            " -c fsync=off"
             " -c full_page_writes=off -c max_connections=200"
         )
         self._run("pg_ctl", "-D", self.dir / "data", "-o", options, "-l", self.dir / "log",
@@ -81,8 +86,9 @@ class RedisServer:
 
     loses_messages = True
 
-    def __init__(self, log_dir: Path):
+    def __init__(self, log_dir: Path, addresses=()):
         self.port, self.log_dir = free_port(), log_dir
+        self.addresses = ["127.0.0.1", *addresses]
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -91,8 +97,10 @@ class RedisServer:
 
     def start(self) -> None:
         log = open(self.log_dir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+        argv = ["redis-server", "--port", str(self.port), "--bind", *self.addresses,
                 "--save", "", "--appendonly", "no"]  # fmt: skip
+        if len(self.addresses) > 1:  # test hosts' links, on subnets no one else reaches
+            argv += ["--protected-mode", "no"]
         self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         client = redis.Redis.from_url(self.url, socket_connect_timeout=0.5)
 
@@ -150,9 +158,12 @@ class Stack(Workers):
 
     AGENTS = {"fault-1": "linux,default", "fault-2": "linux,default"}
 
-    def __init__(self, database_url: str, broker_url: str, log_dir: Path, agents=None):
+    def __init__(self, database_url: str, broker_url: str, log_dir: Path, agents=None, hosts=None):
         if agents is not None:  # name -> labels, in place of the two default agents
             self.AGENTS = dict(agents)
+        # name -> tests.faults.network.Host: the agents that run on a host of their own,
+        # reaching the database and the broker at that host's links.
+        self.hosts = dict(hosts or {})
         self.work = Path(tempfile.mkdtemp(prefix="ciproject-faults-"))
         env = {
             **os.environ,
@@ -207,6 +218,18 @@ class Stack(Workers):
         argv = [sys.executable, "-m", "gunicorn", "ciproject.wsgi", "--bind",
                 f"127.0.0.1:{self.web_port}", "--workers", "1", "--threads", "4"]  # fmt: skip
         self.start("web", argv)
+
+    def start_agent(self, name: str, labels: str, capacity: int = 1, env=None) -> None:
+        host = self.hosts.get(name)
+        if host is None:
+            return super().start_agent(name, labels, capacity, env)
+        urls = {
+            "DATABASE_URL": self.database_url.replace("127.0.0.1", host.address["db"]),
+            "CELERY_BROKER_URL": self.broker_url.replace("127.0.0.1", host.address["broker"]),
+        }
+        self.start(
+            name, host.command(self.agent_argv(name, labels, capacity)), {**urls, **(env or {})}
+        )
 
     def wait_web(self) -> None:
         def answers():
