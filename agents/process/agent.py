@@ -310,8 +310,9 @@ def _bound_network_waits() -> None:
     give up. A database connection that cannot get an answer within AGENT_FENCE_SECONDS is
     dropped (its beat would be too late to renew the lease anyway), so the next beat
     reconnects as soon as the link is back. RabbitMQ drops the connection this agent had
-    before a cut within about AGENT_BROKER_HEARTBEAT_SECONDS: until then it holds the
-    agent's exclusive control queue, and the agent's reconnection is refused."""
+    before a cut within about AGENT_BROKER_HEARTBEAT_SECONDS: until then it still consumes
+    from the agent's queues, and what it takes is lost on the way (see
+    CELERY_CONTROL_QUEUE_EXCLUSIVE in the settings)."""
     fence = settings.AGENT_FENCE_SECONDS
     connections.settings["default"].setdefault("OPTIONS", {}).update(
         keepalives=1,

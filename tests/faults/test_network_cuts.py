@@ -84,9 +84,9 @@ def broker_url(request, hosts, tmp_path_factory):
     try:
         yield rabbit.url
     finally:
-        for relay in relays:
-            relay.kill()
-            relay.wait()
+        for process in relays:
+            process.kill()
+            process.wait()
         rabbit.remove()
 
 

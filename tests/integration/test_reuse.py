@@ -65,7 +65,7 @@ def test_two_builds_never_share_a_leased_agent(dedicated):
     wait_until(lambda: not AgentLease.objects.exists(), timeout=10, message="lease release")
 
 
-def test_a_retry_of_a_reusing_job_lands_on_the_same_agent_and_stale_messages_are_ignored(
+def test_a_retry_of_a_reusing_job_runs_the_job_it_reuses_again_and_stale_messages_are_ignored(
     dedicated,
 ):
     dedicated("agent-r3", "reuse-b")
@@ -78,18 +78,20 @@ def test_a_retry_of_a_reusing_job_lands_on_the_same_agent_and_stale_messages_are
     build = wait_for_build(services.trigger_build(pipeline))
     assert build.status == "FAILED"
     first_use = JobRun.objects.get(build=build, key="use")
-    agent = JobRun.objects.get(build=build, key="make").agent
-    assert first_use.agent == agent
+    assert first_use.agent == JobRun.objects.get(build=build, key="make").agent
     wait_until(lambda: not AgentLease.objects.exists(), timeout=10, message="lease release")
 
     client = APIClient()
     client.force_authenticate(User.objects.create_superuser("ops"))
     assert client.post(f"/api/builds/{build.pk}/retry/", {}, format="json").status_code == 202
     build = wait_for_build(build, timeout=60)
-    use = JobRun.objects.get(build=build, key="use")
-    assert (build.status, use.attempt, use.agent) == ("SUCCEEDED", 2, agent)
-    # The build's lease ended with it, and with the lease its workspace: the retry starts clean.
-    assert "no out.txt" in log_of(build, "use")
+    use, make = (JobRun.objects.get(build=build, key=key) for key in ("use", "make"))
+    # The build's lease ended with it, and with the lease the workspace `use` works in: the
+    # retry runs `make` again too, and `use` after it, on its agent, in its workspace.
+    assert (build.status, make.attempt, use.attempt) == ("SUCCEEDED", 2, 2)
+    assert use.agent == make.agent
+    assert "no out.txt" not in log_of(build, "use")
+    agent = use.agent
 
     stale = app.send_task("agents.tasks.run_job", args=(use.pk, 1), queue=agent_queue(agent))
     assert stale.get(timeout=20) is None  # attempt 1 is over: the message is fenced off
