@@ -68,7 +68,10 @@ class JobSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = JobRun
-        fields = ["id", "key", "status", "attempt", "agent", "reason", "started_at", "finished_at"]
+        fields = [
+            "id", "key", "status", "attempt", "agent", "kept_workspace_on", "reason",
+            "started_at", "finished_at",
+        ]  # fmt: skip
         fields += ["steps"]
 
 

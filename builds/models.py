@@ -128,6 +128,9 @@ class JobRun(models.Model):
     # must run on; `takes_lease` marks that job, which leases its agent to the build.
     reuse_of = models.CharField(max_length=64, blank=True, default="")
     takes_lease = models.BooleanField(default=False)
+    # The agent keeping this job's workspace since it failed there, for its step retry
+    # (AGENT_KEEP_FAILED_WORKSPACE_SECONDS); cleared when the job starts again.
+    kept_workspace_on = models.CharField(max_length=100, blank=True, default="")
     reason = models.TextField(blank=True, default="")
     queued_at = models.DateTimeField(null=True, blank=True)
     # When the reconcile sweep last sent its message again (a lost message): at most once

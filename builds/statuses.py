@@ -36,6 +36,8 @@ B, R = BuildStatus, RunStatus
 BUILD_FINAL = frozenset({B.SUCCEEDED, B.FAILED, B.CANCELED, B.QUEUE_TIMEOUT})
 RUN_FINAL = frozenset({R.SUCCEEDED, R.FAILED, R.TIMED_OUT, R.CANCELED, R.SKIPPED})
 RUN_FAILED = frozenset({R.FAILED, R.TIMED_OUT, R.CANCELED})
+# A job that ends so keeps its workspace on its agent for a while, for its step retry.
+KEEPS_WORKSPACE = frozenset({R.FAILED, R.TIMED_OUT})
 
 # to-status -> the statuses it may be reached from.
 BUILD_TRANSITIONS: dict[str, frozenset[str]] = {

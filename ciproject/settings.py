@@ -199,6 +199,9 @@ AGENT_FENCE_SECONDS = float(
 CANCEL_WATCHDOG_MARGIN_SECONDS = float(os.environ.get("CANCEL_WATCHDOG_MARGIN_SECONDS", 5))
 STEP_LOG_MAX_BYTES = env_int("STEP_LOG_MAX_BYTES", 1024 * 1024)
 STEP_LOG_FLUSH_SECONDS = float(os.environ.get("STEP_LOG_FLUSH_SECONDS", 1))
+# How long an agent keeps a failed job's workspace, so that a step retry goes on there with
+# what the earlier steps made (0: never; the retry then runs the job from its first step).
+AGENT_KEEP_FAILED_WORKSPACE_SECONDS = env_int("AGENT_KEEP_FAILED_WORKSPACE_SECONDS", 3600)
 # The AMQP heartbeat of an agent's broker connections (RabbitMQ; Redis has none): after a
 # network cut RabbitMQ drops the agent's old connection, and the control queue it holds,
 # within about this, so the agent can consume again soon after the cut heals.

@@ -27,12 +27,29 @@ def place(jobs: list[JobRun], explain_waits: bool = True) -> list[tuple[JobRun, 
             reason = leases.place_on_agent(job)
             if reason:
                 unplaceable.append((job, reason))
+        elif keeper := _keeper_for(job):
+            messages.send_to_agent(job.pk, job.attempt, keeper)
         else:
             free.append(job)
     if explain_waits:
         _explain_waits(free)
     messages.send_jobs([(job.pk, job.attempt, job.runs_on) for job in free])
     return unplaceable
+
+
+def _keeper_for(job: JobRun) -> str | None:
+    """The agent keeping the job's workspace since it failed there (a step retry goes on in
+    it), if that agent may take the job now: online, with the job's label, not leased to
+    another build. Else the job goes to its label's queue, and runs from its first step."""
+    name = job.kept_workspace_on
+    if not name:
+        return None
+    keeper = Agent.objects.filter(
+        name=name, status=AgentStatus.ONLINE, labels__contains=[job.runs_on]
+    )
+    if keeper.exists() and leases.holder(name) in (None, job.build_id):
+        return name
+    return None
 
 
 def _explain_waits(jobs: list[JobRun]) -> None:

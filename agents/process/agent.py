@@ -20,7 +20,7 @@ from django.utils import timezone
 
 from agents import services
 from agents.models import AgentStatus
-from agents.process import control, metrics, orphans
+from agents.process import control, metrics, orphans, workspaces
 from agents.process.executor import execute_job
 from builds import services as builds
 from ciproject import __version__
@@ -49,6 +49,7 @@ class AgentProcess:
         self.nodename = node_name(name, self.hostname)
         self.pool_queues = [retry_queue(label) for label in labels]
         self.pool_queues += [job_queue(label) for label in labels]
+        self.workspace_root = Path(settings.AGENT_WORKSPACE_ROOT) / name
         self.consuming = True  # the shared (label and retry) queues
         # Set while an operator has disabled (drained) this agent: it finishes what it runs
         # and takes no new job from the shared queues.
@@ -70,10 +71,10 @@ class AgentProcess:
         self.stopping = threading.Event()
         self.beats = threading.Thread(target=self.heartbeat_loop, daemon=True)
         self.fence_watch = threading.Thread(target=self.fence_loop, daemon=True)
-        # Consumer sync talks to the broker: on a thread of its own, so that a broker that
-        # does not answer never holds up the heartbeat (the lease lives in PostgreSQL).
+        # What may be slow (consumer sync talks to the broker; pruning workspaces, to the
+        # disk) runs on a thread of its own, so that it never holds up the heartbeat.
         self.resync = threading.Event()
-        self.consumer_sync = threading.Thread(target=self.consumer_sync_loop, daemon=True)
+        self.upkeep = threading.Thread(target=self.upkeep_loop, daemon=True)
 
     # Jobs -----------------------------------------------------------------------------
 
@@ -123,13 +124,15 @@ class AgentProcess:
         """Re-read the consumer state soon, on the consumer sync thread."""
         self.resync.set()
 
-    def consumer_sync_loop(self) -> None:
+    def upkeep_loop(self) -> None:
         while not self.stopping.is_set():
             self.resync.clear()
             try:
                 self.sync_consumers()
             except Exception:  # the broker or the database is away: the next round retries
                 log.warning("agent %s: consumer sync failed", self.name, exc_info=True)
+            for path in workspaces.prune(self.workspace_root):
+                log.info("agent %s: kept workspace %s removed, its time is up", self.name, path)
             self.resync.wait(settings.AGENT_HEARTBEAT_SECONDS)
         connection.close()
 
@@ -269,7 +272,7 @@ class AgentProcess:
 
         @worker_ready.connect(weak=False)
         def start_heartbeats(**kwargs):  # once the worker hears control commands
-            self.consumer_sync.start()
+            self.upkeep.start()
             self.renewed_at = time.monotonic()  # registered just now
             self.beats.start()
             self.fence_watch.start()

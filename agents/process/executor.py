@@ -12,12 +12,12 @@ from pathlib import Path
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
-from agents.process import orphans
+from agents.process import orphans, workspaces
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
 from builds.errors import BuildVariablesMissing
 from builds.models import JobRun, StepRun
-from builds.statuses import RunStatus
+from builds.statuses import KEEPS_WORKSPACE, RunStatus
 from ciproject import metrics
 from ciproject.log_format import log_context
 
@@ -159,8 +159,9 @@ def _end_after_error(job: JobRun, reason: str) -> None:
 
 
 RERUN_NOTE = (
-    "re-run from its first step: the workspace its earlier steps worked in is gone (a job's"
-    " workspace is deleted when it ends, unless its build holds the agent)"
+    "re-run from its first step: the workspace its earlier steps worked in is gone (a failed"
+    " job's is kept on its agent for AGENT_KEEP_FAILED_WORKSPACE_SECONDS, and the retry went"
+    " elsewhere or came later)"
 )
 
 
@@ -173,37 +174,51 @@ class JobExecution:
         self.variables = services.build_variables(job.build_id)
 
     def run(self) -> tuple[str, str]:
+        status, reason = RunStatus.FAILED, ""
         try:
-            fresh = self.fresh_start()
-            if self.job.takes_lease and fresh:
-                shutil.rmtree(self.workspace, ignore_errors=True)  # a full job retry: clean
-            elif not fresh and not self.workspace.is_dir():
-                # A step retry, and what the earlier steps made is gone: never run a step in
-                # a workspace that silently lacks it.
-                if self.job.reuse_of:
-                    return RunStatus.FAILED, (
-                        f"the workspace of job {self.job.reuse_of!r} is gone (the build no"
-                        " longer holds its agent): a failed-only build retry runs that job again"
-                    )
-                if not persist(services.rerun_from_first_step, self.job, RERUN_NOTE):
-                    return RunStatus.CANCELED, "stopped: the build is no longer running"
-            self.workspace.mkdir(parents=True, exist_ok=True)
-            for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
-                step.job = self.job
-                status = None if self.stop.is_set() else self.run_step(step)
-                if status is None:  # stopped, or the build no longer runs
-                    return RunStatus.CANCELED, "stopped: the build is no longer running"
-                if status != RunStatus.SUCCEEDED and not step.continue_on_error:
-                    return status, f"step {step.name!r} ended {status}"
-            return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
+            status, reason = self._run()
         except Exception as exc:
             log.exception("job %s attempt %s failed on the agent", self.job.pk, self.job.attempt)
-            return RunStatus.FAILED, agent_error(self.job.agent, exc)
+            reason = agent_error(self.job.agent, exc)
         finally:
-            if self.job.uses_lease:  # the build's later jobs work in it: kept till the lease ends
-                self.keep_workspace(self.job.build_id, self.workspace)
-            else:
-                shutil.rmtree(self.workspace, ignore_errors=True)
+            self.put_away(status)
+        return status, reason
+
+    def _run(self) -> tuple[str, str]:
+        # Never run a step in a workspace that silently lacks what it should hold.
+        if self.job.reuse_of:
+            if not self.workspace.is_dir():  # the lease it came with was dropped
+                return RunStatus.FAILED, (
+                    f"the workspace of job {self.job.reuse_of!r} is gone (the build no longer"
+                    " holds its agent): a failed-only build retry runs that job again"
+                )
+        elif self.fresh_start():  # a first run or a full job retry: a clean workspace
+            workspaces.claim(self.workspace)  # (what a failed attempt left here is not wanted)
+            shutil.rmtree(self.workspace, ignore_errors=True)
+        elif not workspaces.claim(self.workspace) and not persist(  # a step retry, it is gone
+            services.rerun_from_first_step, self.job, RERUN_NOTE
+        ):
+            return RunStatus.CANCELED, "stopped: the build is no longer running"
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
+            step.job = self.job
+            status = None if self.stop.is_set() else self.run_step(step)
+            if status is None:  # stopped, or the build no longer runs
+                return RunStatus.CANCELED, "stopped: the build is no longer running"
+            if status != RunStatus.SUCCEEDED and not step.continue_on_error:
+                return status, f"step {step.name!r} ended {status}"
+        return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
+
+    def put_away(self, status: str) -> None:
+        """The workspace after the job: the build's later jobs work in a leased one (kept till
+        the lease ends); a failed job's is kept a while for its step retry (see
+        services.finish_job); any other is removed."""
+        if self.job.uses_lease:
+            self.keep_workspace(self.job.build_id, self.workspace)
+        elif status in KEEPS_WORKSPACE and settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS > 0:
+            workspaces.keep(self.workspace, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
+        else:
+            shutil.rmtree(self.workspace, ignore_errors=True)
 
     def fresh_start(self) -> bool:
         """No step of this job is kept from an earlier attempt (not a step retry)."""

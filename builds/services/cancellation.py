@@ -67,6 +67,7 @@ def cancel_at_once(build: Build, reason: str) -> bool:
     return bool(updated)
 
 
+@retried_on_conflict
 def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
     """The batched part of a cancel; idempotent, so the watchdog may call it again (with
     skip_locked, so it never queues up behind the controller working on the same build)."""

@@ -2,6 +2,7 @@
 
 import logging
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
@@ -10,7 +11,7 @@ from builds import partitions
 from builds.errors import BuildVariablesMissing
 from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services.logs import add_late_note
-from builds.statuses import BuildStatus, RunStatus, run_allowed_from
+from builds.statuses import KEEPS_WORKSPACE, BuildStatus, RunStatus, run_allowed_from
 from ciproject.log_format import log_context
 from dispatch import leases, messages
 
@@ -53,7 +54,13 @@ def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun |
             pk=job_id,
             attempt=attempt,
             status=RunStatus.QUEUED,
-        ).update(status=RunStatus.RUNNING, agent=agent, reason="", started_at=timezone.now())
+        ).update(
+            status=RunStatus.RUNNING,
+            agent=agent,
+            reason="",
+            started_at=timezone.now(),
+            kept_workspace_on="",  # the job works in it again, or elsewhere from its first step
+        )
         if not updated:
             transaction.set_rollback(True)  # and with it any lease taken above
             return None
@@ -178,7 +185,9 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
             status, reason = RunStatus.CANCELED, reason or "the build was cancelled"
         updated = JobRun.objects.filter(
             pk=job.pk, attempt=job.attempt, status__in=run_allowed_from(status)
-        ).update(status=status, reason=reason, finished_at=now)
+        ).update(
+            status=status, reason=reason, finished_at=now, kept_workspace_on=_keeper(job, status)
+        )
         if not updated:
             recorded = JobRun.objects.filter(pk=job.pk, attempt=job.attempt)
             recorded = recorded.values_list("status", "reason").first()
@@ -195,6 +204,13 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
         )
         messages.advance_build(job.build_id)
     return True
+
+
+def _keeper(job: JobRun, status: str) -> str:
+    """The agent that keeps the job's workspace for its step retry (as the agent's executor
+    decides: a failed job's, unless it is the build's leased workspace)."""
+    keeps = status in KEEPS_WORKSPACE and settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS > 0
+    return job.agent if keeps and not job.uses_lease else ""
 
 
 def build_variables(build_id: int) -> dict[str, str]:

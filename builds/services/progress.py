@@ -18,16 +18,19 @@ from builds.statuses import (
 )
 from ciproject import metrics
 from ciproject.log_format import log_context
+from ciproject.transactions import retried_on_conflict
 from concurrency import services as concurrency
 from dispatch import leases, placement
 
 log = logging.getLogger(__name__)
 
 
+@retried_on_conflict
 def advance_build(build_id: int) -> str | None:
     """Move a build on after a job ended: queue the next stage, or finish the build (a
     CANCELLING one as CANCELED once nothing of it runs any more). Idempotent: the build row
-    is locked and everything is re-read."""
+    is locked and everything is re-read (so it is also run again when PostgreSQL aborts it
+    for a deadlock, rather than left to the reconcile sweep)."""
     with log_context(build_id=build_id), transaction.atomic():
         build = Build.objects.select_for_update(no_key=True).filter(pk=build_id).first()
         if build is None or build.status not in (BuildStatus.RUNNING, BuildStatus.CANCELLING):
@@ -78,7 +81,7 @@ def queue_stage(build_id: int, stage_index: int) -> None:
         cursor.execute(
             "UPDATE builds_jobrun SET status = %s, queued_at = %s"
             " WHERE build_id = %s AND stage_index = %s AND status = %s"
-            " RETURNING id, attempt, key, runs_on, reuse_of, takes_lease, agent",
+            " RETURNING id, attempt, key, runs_on, reuse_of, takes_lease, agent, kept_workspace_on",
             [RunStatus.QUEUED, timezone.now(), build_id, stage_index, RunStatus.PENDING],
         )
         columns = [column.name for column in cursor.description]

@@ -9,7 +9,9 @@ import pytest
 from django.db import OperationalError, connection
 
 from agents import services as agents
+from agents.process import workspaces
 from agents.process.agent import AgentProcess
+from agents.process.executor import workspace_for
 from builds import services as builds
 from builds.models import JobRun
 from tests.support import make_pipeline, one_step, process_alive, raw_connection, wait_until
@@ -221,23 +223,65 @@ def test_a_slow_heartbeat_renews_from_when_it_was_sent(settings):
     connection.close()
 
 
-def test_a_step_retry_whose_workspace_is_gone_reruns_the_job_from_its_first_step(tmp_path):
-    """Step 1 needs what step 0 left in the workspace, which was deleted when the job ended:
-    its retry runs step 0 again first, and the job and step 0's log say why."""
-    flag = tmp_path / "second-time"
-    two_steps = (
-        "stages:\n  - name: s\n    jobs:\n      - id: j\n        runs-on: unit-tests\n"
-        "        steps:\n          - run: echo made > out\n"
-        f"          - run: cat out && test -f {flag}\n"
+NEEDS_STEP_ZERO = """
+stages:
+  - name: s
+    jobs:
+      - id: j
+        runs-on: unit-tests
+        steps:
+          - run: echo made > out
+          - run: cat out && test -f "$FLAG"
+"""
+
+
+def failed_then_retried(tmp_path):
+    """Step 1 needs what step 0 left in the workspace, and fails the first time: the job
+    fails on agent a1, then step 1 is retried. Returns the agent, the job and its steps."""
+    build = builds.trigger_build(
+        make_pipeline(f"ws{JobRun.objects.count()}", NEEDS_STEP_ZERO), {"FLAG": str(tmp_path / "f")}
     )
-    build = builds.trigger_build(make_pipeline("rerun", two_steps))
     job = JobRun.objects.get(build=build)
     agent = AgentProcess("a1", ["unit-tests"])
     assert agent.run_job(job.pk, 1) == "FAILED"
     assert builds.advance_build(build.pk) == "FAILED"
-    flag.touch()
+    (tmp_path / "f").touch()
     first, second = job.steps.order_by("index")
     builds.retry_step(build.pk, second.pk)
+    return agent, job, first, second
+
+
+def test_a_failed_jobs_workspace_is_kept_for_its_step_retry(tmp_path):
+    """The agent keeps the failed job's workspace, the server knows where (the retry is sent
+    there), and the retried step finds what step 0 made; step 0 does not run again."""
+    agent, job, first, second = failed_then_retried(tmp_path)
+    job.refresh_from_db()
+    assert job.kept_workspace_on == "a1"
+    assert agent.run_job(job.pk, 2) == "SUCCEEDED"
+    job.refresh_from_db()
+    assert (job.reason, job.kept_workspace_on) == ("", "")
+    first.refresh_from_db()
+    assert (first.status, first.attempt) == ("SUCCEEDED", 1)
+    second.refresh_from_db()
+    assert "made" in builds.step_log(second)
+    assert not workspace_for("a1", job).exists()  # succeeded: removed
+
+
+def test_a_kept_workspace_is_removed_when_its_time_is_up(settings, tmp_path):
+    settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS = 60
+    agent, job, *_ = failed_then_retried(tmp_path)
+    kept = workspace_for("a1", job)
+    assert workspaces.prune(agent.workspace_root) == []  # not yet
+    assert (kept / "out").exists()
+    assert workspaces.prune(agent.workspace_root, now=time.time() + 61) == [kept]
+    assert not kept.exists()
+
+
+def test_a_step_retry_whose_workspace_is_gone_reruns_the_job_from_its_first_step(tmp_path):
+    """The kept workspace is gone (its time was up, or the retry ran elsewhere): step 0 runs
+    again first, and the job and step 0's log say why; never does step 1 run without it."""
+    agent, job, first, second = failed_then_retried(tmp_path)
+    workspaces.prune(agent.workspace_root, now=time.time() + 10**6)
 
     assert agent.run_job(job.pk, 2) == "SUCCEEDED"
     job.refresh_from_db()

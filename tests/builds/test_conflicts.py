@@ -7,7 +7,8 @@ import threading
 import pytest
 from django.db import connection
 
-from builds.models import Build
+from builds import services
+from builds.models import Build, JobRun
 from concurrency.models import ConcurrencyPolicy
 from tests.support import PARALLEL, client_for, make_pipeline, raw_connection, wait_until
 
@@ -67,3 +68,51 @@ def test_a_trigger_aborted_by_a_deadlock_is_run_again():
     (answer,) = answers
     assert answer.status_code == 201, answer.content
     assert Build.objects.filter(pipeline=pipeline).count() == 2
+
+
+def test_an_advance_aborted_by_a_deadlock_is_run_again():
+    """The controller's advance (the build row, then the next stage's jobs) deadlocks with a
+    transaction taking them the other way round: PostgreSQL aborts it, and it is run again
+    at once, not left for the reconcile sweep."""
+    build = services.trigger_build(make_pipeline("two-stages", TWO_STAGES))
+    JobRun.objects.filter(build=build, stage_index=0).update(status="SUCCEEDED")
+    results, advance_pid = [], []
+
+    def advance():
+        with connection.cursor() as cursor:  # this session detects the deadlock: its victim
+            cursor.execute("SET deadlock_timeout = '100ms'")
+            advance_pid.append(connection.connection.info.backend_pid)
+        try:
+            results.append(services.advance_build(build.pk))
+        except Exception as exc:
+            results.append(exc)
+        finally:
+            connection.close()
+
+    with raw_connection() as other, raw_connection() as watcher:
+        other.execute("SET deadlock_timeout = '10s'")
+        other.execute("BEGIN")
+        other.execute(
+            "UPDATE builds_jobrun SET reason = reason WHERE build_id = %s AND stage_index = 1",
+            [build.pk],
+        )
+        advancing = threading.Thread(target=advance)
+        advancing.start()  # locks the build, then waits for the stage-1 job's row
+        wait_until(lambda: advance_pid and waiting_for_a_lock(watcher, advance_pid[0]), timeout=10)
+        # The other way round: the build's row, which the advance holds. A deadlock.
+        other.execute("SELECT 1 FROM builds_build WHERE id = %s FOR UPDATE", [build.pk])
+        other.rollback()
+        advancing.join(timeout=20)
+    assert results == ["RUNNING"]
+    assert JobRun.objects.get(build=build, stage_index=1).status == "QUEUED"
+
+
+TWO_STAGES = """
+stages:
+  - name: one
+    jobs:
+      - {id: a, runs-on: unit-tests, steps: [{run: "true"}]}
+  - name: two
+    jobs:
+      - {id: b, runs-on: unit-tests, steps: [{run: "true"}]}
+"""
