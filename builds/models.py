@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.db import models
 
-from builds.statuses import BuildStatus, RunStatus
+from builds.statuses import KEEPS_WORKSPACE, BuildStatus, RunStatus
 
 
 class Pipeline(models.Model):
@@ -153,6 +153,15 @@ class JobRun(models.Model):
         """It takes its agent's lease for the build, or runs on a leased agent: its workspace
         is the build's, kept until the lease ends."""
         return self.takes_lease or bool(self.reuse_of)
+
+    def keeps_workspace_after(self, status: str) -> bool:
+        """Whether the agent keeps the workspace once the job ends so, for its step retry
+        (a leased workspace is kept for the build anyway)."""
+        return (
+            status in KEEPS_WORKSPACE
+            and not self.uses_lease
+            and settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS > 0
+        )
 
     @property
     def bound(self) -> bool:

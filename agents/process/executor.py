@@ -17,7 +17,7 @@ from agents.process.runner import StepOutcome, StepOutput, run_step, step_enviro
 from builds import services
 from builds.errors import BuildVariablesMissing
 from builds.models import JobRun, StepRun
-from builds.statuses import KEEPS_WORKSPACE, RunStatus
+from builds.statuses import RunStatus
 from ciproject import metrics
 from ciproject.log_format import log_context
 
@@ -211,11 +211,11 @@ class JobExecution:
 
     def put_away(self, status: str) -> None:
         """The workspace after the job: the build's later jobs work in a leased one (kept till
-        the lease ends); a failed job's is kept a while for its step retry (see
-        services.finish_job); any other is removed."""
+        the lease ends); a failed job's is kept a while for its step retry (the server records
+        where: JobRun.kept_workspace_on); any other is removed."""
         if self.job.uses_lease:
             self.keep_workspace(self.job.build_id, self.workspace)
-        elif status in KEEPS_WORKSPACE and settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS > 0:
+        elif self.job.keeps_workspace_after(status):
             workspaces.keep(self.workspace, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
         else:
             shutil.rmtree(self.workspace, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 import logging
 
-from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
@@ -11,7 +10,7 @@ from builds import partitions
 from builds.errors import BuildVariablesMissing
 from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services.logs import add_late_note
-from builds.statuses import KEEPS_WORKSPACE, BuildStatus, RunStatus, run_allowed_from
+from builds.statuses import BuildStatus, RunStatus, run_allowed_from
 from ciproject.log_format import log_context
 from dispatch import leases, messages
 
@@ -186,7 +185,10 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
         updated = JobRun.objects.filter(
             pk=job.pk, attempt=job.attempt, status__in=run_allowed_from(status)
         ).update(
-            status=status, reason=reason, finished_at=now, kept_workspace_on=_keeper(job, status)
+            status=status,
+            reason=reason,
+            finished_at=now,
+            kept_workspace_on=job.agent if job.keeps_workspace_after(status) else "",
         )
         if not updated:
             recorded = JobRun.objects.filter(pk=job.pk, attempt=job.attempt)
@@ -204,13 +206,6 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
         )
         messages.advance_build(job.build_id)
     return True
-
-
-def _keeper(job: JobRun, status: str) -> str:
-    """The agent that keeps the job's workspace for its step retry (as the agent's executor
-    decides: a failed job's, unless it is the build's leased workspace)."""
-    keeps = status in KEEPS_WORKSPACE and settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS > 0
-    return job.agent if keeps and not job.uses_lease else ""
 
 
 def build_variables(build_id: int) -> dict[str, str]:
