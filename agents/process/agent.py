@@ -156,8 +156,15 @@ class AgentProcess:
                     "agent %s: %s the shared queues", self.name, "takes" if wanted else "leaves"
                 )
             for build_id in [b for b in self.kept if b != holder]:
-                for path in self.kept.pop(build_id):
-                    shutil.rmtree(path, ignore_errors=True)
+                paths = self.kept.pop(build_id)
+                # A failed job worked in them: kept a while more, for its step retry.
+                keep = settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS
+                if keep > 0 and builds.lease_workspaces_wanted(build_id, self.name):
+                    for path in paths:
+                        workspaces.keep(path, keep)
+                else:
+                    for path in paths:
+                        shutil.rmtree(path, ignore_errors=True)
 
     def register(self, starting: bool = False) -> None:
         services.register_agent(

@@ -187,10 +187,11 @@ class JobExecution:
     def _run(self) -> tuple[str, str]:
         # Never run a step in a workspace that silently lacks what it should hold.
         if self.job.reuse_of:
-            if not self.workspace.is_dir():  # the lease it came with was dropped
+            if not workspaces.claim(self.workspace):  # gone with the build's lease
                 return RunStatus.FAILED, (
-                    f"the workspace of job {self.job.reuse_of!r} is gone (the build no longer"
-                    " holds its agent): a failed-only build retry runs that job again"
+                    f"the workspace of job {self.job.reuse_of!r} is gone (a failed build's is"
+                    " kept on its agent for AGENT_KEEP_FAILED_WORKSPACE_SECONDS): a failed-only"
+                    " build retry runs that job again"
                 )
         elif self.fresh_start():  # a first run or a full job retry: a clean workspace
             workspaces.claim(self.workspace)  # (what a failed attempt left here is not wanted)

@@ -10,7 +10,13 @@ from builds import partitions
 from builds.errors import BuildVariablesMissing
 from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services.logs import add_late_note
-from builds.statuses import BuildStatus, RunStatus, run_allowed_from
+from builds.statuses import (
+    BUILD_FINAL,
+    KEEPS_WORKSPACE,
+    BuildStatus,
+    RunStatus,
+    run_allowed_from,
+)
 from ciproject.log_format import log_context
 from dispatch import leases, messages
 
@@ -206,6 +212,19 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
         )
         messages.advance_build(job.build_id)
     return True
+
+
+def lease_workspaces_wanted(build_id: int, agent: str) -> bool:
+    """Whether the workspaces a build's lease kept on `agent` are worth keeping once the
+    lease has ended: a step retry may run jobs in them again, as the build ended otherwise
+    than SUCCEEDED or a job that worked in them failed."""
+    ended_badly = BUILD_FINAL - {BuildStatus.SUCCEEDED}
+    return (
+        Build.objects.filter(pk=build_id, status__in=ended_badly).exists()
+        or JobRun.objects.using_lease()
+        .filter(build_id=build_id, agent=agent, status__in=KEEPS_WORKSPACE)
+        .exists()
+    )
 
 
 def build_variables(build_id: int) -> dict[str, str]:

@@ -99,3 +99,25 @@ def test_a_retry_of_a_reusing_job_runs_the_job_it_reuses_again_and_stale_message
     assert (use.status, use.attempt) == ("SUCCEEDED", 2)
     assert Build.objects.get(pk=build.pk).status == "SUCCEEDED"
     wait_until(lambda: not AgentLease.objects.exists(), timeout=10, message="lease release")
+
+
+def test_a_step_retry_of_a_reusing_job_goes_on_in_the_workspace_kept_after_the_build(dedicated):
+    """`use` fails, so does the build, and its lease ends: the agent keeps the build's
+    workspace (a failed job worked in it), and the step retry, back on that agent under a
+    new lease, finds the file `make` left there."""
+    dedicated("agent-r5", "reuse-c")
+    pipeline = reuse_pipeline(
+        "step-retry-reuse", "reuse-c", second='cat out.txt && test "$CI_STEP_ATTEMPT" -ge 2'
+    )
+    build = wait_for_build(services.trigger_build(pipeline))
+    assert build.status == "FAILED"
+    wait_until(lambda: not AgentLease.objects.exists(), timeout=10, message="lease release")
+    step = StepRun.objects.get(job__build=build, job__key="use")
+    client = APIClient()
+    client.force_authenticate(User.objects.create_superuser("ops"))
+    response = client.post(f"/api/builds/{build.pk}/steps/{step.pk}/retry/")
+    assert response.status_code == 202, response.json()
+    assert wait_for_build(build, timeout=60).status == "SUCCEEDED"
+    step.refresh_from_db()
+    assert step.attempt == 2
+    assert "made by" in services.step_log(step)
