@@ -273,6 +273,7 @@ class AgentProcess:
         _hide_environment()
         _bound_network_waits()
         orphans.reap(orphans.directory(self.name))  # steps a killed run of it left running
+        workspaces.adopt(self.workspace_root, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
         self.register(starting=True)
         metrics.serve(self.name)
         queues = [agent_queue(self.name), *self.pool_queues]

@@ -31,6 +31,15 @@ def claim(workspace: Path) -> bool:
         return workspace.is_dir()
 
 
+def adopt(root: Path, seconds: float) -> list[Path]:
+    """At the agent's start: the workspaces an earlier run of it left without a marker (it
+    was killed, or they were its builds' leased ones) are kept as long, then pruned."""
+    left = [path for path in root.glob("build-*/*") if path.is_dir() and not _marker(path).exists()]
+    for path in left:
+        keep(path, seconds)
+    return left
+
+
 def prune(root: Path, now: float | None = None) -> list[Path]:
     """Remove the kept workspaces under `root` whose time is up; returns them."""
     now = time.time() if now is None else now

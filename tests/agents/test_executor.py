@@ -291,3 +291,15 @@ def test_a_step_retry_whose_workspace_is_gone_reruns_the_job_from_its_first_step
     assert "re-run from its first step" in builds.step_log(first)
     second.refresh_from_db()
     assert "made" in builds.step_log(second)
+
+
+def test_what_an_earlier_run_of_the_agent_left_is_adopted_then_pruned(tmp_path):
+    root = tmp_path / "a1"
+    (root / "build-7" / "j").mkdir(parents=True)
+    (root / ".steps").mkdir()
+    assert workspaces.adopt(root, 60) == [root / "build-7" / "j"]
+    assert workspaces.adopt(root, 60) == []  # kept already
+    assert workspaces.prune(root) == []
+    assert workspaces.prune(root, now=time.time() + 61) == [root / "build-7" / "j"]
+    assert not (root / "build-7").exists()
+    assert (root / ".steps").exists()
