@@ -20,7 +20,8 @@ def _marker(workspace: Path) -> Path:
 
 
 def keep(workspace: Path, seconds: float) -> None:
-    _marker(workspace).write_text(f"{time.time() + seconds:.0f}\n")
+    if workspace.is_dir():  # (a job that failed before it had one leaves nothing to keep)
+        _marker(workspace).write_text(f"{time.time() + seconds:.0f}\n")
 
 
 def claim(workspace: Path) -> bool:
