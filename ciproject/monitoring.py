@@ -52,11 +52,19 @@ class StateCollector:
         )
 
 
+# Headers reverse proxies add. Behind one, every request comes from the proxy's address (often
+# 127.0.0.1): a request carrying any of these came through it, from anywhere, so only the
+# token lets it in; the address allow-list is for direct scrapes.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Real-IP", "Via")
+
+
 def allowed(request) -> bool:
     token = settings.METRICS_TOKEN
     sent = request.headers.get("Authorization", "")
     if token and hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
         return True
+    if any(header in request.headers for header in PROXY_HEADERS):
+        return False
     return request.META.get("REMOTE_ADDR") in settings.METRICS_ALLOWED_IPS
 
 

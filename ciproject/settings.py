@@ -212,7 +212,8 @@ AGENT_DB_RETRY_SECONDS = float(os.environ.get("AGENT_DB_RETRY_SECONDS", 120))
 # Metrics (/metrics, Prometheus text format). Events observed in web, controller and beat are
 # shared through prometheus-client's multiprocess files in METRICS_DIR (one per host; wiped
 # when the stack starts); the state (builds, queues, agents, leases, partitions) is read from
-# PostgreSQL at each scrape. /metrics answers a request from METRICS_ALLOWED_IPS, or one
+# PostgreSQL at each scrape. /metrics answers a direct request from METRICS_ALLOWED_IPS (one
+# that came through a reverse proxy does not count: see ciproject.monitoring), or one
 # carrying `Authorization: Bearer $METRICS_TOKEN` when a token is set; others get 403.
 METRICS_DIR = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR", VAR_DIR / "metrics"))
 METRICS_DIR.mkdir(parents=True, exist_ok=True)

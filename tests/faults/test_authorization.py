@@ -304,6 +304,12 @@ METRICS = [
     ("10.0.0.9", {"Authorization": "Bearer s3cr\u00e9t"}, None, 403),  # not ASCII: no 500
     ("10.0.0.9", {"X-Forwarded-For": "127.0.0.1"}, None, 403),  # no proxy is trusted
     ("10.0.0.9", {"X-Real-IP": "127.0.0.1"}, None, 403),
+    # Through a reverse proxy on this host: from 127.0.0.1, but from anywhere. The token only.
+    ("127.0.0.1", {"X-Forwarded-For": "203.0.113.7"}, None, 403),
+    ("127.0.0.1", {"Forwarded": "for=203.0.113.7"}, None, 403),
+    ("127.0.0.1", {"X-Real-IP": "203.0.113.7"}, None, 403),
+    ("127.0.0.1", {"Via": "1.1 proxy"}, None, 403),
+    ("127.0.0.1", {"X-Forwarded-For": "203.0.113.7", "Authorization": "Bearer s3cret"}, None, 200),
 ]
 
 
