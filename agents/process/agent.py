@@ -5,7 +5,6 @@ it through current(), the remote-control commands (agents.process.control) throu
 
 import ctypes
 import logging
-import shutil
 import socket
 import threading
 import time
@@ -164,7 +163,7 @@ class AgentProcess:
                         workspaces.keep(path, keep)
                 else:
                     for path in paths:
-                        shutil.rmtree(path, ignore_errors=True)
+                        workspaces.remove(path)
 
     def register(self, starting: bool = False) -> None:
         services.register_agent(

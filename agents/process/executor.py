@@ -4,7 +4,6 @@ retries, logs streamed to PostgreSQL, and the results recorded through builds.se
 
 import contextlib
 import logging
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -195,12 +194,12 @@ class JobExecution:
                 )
         elif self.fresh_start():  # a first run or a full job retry: a clean workspace
             workspaces.claim(self.workspace)  # (what a failed attempt left here is not wanted)
-            shutil.rmtree(self.workspace, ignore_errors=True)
+            workspaces.remove(self.workspace)
         elif not workspaces.claim(self.workspace) and not persist(  # a step retry, it is gone
             services.rerun_from_first_step, self.job, RERUN_NOTE
         ):
             return RunStatus.CANCELED, "stopped: the build is no longer running"
-        self.workspace.mkdir(parents=True, exist_ok=True)
+        workspaces.make(self.workspace)
         for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
             step.job = self.job
             status = None if self.stop.is_set() else self.run_step(step)
@@ -219,7 +218,7 @@ class JobExecution:
         elif self.job.keeps_workspace_after(status):
             workspaces.keep(self.workspace, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
         else:
-            shutil.rmtree(self.workspace, ignore_errors=True)
+            workspaces.remove(self.workspace)
 
     def fresh_start(self) -> bool:
         """No step of this job is kept from an earlier attempt (not a step retry)."""

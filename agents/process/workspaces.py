@@ -1,18 +1,51 @@
-"""Workspaces of failed jobs, kept on their agent for AGENT_KEEP_FAILED_WORKSPACE_SECONDS so
-that a step retry goes on where the job failed, with what its earlier steps made (the server
-sends the retry here: JobRun.kept_workspace_on). Each kept workspace has a marker beside it,
+"""Workspaces on the build node: removed whole, and a failed job's kept a while.
+
+A failed job's workspace stays on its agent for AGENT_KEEP_FAILED_WORKSPACE_SECONDS so that a
+step retry goes on where the job failed, with what its earlier steps made (the server sends
+the retry here: JobRun.kept_workspace_on). Each kept workspace has a marker beside it,
 `<workspace>.kept-until` holding a Unix time: the markers are the whole record, so a restarted
 agent keeps what is still due and removes the rest."""
 
 import contextlib
+import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
 
 MARKER = ".kept-until"
 
-_lock = threading.Lock()  # claim and prune, so a workspace is never removed as a job takes it
+# claim and prune, so a workspace is never removed as a job takes it; make and the removal of
+# a build's folder, so a parallel job's workspace is never made in a folder going away.
+_lock = threading.RLock()
+
+
+def make(workspace: Path) -> None:
+    with _lock:  # not while remove() takes the build's folder away
+        workspace.mkdir(parents=True, exist_ok=True)
+
+
+def remove(workspace: Path) -> None:
+    """Remove a workspace and all in it, whatever a step did to it (files in folders it made
+    read-only included), then its build's folder once that is empty."""
+    if workspace.exists():
+        shutil.rmtree(workspace, onerror=_writable_and_again)
+    with _lock, contextlib.suppress(OSError):
+        workspace.parent.rmdir()
+
+
+def _writable_and_again(function, path, _exc_info) -> None:
+    """rmtree could not remove `path`: its folder (or it) was made read-only. Make them
+    writable and try once more; what still fails is left (the next removal tries again)."""
+    with contextlib.suppress(OSError):
+        parent = os.path.dirname(path)
+        os.chmod(parent, os.stat(parent).st_mode | stat.S_IRWXU)
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.chmod(path, os.stat(path).st_mode | stat.S_IRWXU)
+            shutil.rmtree(path, onerror=_writable_and_again)
+        else:
+            function(path)
 
 
 def _marker(workspace: Path) -> Path:
@@ -54,9 +87,7 @@ def prune(root: Path, now: float | None = None) -> list[Path]:
             if due > now:
                 continue
             workspace = marker.with_name(marker.name.removesuffix(MARKER))
-            shutil.rmtree(workspace, ignore_errors=True)
             marker.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # the build's folder, once empty
-                workspace.parent.rmdir()
+            remove(workspace)
             removed.append(workspace)
     return removed

@@ -2,8 +2,12 @@
 agent after the job has started, the job ends (FAILED, naming the agent), never stays
 RUNNING on an agent that goes on heartbeating."""
 
+import os
+import shutil
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from django.db import OperationalError, connection
@@ -303,3 +307,49 @@ def test_what_an_earlier_run_of_the_agent_left_is_adopted_then_pruned(tmp_path):
     assert workspaces.prune(root, now=time.time() + 61) == [root / "build-7" / "j"]
     assert not (root / "build-7").exists()
     assert (root / ".steps").exists()
+
+
+def as_unprivileged(function, *args) -> int:
+    """Run `function(*args)` as `nobody` when the tests run as root (root ignores permission
+    bits, an agent running as a plain user does not); returns its exit status."""
+    if os.geteuid() != 0:
+        function(*args)
+        return 0
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, do it, leave without running pytest's exit
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            function(*args)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.fixture
+def open_tmp():
+    """A folder an unprivileged user may reach (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="ciproject-ws-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_workspace_is_removed_whatever_its_steps_made_read_only(open_tmp):
+    """What a step leaves: a read-only folder with files in it, a read-only file, a folder
+    nobody may enter. All of it goes with the workspace, and the build's folder after it."""
+    owner = 65534 if os.geteuid() == 0 else os.geteuid()
+    build = open_tmp / "agent" / "build-1"
+    workspace = build / "j"
+    (workspace / "sub").mkdir(parents=True)
+    (workspace / "sub" / "made").write_text("x")
+    (workspace / "locked").mkdir()
+    (workspace / "locked" / "inside").write_text("x")
+    (workspace / "ro.txt").write_text("x")
+    for path in [open_tmp, open_tmp / "agent", build, *build.rglob("*")]:
+        os.chown(path, owner, owner)
+    (workspace / "ro.txt").chmod(0o444)
+    (workspace / "sub").chmod(0o555)
+    (workspace / "locked").chmod(0o000)
+    assert as_unprivileged(workspaces.remove, workspace) == 0
+    assert not build.exists()
