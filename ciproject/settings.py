@@ -199,6 +199,10 @@ AGENT_FENCE_SECONDS = float(
 CANCEL_WATCHDOG_MARGIN_SECONDS = float(os.environ.get("CANCEL_WATCHDOG_MARGIN_SECONDS", 5))
 STEP_LOG_MAX_BYTES = env_int("STEP_LOG_MAX_BYTES", 1024 * 1024)
 STEP_LOG_FLUSH_SECONDS = float(os.environ.get("STEP_LOG_FLUSH_SECONDS", 1))
+# Where an agent makes its steps' cgroups (a cgroup v2 directory it may write, e.g. its own
+# with systemd's Delegate=yes); empty: its own cgroup. Where none can be had, steps are
+# contained by their process group only (see agents.process.containment).
+AGENT_CGROUP_ROOT = os.environ.get("AGENT_CGROUP_ROOT", "")
 # How long an agent keeps a failed job's workspace, so that a step retry goes on there with
 # what the earlier steps made (0: never; the retry then runs the job from its first step).
 AGENT_KEEP_FAILED_WORKSPACE_SECONDS = env_int("AGENT_KEEP_FAILED_WORKSPACE_SECONDS", 3600)

@@ -4,6 +4,7 @@ as separate processes on the test database."""
 
 import os
 import time
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -14,6 +15,7 @@ from django.core.management.commands import flush
 from django.db import OperationalError, connection
 from django.utils import timezone
 
+from agents.process import containment
 from builds import partitions
 from ciproject.celery import app
 from tests.processes import Workers
@@ -114,6 +116,8 @@ def workers(worker_env, tmp_path_factory, django_db_blocker):
         yield group
     finally:
         group.stop_all()
+        # The agents' cgroup subtrees, with what a killed agent's steps left in them.
+        containment.remove_subtrees(Path(worker_env["AGENT_WORKSPACE_ROOT"]))
         with django_db_blocker.unblock():
             _wait_for_sessions_to_close()
 

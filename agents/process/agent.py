@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from agents import services
 from agents.models import AgentStatus
-from agents.process import control, metrics, orphans, workspaces
+from agents.process import containment, control, metrics, orphans, workspaces
 from agents.process.executor import execute_job
 from builds import services as builds
 from ciproject import __version__
@@ -49,6 +49,8 @@ class AgentProcess:
         self.pool_queues = [retry_queue(label) for label in labels]
         self.pool_queues += [job_queue(label) for label in labels]
         self.workspace_root = Path(settings.AGENT_WORKSPACE_ROOT) / name
+        # How its steps' processes are held (found out in run()).
+        self.containment = containment.ProcessGroups("an agent that was not started")
         self.consuming = True  # the shared (label and retry) queues
         # Set while an operator has disabled (drained) this agent: it finishes what it runs
         # and takes no new job from the shared queues.
@@ -272,6 +274,10 @@ class AgentProcess:
         _hide_environment()
         _bound_network_waits()
         orphans.reap(orphans.directory(self.name))  # steps a killed run of it left running
+        self.containment = containment.detect(
+            self.name, Path(settings.AGENT_WORKSPACE_ROOT), settings.AGENT_CGROUP_ROOT
+        )  # (and ends what is left in the cgroups of its previous life)
+        log.info("agent %s: steps are contained by %s", self.name, self.containment.describe())
         workspaces.adopt(self.workspace_root, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
         self.register(starting=True)
         metrics.serve(self.name)
@@ -313,6 +319,7 @@ class AgentProcess:
                 log.warning("agent %s: heartbeat still in flight at shutdown", self.name)
         close_old_connections()
         services.mark_offline(self.name)
+        self.containment.close()
 
 
 def _bound_network_waits() -> None:

@@ -113,7 +113,7 @@ def _run_started_job(agent, job: JobRun, stop: threading.Event) -> str:
             agent.request_sync()  # leased to this build now: leave the shared queues
         workspace = workspace_for(agent.name, job)
         try:
-            execution = JobExecution(job, workspace, stop, agent.keep_workspace)
+            execution = JobExecution(job, workspace, stop, agent)
         except BuildVariablesMissing as exc:  # purged: its steps must not run without them
             status, reason = RunStatus.FAILED, exc.detail
         else:
@@ -165,9 +165,10 @@ RERUN_NOTE = (
 
 
 class JobExecution:
-    def __init__(self, job: JobRun, workspace: Path, stop: threading.Event, keep_workspace):
+    def __init__(self, job: JobRun, workspace: Path, stop: threading.Event, agent):
         self.job, self.build, self.workspace, self.stop = job, job.build, workspace, stop
-        self.keep_workspace = keep_workspace  # (build id, path): kept for the build's lease
+        self.keep_workspace = agent.keep_workspace  # (build id, path): for the build's lease
+        self.containment = agent.containment
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
         self.variables = services.build_variables(job.build_id)
@@ -301,6 +302,9 @@ class JobExecution:
             grace=settings.STEP_KILL_GRACE_SECONDS,
             on_tick=on_tick,
             markers=orphans.directory(self.job.agent),
+            box=self.containment.box(
+                f"job-{self.job.pk}-{self.job.attempt}-step-{step.pk}-{step.attempt}"
+            ),
         )
         elapsed = time.monotonic() - started
         notice = output.take() + output.truncation_notice()

@@ -1,9 +1,10 @@
-"""Runs one step attempt: a shell command in its own process group, its output captured.
+"""Runs one step attempt: a shell command in its own process group (and its own cgroup, where
+the agent has them: agents.process.containment), its output captured.
 
 The command runs as `bash -eo pipefail -c RUN` in a new session, so the step and everything
 it starts share one process group; a timeout (or, when the step's main process exits, any
-process it left behind) is ended by SIGTERM to the whole group, then SIGKILL after a grace
-period. Variables reach the step only through its environment.
+process it left behind) is ended by SIGTERM to the whole group (or cgroup), then SIGKILL
+(cgroup.kill) after a grace period. Variables reach the step only through its environment.
 """
 
 import os
@@ -178,13 +179,17 @@ def run_step(
     on_tick: Callable[[], bool] = lambda: False,
     tick: float = 0.1,
     markers: Path | None = None,
+    box=None,
 ) -> StepOutcome:
     """Run `command` to its end or its timeout. `on_tick` is called about every `tick`
     seconds while it runs (to flush logs); it returns True to stop the step. If it raises,
     the step is ended all the same and the exception propagates. While it runs, the step is
-    recorded in `markers` (agents.process.orphans), for a restarted agent to end it."""
+    recorded in `markers` (agents.process.orphans), for a restarted agent to end it. With a
+    `box` (agents.process.containment), the step runs in it and ending it ends the box;
+    else its process group is ended."""
+    argv = [SHELL, *SHELL_ARGS, command]
     proc = subprocess.Popen(
-        [SHELL, *SHELL_ARGS, command],
+        box.argv(argv) if box else argv,
         cwd=cwd,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -216,7 +221,10 @@ def run_step(
         # left of the group (the step itself on timeout or stop, or background processes it
         # left behind) is ended, so no process outlives its step.
         try:
-            kill_process_group(proc, grace)
+            if box:
+                box.end(proc, grace)
+            else:
+                kill_process_group(proc, grace)
         finally:
             if reader.is_alive():
                 reader.join(timeout=grace + 1)  # the rest of what the group wrote

@@ -18,6 +18,7 @@ from pathlib import Path
 import psycopg
 import redis
 
+from agents.process import containment
 from tests.processes import ROOT, Workers, free_port
 from tests.support import wait_until
 
@@ -330,6 +331,7 @@ class Stack(Workers):
         super().stop_all()
         if self._db is not None:
             self._db.close()
+        containment.remove_subtrees(Path(self.env["AGENT_WORKSPACE_ROOT"]))
         shutil.rmtree(self.work, ignore_errors=True)
 
 
