@@ -51,12 +51,15 @@ class CgroupBox:
     def end(self, proc: subprocess.Popen, grace: float) -> None:
         """SIGTERM to everything in the cgroup, `grace` seconds, then cgroup.kill; returns
         once the cgroup is empty and removed."""
-        proc.poll()
+        # Stopped right at its start, the step's first process may not be in yet.
+        deadline = time.monotonic() + EMPTY_WAIT_SECONDS
+        while proc.poll() is None and proc.pid not in self.pids():
+            if time.monotonic() >= deadline:
+                proc.kill()  # it could not get in: it never ran the step
+                break
+            time.sleep(0.001)
         if self.populated():
-            for pid in self.pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
-            self._wait_empty(proc, grace)
+            self._wait_empty(proc, grace, terminate=True)
             if self.populated():
                 (self.path / "cgroup.kill").write_text("1")
                 if not self._wait_empty(proc, EMPTY_WAIT_SECONDS):
@@ -64,15 +67,22 @@ class CgroupBox:
         proc.wait()
         self.path.rmdir()
 
-    def _wait_empty(self, proc: subprocess.Popen, seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
+    def _wait_empty(self, proc: subprocess.Popen, seconds: float, terminate=False) -> bool:
+        """Wait for the cgroup to empty; with `terminate`, SIGTERM each process in it once,
+        those forked meanwhile included."""
+        deadline, terminated = time.monotonic() + seconds, set()
         while True:
             proc.poll()  # reap the step's first process once it exits
             if not self.populated():
                 return True
             if time.monotonic() >= deadline:
                 return False
-            time.sleep(0.01)
+            if terminate:
+                for pid in set(self.pids()) - terminated:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
+                    terminated.add(pid)
+            time.sleep(0.005)
 
 
 class Cgroups:

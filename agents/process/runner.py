@@ -269,11 +269,29 @@ def kill_process_group(proc: subprocess.Popen, grace: float) -> None:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         proc.poll()  # reap the leader, or it lingers as a zombie member of the group
-        if not _signal_group(pgid, 0):
+        if not _live_members(pgid):
             return
         time.sleep(0.02)
     _signal_group(pgid, signal.SIGKILL)
     proc.wait()
+
+
+def _live_members(pgid: int) -> bool:
+    """Whether a process of the group is still alive. A killed member whose parent died goes
+    to init, which may take a second or two to reap it: a zombie has ended, and counts not."""
+    if not os.path.isdir("/proc"):  # not Linux: zombies count
+        return _signal_group(pgid, 0)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as stat:
+                fields = stat.read().rsplit(b")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            return True
+    return False
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -99,3 +99,17 @@ def test_without_cgroups_the_agent_falls_back_to_process_groups_and_says_why(tmp
     assert isinstance(found, containment.ProcessGroups)
     assert found.box("step") is None
     assert "no cgroup.kill" in found.describe()
+
+
+def test_a_step_stopped_as_it_starts_is_ended_too(cgroups, tmp_path):
+    """Stopped at the first tick, the step's first process may not have entered its cgroup
+    yet: the end waits for it, rather than finding the cgroup empty and waiting on the step
+    for ever. (Twenty times: the race is won or lost within a millisecond.)"""
+    for attempt in range(20):
+        started = time.monotonic()
+        outcome, _, box = run_boxed(
+            cgroups, "sleep 600", tmp_path, name=f"s{attempt}", on_tick=lambda: True, tick=0.001
+        )
+        assert outcome.stopped
+        assert time.monotonic() - started < 5
+        assert not box.path.exists()
