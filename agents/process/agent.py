@@ -157,14 +157,11 @@ class AgentProcess:
                     "agent %s: %s the shared queues", self.name, "takes" if wanted else "leaves"
                 )
             for build_id in [b for b in self.kept if b != holder]:
-                paths = self.kept.pop(build_id)
-                # A failed job worked in them: kept a while more, for its step retry.
-                keep = settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS
-                if keep > 0 and builds.lease_workspaces_wanted(build_id, self.name):
-                    for path in paths:
-                        workspaces.keep(path, keep)
-                else:
-                    for path in paths:
+                keep = builds.lease_workspaces_wanted(build_id, self.name)
+                for path in self.kept.pop(build_id):
+                    if keep:  # kept a while more, for a step retry
+                        workspaces.keep(path, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
+                    else:
                         workspaces.remove(path)
 
     def register(self, starting: bool = False) -> None:

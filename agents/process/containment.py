@@ -58,21 +58,24 @@ class CgroupBox:
                 proc.kill()  # it could not get in: it never ran the step
                 break
             time.sleep(0.001)
-        if self.populated():
-            self._wait_empty(proc, grace, terminate=True)
-            if self.populated():
-                (self.path / "cgroup.kill").write_text("1")
-                if not self._wait_empty(proc, EMPTY_WAIT_SECONDS):
-                    raise RuntimeError(f"cgroup {self.path} still populated after cgroup.kill")
+        if self.populated() and not self._wait_empty(proc, grace, terminate=True):
+            self.kill(proc)
         proc.wait()
         self.path.rmdir()
 
-    def _wait_empty(self, proc: subprocess.Popen, seconds: float, terminate=False) -> bool:
+    def kill(self, proc: subprocess.Popen | None = None) -> None:
+        """cgroup.kill, and wait until the kernel has emptied the cgroup."""
+        (self.path / "cgroup.kill").write_text("1")
+        if not self._wait_empty(proc, EMPTY_WAIT_SECONDS):
+            raise RuntimeError(f"cgroup {self.path} still populated after cgroup.kill")
+
+    def _wait_empty(self, proc, seconds: float, terminate=False) -> bool:
         """Wait for the cgroup to empty; with `terminate`, SIGTERM each process in it once,
         those forked meanwhile included."""
         deadline, terminated = time.monotonic() + seconds, set()
         while True:
-            proc.poll()  # reap the step's first process once it exits
+            if proc is not None:
+                proc.poll()  # reap the step's first process once it exits
             if not self.populated():
                 return True
             if time.monotonic() >= deadline:
@@ -103,10 +106,7 @@ class Cgroups:
         for path in left:
             box = CgroupBox(path, new=False)
             if box.populated():
-                (path / "cgroup.kill").write_text("1")
-            deadline = time.monotonic() + EMPTY_WAIT_SECONDS
-            while box.populated() and time.monotonic() < deadline:
-                time.sleep(0.01)
+                box.kill()
             path.rmdir()
         return left
 
@@ -194,9 +194,10 @@ def _trial(cgroups: Cgroups) -> None:
     box = cgroups.box(f"trial-{os.getpid()}")
     proc = subprocess.Popen(box.argv(["sleep", "5"]), stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 5
-    while not box.pids() and proc.poll() is None and time.monotonic() < deadline:
+    while not (entered := bool(box.pids())) and proc.poll() is None:
+        if time.monotonic() >= deadline:
+            break
         time.sleep(0.005)
-    if not box.pids():
-        box.end(proc, 0)
-        raise OSError(f"a process could not enter {box.path}")
     box.end(proc, 0)
+    if not entered:
+        raise OSError(f"a process could not enter {box.path}")

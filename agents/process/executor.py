@@ -194,8 +194,7 @@ class JobExecution:
                     " build retry runs that job again"
                 )
         elif self.fresh_start():  # a first run or a full job retry: a clean workspace
-            workspaces.claim(self.workspace)  # (what a failed attempt left here is not wanted)
-            workspaces.remove(self.workspace)
+            workspaces.remove(self.workspace)  # (what a failed attempt left here is not wanted)
         elif not workspaces.claim(self.workspace) and not persist(  # a step retry, it is gone
             services.rerun_from_first_step, self.job, RERUN_NOTE
         ):

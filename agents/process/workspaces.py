@@ -28,7 +28,9 @@ def make(workspace: Path) -> None:
 
 def remove(workspace: Path) -> None:
     """Remove a workspace and all in it, whatever a step did to it (files in folders it made
-    read-only included), then its build's folder once that is empty."""
+    read-only included), and its marker if it was kept, then its build's folder once that is
+    empty."""
+    _marker(workspace).unlink(missing_ok=True)
     if workspace.exists():
         shutil.rmtree(workspace, onerror=_writable_and_again)
     with _lock, contextlib.suppress(OSError):
@@ -87,7 +89,6 @@ def prune(root: Path, now: float | None = None) -> list[Path]:
             if due > now:
                 continue
             workspace = marker.with_name(marker.name.removesuffix(MARKER))
-            marker.unlink(missing_ok=True)
             remove(workspace)
             removed.append(workspace)
     return removed

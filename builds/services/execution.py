@@ -2,6 +2,7 @@
 
 import logging
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
@@ -85,6 +86,13 @@ def start_step(step: StepRun) -> bool:
     return bool(updated)
 
 
+def run_steps_again(steps) -> None:
+    """Steps that run again: PENDING, their results cleared, each that had started at
+    attempt + 1 (so its new log and results never mix with the old ones)."""
+    steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
+    steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
+
+
 def rerun_from_first_step(job: JobRun, note: str) -> bool:
     """A job continued by a step retry finds the workspace its earlier steps worked in gone:
     those steps run again first (each that had started at attempt + 1), the first one's log
@@ -98,9 +106,8 @@ def rerun_from_first_step(job: JobRun, note: str) -> bool:
             status__in=(RunStatus.PENDING, RunStatus.QUEUED)
         )
         ids = list(kept.order_by("index").values_list("pk", flat=True))
-        kept.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
-        steps = StepRun.objects.filter(pk__in=ids)
-        steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
+        steps = StepRun.objects.filter(pk__in=ids)  # not `kept`: they are PENDING after this
+        run_steps_again(steps)
         add_late_note(list(steps.filter(pk__in=ids[:1]).values_list("pk", "attempt")), note)
     job.reason = note
     return True
@@ -216,8 +223,11 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
 
 def lease_workspaces_wanted(build_id: int, agent: str) -> bool:
     """Whether the workspaces a build's lease kept on `agent` are worth keeping once the
-    lease has ended: a step retry may run jobs in them again, as the build ended otherwise
-    than SUCCEEDED or a job that worked in them failed."""
+    lease has ended (for AGENT_KEEP_FAILED_WORKSPACE_SECONDS): a step retry may run jobs in
+    them again, as the build ended otherwise than SUCCEEDED or a job that worked in them
+    failed."""
+    if settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS <= 0:
+        return False
     ended_badly = BUILD_FINAL - {BuildStatus.SUCCEEDED}
     return (
         Build.objects.filter(pk=build_id, status__in=ended_badly).exists()

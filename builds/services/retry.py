@@ -28,6 +28,7 @@ from builds.errors import (
 )
 from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services.cancellation import cancel_at_once
+from builds.services.execution import run_steps_again
 from builds.services.progress import advance_locked
 from builds.statuses import (
     BUILD_FINAL,
@@ -94,10 +95,8 @@ def check_step_retryable(build: Build, job: JobRun, step: StepRun) -> None:
 
 def _run_again(steps, jobs, **job_fields) -> int:
     """Steps and jobs that run again: PENDING, their results cleared, each job at attempt + 1
-    and each step that had started too (so its new log and results never mix with the old
-    ones). Returns the jobs updated."""
-    steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
-    steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
+    (the steps: see run_steps_again). Returns the jobs updated."""
+    run_steps_again(steps)
     return jobs.update(
         status=RunStatus.PENDING,
         attempt=F("attempt") + 1,

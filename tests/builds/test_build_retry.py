@@ -32,17 +32,22 @@ stages:
 """
 
 
+def ended(build, statuses: dict[str, str]) -> None:
+    """As the agents would leave the build's jobs (and their steps), then the controller."""
+    now = timezone.now()
+    for key, status in statuses.items():
+        JobRun.objects.filter(build=build, key=key).update(status=status, started_at=now)
+        StepRun.objects.filter(job__build=build, job__key=key).update(status=status, started_at=now)
+    assert services.advance_build(build.pk) == "FAILED"
+
+
 def failed_build(pipeline=None):
     """As the agents and controller would leave it: a succeeded, b failed, c skipped."""
     build = services.trigger_build(pipeline or make_pipeline("p", THREE_STAGES), {"WHO": "me"})
-    now = timezone.now()
-    for key, status in [("a", "SUCCEEDED"), ("b", "FAILED")]:
-        JobRun.objects.filter(build=build, key=key).update(status=status, started_at=now)
-        StepRun.objects.filter(job__build=build, job__key=key).update(status=status, started_at=now)
     BuildVariable.objects.create(
         build=build, build_created_at=build.created_at, name="SET", value="x", source="step"
     )
-    assert services.advance_build(build.pk) == "FAILED"
+    ended(build, {"a": "SUCCEEDED", "b": "FAILED"})
     return Build.objects.get(pk=build.pk)
 
 
@@ -179,12 +184,7 @@ def test_failed_only_reruns_the_job_a_failed_job_reuses():
     (and the stage between, as everything after the first stage that runs again)."""
     pipeline = make_pipeline("reusing", REUSING)
     build = services.trigger_build(pipeline)
-    now = timezone.now()
-    for key, status in [("j", "SUCCEEDED"), ("other", "SUCCEEDED"), ("mid", "SUCCEEDED"),
-                        ("then", "FAILED")]:  # fmt: skip
-        JobRun.objects.filter(build=build, key=key).update(status=status, started_at=now)
-        StepRun.objects.filter(job__build=build, job__key=key).update(status=status, started_at=now)
-    assert services.advance_build(build.pk) == "FAILED"
+    ended(build, {"j": "SUCCEEDED", "other": "SUCCEEDED", "mid": "SUCCEEDED", "then": "FAILED"})
     services.retry_build(build.pk, failed_only=True)
     assert jobs(build) == {
         "j": ("QUEUED", 2),
