@@ -32,7 +32,13 @@ prepare: install
 		$(BIN)/python manage.py loadpipeline "$$(basename $$f .yaml)" "$$f" || exit 1; done
 	rm -rf "$(VAR_DIR)/metrics" && mkdir -p "$(VAR_DIR)/metrics"  # multiprocess metrics of the last run
 
-# Prepare, then start web, controller, beat and two agents (deploy/Procfile).
+# Prepare, then start web, controller, beat and two agents (deploy/Procfile). Run as root, the
+# agents run their steps as `nobody`, in workspaces under /var/tmp, which that user reaches
+# wherever the checkout is (README: What a step can reach).
+ifeq ($(shell id -u),0)
+run: export AGENT_STEP_USER ?= nobody
+run: export AGENT_WORKSPACE_ROOT ?= /var/tmp/ciproject-$(PORT)/workspaces
+endif
 run: prepare
 	@echo "ciproject: http://127.0.0.1:$(PORT)/admin/ (user $(ADMIN_USER), password $(ADMIN_PASSWORD))"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho -d . -f deploy/Procfile start --port $(PORT)

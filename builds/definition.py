@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from builds.errors import InvalidPipeline, InvalidVariables
+from ciproject.sizes import parse_size
 from concurrency import keys
 
 MAX_DEFINITION_BYTES = 256 * 1024
@@ -22,6 +23,9 @@ MAX_VARIABLES = 200
 MAX_VARIABLE_NAME = 128
 MAX_VARIABLE_VALUE = 32 * 1024
 MAX_VARIABLES_TOTAL = 256 * 1024
+# A step's own limits (agents.process.containment enforces them with cgroup controllers).
+MAX_STEP_PROCESSES = 4 * 1024 * 1024  # the kernel's pid_max at most
+MIN_STEP_MEMORY, MAX_STEP_MEMORY = 1024**2, 1024**4
 # Names a build may not set: ours (CI_*), and those the shell, the dynamic linker or every
 # program resolve before the step's own command runs, which would turn data into code.
 RESERVED_PREFIXES = ("CI_", "BASH_", "LD_")
@@ -54,6 +58,20 @@ class StepSpec(_Strict):
     timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
     retry: Annotated[int, Field(ge=0, le=10)] = 0
     continue_on_error: bool = Field(default=False, alias="continue-on-error")
+    max_processes: Annotated[int, Field(ge=1, le=MAX_STEP_PROCESSES)] | None = Field(
+        default=None, alias="max-processes"
+    )
+    max_memory: int | None = Field(default=None, alias="max-memory")  # bytes
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> int | None:
+        if value is None:
+            return None
+        size = parse_size(value)  # `512M`, `2G`
+        if not MIN_STEP_MEMORY <= size <= MAX_STEP_MEMORY:
+            raise ValueError(f"{value!r} is out of range: from 1M to 1T")
+        return size
 
 
 class JobSpec(_Strict):
@@ -211,6 +229,8 @@ def _normalize(spec: PipelineSpec) -> dict:
                                 "timeout": step.timeout,
                                 "retry": step.retry,
                                 "continue_on_error": step.continue_on_error,
+                                "max_processes": step.max_processes,
+                                "max_memory": step.max_memory,
                             }
                             for n, step in enumerate(job.steps)
                         ],

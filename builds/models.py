@@ -186,6 +186,9 @@ class StepRun(models.Model):
     timeout = models.PositiveIntegerField()
     max_retries = models.PositiveSmallIntegerField(default=0)
     continue_on_error = models.BooleanField(default=False)
+    # The step's own limits; None takes the agent's default (AGENT_STEP_MAX_*).
+    max_processes = models.PositiveIntegerField(null=True, blank=True)
+    max_memory = models.PositiveBigIntegerField(null=True, blank=True)  # bytes
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
     attempt = models.PositiveIntegerField(default=1)
     exit_code = models.IntegerField(null=True, blank=True)

@@ -8,6 +8,8 @@ from pathlib import Path
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from ciproject.sizes import parse_size
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 # Where this instance keeps its files (static files, workspaces, the beat schedule): a second
 # stack on the same machine gets its own.
@@ -203,6 +205,14 @@ STEP_LOG_FLUSH_SECONDS = float(os.environ.get("STEP_LOG_FLUSH_SECONDS", 1))
 # with systemd's Delegate=yes); empty: its own cgroup. Where none can be had, steps are
 # contained by their process group only (see agents.process.containment).
 AGENT_CGROUP_ROOT = os.environ.get("AGENT_CGROUP_ROOT", "")
+# Run steps as this user (runagent --step-user): empty, as the agent's own. The agent then
+# needs root (or CAP_SETUID and CAP_SETGID), and the user must reach AGENT_WORKSPACE_ROOT.
+AGENT_STEP_USER = os.environ.get("AGENT_STEP_USER", "")
+# Limits for a step that sets none of its own (max-processes, max-memory in the YAML); 0 or
+# empty: none. An agent that cannot enforce one of these (no such cgroup controller) refuses
+# to start.
+AGENT_STEP_MAX_PROCESSES = env_int("AGENT_STEP_MAX_PROCESSES", 0)
+AGENT_STEP_MAX_MEMORY = parse_size(os.environ.get("AGENT_STEP_MAX_MEMORY") or 0)
 # How long an agent keeps a failed job's workspace, so that a step retry goes on there with
 # what the earlier steps made (0: never; the retry then runs the job from its first step).
 AGENT_KEEP_FAILED_WORKSPACE_SECONDS = env_int("AGENT_KEEP_FAILED_WORKSPACE_SECONDS", 3600)

@@ -162,8 +162,8 @@ def dedicated(workers):
     """Start agents of the test's own; stop them after it."""
     started = []
 
-    def start(name, labels, capacity=1, env=None):
-        workers.start_agent(name, labels, capacity, env)
+    def start(name, labels, capacity=1, env=None, args=()):
+        workers.start_agent(name, labels, capacity, env, args)
         workers.wait_ready([name])
         started.append(name)
 

@@ -47,8 +47,8 @@ class Workers:
             start_new_session=True,
         )
 
-    def start_agent(self, name: str, labels: str, capacity: int = 1, env=None) -> None:
-        self.start(name, self.agent_argv(name, labels, capacity), env)
+    def start_agent(self, name: str, labels: str, capacity: int = 1, env=None, args=()) -> None:
+        self.start(name, [*self.agent_argv(name, labels, capacity), *args], env)
 
     @staticmethod
     def agent_argv(name: str, labels: str, capacity: int) -> list[str]:

@@ -19,8 +19,8 @@ from django.utils import timezone
 
 from agents import services
 from agents.models import AgentStatus
-from agents.process import containment, control, metrics, orphans, workspaces
-from agents.process.executor import execute_job
+from agents.process import containment, control, metrics, orphans, step_user, workspaces
+from agents.process.executor import execute_job, limits_for
 from builds import services as builds
 from ciproject import __version__
 from ciproject.celery import app
@@ -42,8 +42,9 @@ def current() -> "AgentProcess":
 
 
 class AgentProcess:
-    def __init__(self, name: str, labels: list[str], capacity: int = 1):
+    def __init__(self, name: str, labels: list[str], capacity: int = 1, step_user=None):
         self.name, self.labels, self.capacity = name, labels, capacity
+        self.step_user = step_user  # agents.process.step_user.StepUser, or None: the agent's
         self.hostname = socket.gethostname()
         self.nodename = node_name(name, self.hostname)
         self.pool_queues = [retry_queue(label) for label in labels]
@@ -134,6 +135,7 @@ class AgentProcess:
                 log.warning("agent %s: consumer sync failed", self.name, exc_info=True)
             for path in workspaces.prune(self.workspace_root):
                 log.info("agent %s: kept workspace %s removed, its time is up", self.name, path)
+            self.containment.reap_zombies()
             self.resync.wait(settings.AGENT_HEARTBEAT_SECONDS)
         connection.close()
 
@@ -275,6 +277,19 @@ class AgentProcess:
             self.name, Path(settings.AGENT_WORKSPACE_ROOT), settings.AGENT_CGROUP_ROOT
         )  # (and ends what is left in the cgroups of its previous life)
         log.info("agent %s: steps are contained by %s", self.name, self.containment.describe())
+        try:  # the agent-wide limits: enforced, or no agent
+            self.containment.check(limits_for(None))
+        except containment.LimitUnavailable as exc:
+            raise SystemExit(f"agent {self.name}: AGENT_STEP_MAX_*: {exc}") from None
+        try:
+            if self.step_user:
+                self.step_user.check(self.workspace_root)
+        except step_user.StepUserError as exc:
+            raise SystemExit(f"agent {self.name}: {exc}") from None
+        log.info(
+            "agent %s: steps run %s", self.name,
+            self.step_user.describe() if self.step_user else "as the agent's own user",
+        )  # fmt: skip
         workspaces.adopt(self.workspace_root, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
         self.register(starting=True)
         metrics.serve(self.name)

@@ -11,7 +11,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
-from agents.process import orphans, workspaces
+from agents.process import containment, orphans, workspaces
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
 from builds.errors import BuildVariablesMissing
@@ -19,6 +19,7 @@ from builds.models import JobRun, StepRun
 from builds.statuses import RunStatus
 from ciproject import metrics
 from ciproject.log_format import log_context
+from ciproject.sizes import format_size
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ class JobExecution:
     def __init__(self, job: JobRun, workspace: Path, stop: threading.Event, agent):
         self.job, self.build, self.workspace, self.stop = job, job.build, workspace, stop
         self.keep_workspace = agent.keep_workspace  # (build id, path): for the build's lease
-        self.containment = agent.containment
+        self.containment, self.step_user = agent.containment, agent.step_user
+        self.cause = ""  # why the last step failed, when its exit code does not say
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
         self.variables = services.build_variables(job.build_id)
@@ -199,14 +201,15 @@ class JobExecution:
             services.rerun_from_first_step, self.job, RERUN_NOTE
         ):
             return RunStatus.CANCELED, "stopped: the build is no longer running"
-        workspaces.make(self.workspace)
+        workspaces.make(self.workspace, self.step_user)
         for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
             step.job = self.job
             status = None if self.stop.is_set() else self.run_step(step)
             if status is None:  # stopped, or the build no longer runs
                 return RunStatus.CANCELED, "stopped: the build is no longer running"
             if status != RunStatus.SUCCEEDED and not step.continue_on_error:
-                return status, f"step {step.name!r} ended {status}"
+                cause = f": {self.cause}" if self.cause else ""
+                return status, f"step {step.name!r} ended {status}{cause}"
         return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
 
     def put_away(self, status: str) -> None:
@@ -239,7 +242,7 @@ class JobExecution:
                 writer = LogWriter(step)
                 started = time.monotonic()
                 outcome, notice = self.run_attempt(step, writer)
-                status = _status_of(outcome)
+                status, self.cause = _status_of(outcome), outcome.cause
                 metrics.AGENT_STEPS.labels(self.job.agent, status).inc()
                 metrics.AGENT_STEP_SECONDS.labels(self.job.agent).observe(
                     time.monotonic() - started
@@ -291,6 +294,13 @@ class JobExecution:
                 writer.write(output.take())
             return self.stop.is_set()
 
+        limits = limits_for(step)
+        name = f"job-{self.job.pk}-{self.job.attempt}-step-{step.pk}-{step.attempt}"
+        try:
+            box = self.containment.box(name, limits)
+        except containment.LimitUnavailable as exc:  # never unlimited instead
+            cause = f"not run: {exc}"
+            return StepOutcome(exit_code=None, cause=cause), f"[ciproject] {cause}\n"
         started = time.monotonic()
         outcome = run_step(
             step.command,
@@ -301,13 +311,22 @@ class JobExecution:
             grace=settings.STEP_KILL_GRACE_SECONDS,
             on_tick=on_tick,
             markers=orphans.directory(self.job.agent),
-            box=self.containment.box(
-                f"job-{self.job.pk}-{self.job.attempt}-step-{step.pk}-{step.attempt}"
-            ),
+            box=box,
+            user=self.step_user,
         )
         elapsed = time.monotonic() - started
         notice = output.take() + output.truncation_notice()
         notice += "".join(f"[ciproject] {w}\n" for w in output.warnings)
+        if forks := outcome.limit_hits.get("pids"):
+            notice += (
+                f"[ciproject] {forks} forks refused: max-processes {limits.processes} reached\n"
+            )
+        if outcome.limit_hits.get("memory"):
+            outcome.cause = (
+                "killed by the kernel's OOM killer: over its max-memory of"
+                f" {format_size(limits.memory)}"
+            )
+            notice += f"[ciproject] {outcome.cause}\n"
         if outcome.stopped:
             notice += "[ciproject] cancelled: the step's process group was stopped\n"
         elif outcome.timed_out:
@@ -319,9 +338,19 @@ class JobExecution:
         return outcome, notice
 
 
+def limits_for(step: StepRun | None) -> containment.Limits:
+    """A step's own limits, or else the agent's defaults (for None: the defaults)."""
+    return containment.Limits(
+        getattr(step, "max_processes", None) or settings.AGENT_STEP_MAX_PROCESSES or None,
+        getattr(step, "max_memory", None) or settings.AGENT_STEP_MAX_MEMORY or None,
+    )
+
+
 def _status_of(outcome: StepOutcome) -> str:
     if outcome.stopped:
         return RunStatus.CANCELED
     if outcome.timed_out:
         return RunStatus.TIMED_OUT
+    if outcome.cause:  # refused, or out of memory: whatever its exit code
+        return RunStatus.FAILED
     return RunStatus.SUCCEEDED if outcome.exit_code == 0 else RunStatus.FAILED

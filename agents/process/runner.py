@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.process import orphans
+from agents.process import orphans, proctable
 from builds.definition import (
     MAX_VARIABLE_NAME,
     MAX_VARIABLE_VALUE,
@@ -52,6 +52,8 @@ class StepOutcome:
     timed_out: bool = False
     stopped: bool = False
     variables: dict[str, str] = field(default_factory=dict)
+    limit_hits: dict[str, int] = field(default_factory=dict)  # cgroup controller: its hits
+    cause: str = ""  # why it failed, when its exit code does not say (agents.process.executor)
 
 
 class StepOutput:
@@ -180,24 +182,29 @@ def run_step(
     tick: float = 0.1,
     markers: Path | None = None,
     box=None,
+    user=None,
 ) -> StepOutcome:
     """Run `command` to its end or its timeout. `on_tick` is called about every `tick`
     seconds while it runs (to flush logs); it returns True to stop the step. If it raises,
     the step is ended all the same and the exception propagates. While it runs, the step is
     recorded in `markers` (agents.process.orphans), for a restarted agent to end it. With a
     `box` (agents.process.containment), the step runs in it and ending it ends the box;
-    else its process group is ended."""
+    else its process group is ended. With a `user` (agents.process.step_user), it runs as
+    that user."""
     argv = [SHELL, *SHELL_ARGS, command]
-    proc = subprocess.Popen(
-        box.argv(argv) if box else argv,
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    marker = orphans.record(markers, proc.pid) if markers else None
+    if user:
+        argv, env = user.argv(argv), user.environment(env)
+    popen = {
+        "cwd": cwd,
+        "env": env,
+        "stdin": subprocess.DEVNULL,
+        "stdout": subprocess.PIPE,
+        "stderr": subprocess.STDOUT,
+        "start_new_session": True,
+    }
+    proc = box.spawn(argv, **popen) if box else subprocess.Popen(argv, **popen)
+    token = getattr(box, "token", "")
+    marker = orphans.record(markers, proc.pid, token) if markers else None
     stop_reading = threading.Event()
     reader = threading.Thread(target=_read, args=(proc.stdout, output, stop_reading), daemon=True)
     deadline = time.monotonic() + timeout
@@ -241,6 +248,7 @@ def run_step(
         timed_out=timed_out,
         stopped=stopped,
         variables=dict(output.variables),
+        limit_hits=dict(box.hits) if box else {},
     )
 
 
@@ -281,17 +289,7 @@ def _live_members(pgid: int) -> bool:
     to init, which may take a second or two to reap it: a zombie has ended, and counts not."""
     if not os.path.isdir("/proc"):  # not Linux: zombies count
         return _signal_group(pgid, 0)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as stat:
-                fields = stat.read().rsplit(b")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
+    return any(proc.pgid == pgid and proc.alive for proc in proctable.processes())
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -21,9 +21,13 @@ MARKER = ".kept-until"
 _lock = threading.RLock()
 
 
-def make(workspace: Path) -> None:
+def make(workspace: Path, user=None) -> None:
+    """The workspace, made if missing, and given to the step user if steps run as one
+    (agents.process.step_user); the folders above it stay the agent's."""
     with _lock:  # not while remove() takes the build's folder away
         workspace.mkdir(parents=True, exist_ok=True)
+    if user:
+        user.own(workspace)
 
 
 def remove(workspace: Path) -> None:

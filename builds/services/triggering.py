@@ -202,6 +202,8 @@ def _create_tree(build: Build, spec: dict) -> None:
             timeout=s["timeout"],
             max_retries=s["retry"],
             continue_on_error=s["continue_on_error"],
+            max_processes=s.get("max_processes"),  # absent from definitions stored before
+            max_memory=s.get("max_memory"),
         )
         for job, index, s in steps
     )

@@ -39,6 +39,8 @@ def test_valid_definition_is_normalized():
         "timeout": 300,
         "retry": 1,
         "continue_on_error": False,
+        "max_processes": None,
+        "max_memory": None,
     }
     assert compile_job["steps"][1]["name"] == "step 2"
     assert compile_job["steps"][1]["timeout"] == 3600
@@ -70,6 +72,21 @@ def test_valid_definition_is_normalized():
             "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
             "          - run: x\n            timeout: ten",
             "stages[0].jobs[0].steps[0].timeout",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+            "          - run: x\n            max-processes: 0",
+            "stages[0].jobs[0].steps[0].max-processes",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+            "          - run: x\n            max-memory: 1.5G",
+            "stages[0].jobs[0].steps[0].max-memory: '1.5G' is not a size",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+            "          - run: x\n            max-memory: 512K",
+            "stages[0].jobs[0].steps[0].max-memory: '512K' is out of range: from 1M to 1T",
         ),
         (
             "stages:\n  - name: s\n    jobs:\n      - id: a b\n        steps: [{run: x}]",
@@ -109,6 +126,19 @@ def test_invalid_definitions_name_the_place(text, place):
         parse_definition(text)
     assert err.value.code == "INVALID_PIPELINE"
     assert place in err.value.detail
+
+
+@pytest.mark.parametrize(
+    ("written", "size"),
+    [("64M", 64 * 1024**2), ("2G", 2 * 1024**3), ("1GiB", 1024**3), ("1048576", 1024**2)],
+)
+def test_step_limits_are_normalized(written, size):
+    spec = parse_definition(
+        "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+        f"          - run: x\n            max-memory: {written}\n            max-processes: 64"
+    )
+    step = spec["stages"][0]["jobs"][0]["steps"][0]
+    assert (step["max_memory"], step["max_processes"]) == (size, 64)
 
 
 def test_scalars_are_read_as_written():

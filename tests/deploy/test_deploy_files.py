@@ -263,8 +263,10 @@ def test_compose_start_order(compose):
 
 
 def test_compose_environment_uses_the_settings_names(compose):
-    bootstrap = {"migrate": {"ADMIN_USER", "ADMIN_PASSWORD"}}  # ensureadmin's arguments
+    # ensureadmin's arguments, agentrole's password
+    bootstrap = {"migrate": {"ADMIN_USER", "ADMIN_PASSWORD", "AGENT_DB_PASSWORD"}}
     interpolated_extra = {"POSTGRES_PASSWORD", "ADMIN_USER", "ADMIN_PASSWORD"}
+    interpolated_extra |= {"REDIS_PASSWORD", "AGENT_DB_PASSWORD"}
     for name, service in ciproject_services(compose).items():
         env = service["environment"]
         assert isinstance(env, dict), name
@@ -290,6 +292,34 @@ def test_compose_agents_run_the_procfile_agents(compose):
         volume = next(v for v in service["volumes"] if v.split(":")[1] == workspaces)
         assert volume.split(":")[0] in compose["volumes"], f"{name}: a named volume"
         assert service["stop_grace_period"], f"{name}: a warm shutdown needs time"
+
+
+def test_compose_agents_run_steps_as_their_own_user_with_their_own_role(compose, dockerfile):
+    services = ciproject_services(compose)
+    added = [
+        command.split()
+        for run in instructions(dockerfile, "RUN")
+        for command in re.findall(r"useradd ([^&]*)", run)
+    ]
+    uids = {tokens[-1]: option(tokens, "--uid") for tokens in added}
+    server_user = instructions(dockerfile, "USER")[-1].split(":")[0]
+    migrate = " ".join(command_of(services["migrate"]))
+    assert "manage.py agentrole ciagent" in migrate
+    agents = [s for s in services.values() if "runagent" in command_of(s)]
+    assert agents
+    for service in agents:
+        env = service["environment"]
+        assert service["user"] == "0:0"  # root in the container: it switches to the step user
+        assert uids[env["AGENT_STEP_USER"]] not in {server_user, "0"}
+        assert urlsplit(env["DATABASE_URL"]).username == "ciagent"
+        assert urlsplit(env["CELERY_BROKER_URL"]).password == "${REDIS_PASSWORD}"
+
+
+def test_compose_redis_requires_its_password(compose):
+    redis_service = compose["services"]["redis"]
+    assert "--requirepass" in " ".join(redis_service["command"])
+    assert redis_service["environment"]["REDIS_PASSWORD"].startswith("${REDIS_PASSWORD:?")
+    assert "$$REDIS_PASSWORD" in " ".join(redis_service["healthcheck"]["test"])
 
 
 def test_compose_server_processes_run_the_procfile_commands(compose):
@@ -403,7 +433,8 @@ def test_every_unit_parses_as_ini():
     for name in names:
         parsed = unit(name)
         assert {"Unit", "Service"} <= set(parsed.sections()), name
-        assert parsed["Service"]["User"] not in {"", "root"}, name
+        if name != AGENT_UNIT:  # the agent is root, to run its steps as their own user
+            assert parsed["Service"]["User"] not in {"", "root"}, name
         assert ENV_FILE in unit_values(name, "EnvironmentFile"), name
         assert exec_start(name), name
 
@@ -470,6 +501,9 @@ def test_agent_unit_runs_runagent_for_its_instance():
     assert "/etc/ciproject/agent-%i.env" in {
         f.lstrip("-") for f in unit_values(AGENT_UNIT, "EnvironmentFile")
     }
+    assert "/etc/ciproject/agent.env" in unit_values(AGENT_UNIT, "EnvironmentFile")
+    assert option(tokens, "--step-user") == "ciagent"  # not root, nor any server process's
+    assert unit(AGENT_UNIT)["Service"]["User"] == "root"
     example = dict(env_file(SYSTEMD / "agent.env.example"))
     assert set(example) == {"AGENT_LABELS", "AGENT_CAPACITY"}
 

@@ -12,10 +12,12 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +52,7 @@ NOT_INHERITED = (
     "PROMETHEUS_MULTIPROC_DIR",
     "STATIC_ROOT",
     "AGENT_WORKSPACE_ROOT",
+    "AGENT_STEP_USER",
 )
 
 
@@ -235,7 +238,17 @@ def _agent_statuses(dbname: str) -> dict[str, str]:
         return dict(conn.execute("SELECT name, status FROM agents_agent").fetchall())
 
 
-def test_procfile_stack_runs_a_pipeline_and_stops_cleanly(stack_services, tmp_path):
+@pytest.fixture
+def reachable_workspaces():
+    root = Path(tempfile.mkdtemp(prefix="ciproject-stack-", dir="/var/tmp"))
+    root.chmod(0o755)
+    yield root / "workspaces"
+    shutil.rmtree(root)
+
+
+def test_procfile_stack_runs_a_pipeline_and_stops_cleanly(
+    stack_services, tmp_path, reachable_workspaces
+):
     dbname, broker_url = stack_services
     port = _free_port()
     greeting = f"hi-{secrets.token_hex(4)}"
@@ -249,6 +262,8 @@ def test_procfile_stack_runs_a_pipeline_and_stops_cleanly(stack_services, tmp_pa
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         PYTHONUNBUFFERED="1",  # honcho's output reaches its log file at once
     )
+    if os.geteuid() == 0:  # as `make run` does for root: steps as nobody, somewhere it reaches
+        env.update(AGENT_STEP_USER="nobody", AGENT_WORKSPACE_ROOT=str(reachable_workspaces))
     started = time.monotonic()
     token = _prepare(env)
     prepared = time.monotonic()

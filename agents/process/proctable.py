@@ -1,0 +1,55 @@
+"""Linux's process table, read from /proc: who is whose child, in which process group, which
+have ended (zombies), what environment a process was started with. Anything may exit while
+it is read: such a process is simply not there."""
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    pgid: int
+    state: str  # "Z": a zombie, ended and waiting for its parent to reap it
+    start_time: str  # clock ticks since boot: with the pid, it names one process
+
+    @property
+    def alive(self) -> bool:
+        return self.state != "Z"
+
+
+def read(pid: int) -> Proc | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            # The name before ")" may hold spaces and parentheses: split after the last one.
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return Proc(pid, int(fields[1]), int(fields[2]), fields[0].decode(), fields[19].decode())
+
+
+def processes() -> list[Proc]:
+    found = (read(int(entry.name)) for entry in os.scandir("/proc") if entry.name.isdigit())
+    return [proc for proc in found if proc is not None]
+
+
+def descendants(ancestor: int, table: list[Proc]) -> list[Proc]:
+    children: dict[int, list[Proc]] = {}
+    for proc in table:
+        children.setdefault(proc.ppid, []).append(proc)
+    found, todo = [], [ancestor]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child.pid)
+    return found
+
+
+def environment(pid: int) -> set[bytes]:
+    """The environment the process was started with, as b"NAME=value" entries."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            return set(environ.read().split(b"\0"))
+    except OSError:  # gone, or not ours to read
+        return set()
