@@ -277,19 +277,7 @@ class AgentProcess:
             self.name, Path(settings.AGENT_WORKSPACE_ROOT), settings.AGENT_CGROUP_ROOT
         )  # (and ends what is left in the cgroups of its previous life)
         log.info("agent %s: steps are contained by %s", self.name, self.containment.describe())
-        try:  # the agent-wide limits: enforced, or no agent
-            self.containment.check(limits_for(None))
-        except containment.LimitUnavailable as exc:
-            raise SystemExit(f"agent {self.name}: AGENT_STEP_MAX_*: {exc}") from None
-        try:
-            if self.step_user:
-                self.step_user.check(self.workspace_root)
-        except step_user.StepUserError as exc:
-            raise SystemExit(f"agent {self.name}: {exc}") from None
-        log.info(
-            "agent %s: steps run %s", self.name,
-            self.step_user.describe() if self.step_user else "as the agent's own user",
-        )  # fmt: skip
+        self.check_promises()
         workspaces.adopt(self.workspace_root, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
         self.register(starting=True)
         metrics.serve(self.name)
@@ -318,6 +306,23 @@ class AgentProcess:
             )
         finally:
             self.shut_down()
+
+    def check_promises(self) -> None:
+        """Before it takes a job: the agent can enforce its default limits and run steps as
+        its step user; else it does not start (SystemExit, saying why)."""
+        try:
+            self.containment.check(limits_for(None))
+        except containment.LimitUnavailable as exc:
+            raise SystemExit(f"agent {self.name}: AGENT_STEP_MAX_*: {exc}") from None
+        try:
+            if self.step_user:
+                self.step_user.check(self.workspace_root)
+        except step_user.StepUserError as exc:
+            raise SystemExit(f"agent {self.name}: {exc}") from None
+        log.info(
+            "agent %s: steps run %s", self.name,
+            self.step_user.describe() if self.step_user else "as the agent's own user",
+        )  # fmt: skip
 
     def shut_down(self) -> None:
         """Mark the agent offline once its heartbeats have stopped: a beat still in flight

@@ -281,9 +281,10 @@ class TokenBox:
     def end(self, proc: subprocess.Popen, grace: float) -> None:
         """SIGTERM to every member, those found meanwhile included, SIGKILL after `grace`;
         returns once none is left."""
+        seen: set[int] = set()
         try:
-            self._signal_until_gone(proc, signal.SIGTERM, grace, seen := set())
-            self._signal_until_gone(proc, signal.SIGKILL, EMPTY_WAIT_SECONDS, set(), seen)
+            if not self._signal_until_gone(proc, signal.SIGTERM, grace, seen):
+                self._signal_until_gone(proc, signal.SIGKILL, EMPTY_WAIT_SECONDS, set(seen))
             proc.wait()
         finally:
             with _leaders_lock:
@@ -292,8 +293,10 @@ class TokenBox:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
 
-    def _signal_until_gone(self, proc, sig, seconds, signalled: set[int], seen=None) -> None:
-        deadline, empty_scans = time.monotonic() + seconds, 0
+    def _signal_until_gone(self, proc, sig, seconds, seen: set[int]) -> bool:
+        """Send `sig` once to each member, new ones too, until none is left (True) or
+        `seconds` have passed (False; after SIGKILL, an error). `seen` gathers them."""
+        deadline, signalled, empty_scans = time.monotonic() + seconds, set(), 0
         while True:
             proc.poll()  # the step's first process, once it exits
             members = self.members(proc.pid)
@@ -301,18 +304,17 @@ class TokenBox:
             # only once two scans apart find nothing.
             empty_scans = 0 if members else empty_scans + 1
             if empty_scans == 2:
-                return
+                return True
             if time.monotonic() >= deadline:
                 if sig == signal.SIGKILL:
                     raise RuntimeError(f"step processes {members} still alive after SIGKILL")
-                return
+                return False
             for pid in set(members) - signalled:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
                 signalled.add(pid)
-            if seen is not None:
-                seen.update(members)
-            time.sleep(0.01 if members else 0.002)
+            seen.update(members)
+            time.sleep(0.01 if members else 0.001)
 
 
 class ProcessGroups:

@@ -24,6 +24,8 @@ from ciproject.sizes import format_size
 log = logging.getLogger(__name__)
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)
+# How often a running step looks whether it was asked to stop: a cancel waits for the next look.
+STOP_TICK_SECONDS = 0.02
 
 
 def persist(write, *args):
@@ -310,6 +312,7 @@ class JobExecution:
             output=output,
             grace=settings.STEP_KILL_GRACE_SECONDS,
             on_tick=on_tick,
+            tick=STOP_TICK_SECONDS,
             markers=orphans.directory(self.job.agent),
             box=box,
             user=self.step_user,
@@ -317,22 +320,11 @@ class JobExecution:
         elapsed = time.monotonic() - started
         notice = output.take() + output.truncation_notice()
         notice += "".join(f"[ciproject] {w}\n" for w in output.warnings)
-        if forks := outcome.limit_hits.get("pids"):
-            notice += (
-                f"[ciproject] {forks} forks refused: max-processes {limits.processes} reached\n"
-            )
-        if outcome.limit_hits.get("memory"):
-            outcome.cause = (
-                "killed by the kernel's OOM killer: over its max-memory of"
-                f" {format_size(limits.memory)}"
-            )
-            notice += f"[ciproject] {outcome.cause}\n"
+        notice += _limits_notice(outcome, limits)
         if outcome.stopped:
-            notice += "[ciproject] cancelled: the step's process group was stopped\n"
+            notice += "[ciproject] cancelled: the step's processes were stopped\n"
         elif outcome.timed_out:
-            notice += (
-                f"[ciproject] timed out after {step.timeout} s; its process group was killed\n"
-            )
+            notice += f"[ciproject] timed out after {step.timeout} s; its processes were killed\n"
         else:
             notice += f"[ciproject] exit code {outcome.exit_code} after {elapsed:.1f} s\n"
         return outcome, notice
@@ -344,6 +336,19 @@ def limits_for(step: StepRun | None) -> containment.Limits:
         getattr(step, "max_processes", None) or settings.AGENT_STEP_MAX_PROCESSES or None,
         getattr(step, "max_memory", None) or settings.AGENT_STEP_MAX_MEMORY or None,
     )
+
+
+def _limits_notice(outcome: StepOutcome, limits: containment.Limits) -> str:
+    """What the step's limits did, for its log. Killed by the OOM killer, the step failed,
+    whatever its exit code: that is its cause."""
+    notice = ""
+    if forks := outcome.limit_hits.get("pids"):
+        notice += f"[ciproject] {forks} forks refused: max-processes {limits.processes} reached\n"
+    if outcome.limit_hits.get("memory"):
+        over = format_size(limits.memory)
+        outcome.cause = f"killed by the kernel's OOM killer: over its max-memory of {over}"
+        notice += f"[ciproject] {outcome.cause}\n"
+    return notice
 
 
 def _status_of(outcome: StepOutcome) -> str:

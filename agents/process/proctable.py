@@ -21,16 +21,24 @@ class Proc:
 
 def read(pid: int) -> Proc | None:
     try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            # The name before ")" may hold spaces and parentheses: split after the last one.
-            fields = stat.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # The name before ")" may hold spaces and parentheses: split after the last one.
+    fields = data[data.rfind(b")") + 2 :].split(b" ", 20)
+    if len(fields) < 20:
         return None
     return Proc(pid, int(fields[1]), int(fields[2]), fields[0].decode(), fields[19].decode())
 
 
 def processes() -> list[Proc]:
-    found = (read(int(entry.name)) for entry in os.scandir("/proc") if entry.name.isdigit())
+    found = (read(int(name)) for name in os.listdir("/proc") if name.isdigit())
     return [proc for proc in found if proc is not None]
 
 

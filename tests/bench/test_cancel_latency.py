@@ -74,10 +74,18 @@ def test_cancel_request_latency_by_build_size(workers):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_cancel_to_canceled_for_a_running_step(workers):
+@pytest.mark.parametrize("mode", ["cgroup v2", "process group and step token"])
+def test_cancel_to_canceled_for_a_running_step(workers, dedicated, tmp_path, mode):
+    """A running step with a process that left its group, both honouring SIGTERM, on an agent
+    of each containment mode (a folder that is no cgroup makes an agent fall back)."""
+    label = "default"
+    if mode != "cgroup v2":
+        label = "bench-token"
+        dedicated("agent-bench-token", label, env={"AGENT_CGROUP_ROOT": str(tmp_path)})
+    run = "setsid sleep 600 & exec sleep 600"
+    job = f"{{id: j, runs-on: {label}, steps: [{{run: '{run}'}}]}}"
     pipeline = make_pipeline(
-        "bench-cancel-running",
-        "stages:\n  - name: s\n    jobs:\n      - {id: j, steps: [{run: 'exec sleep 600'}]}\n",
+        f"bench-cancel-running-{label}", f"stages:\n  - name: s\n    jobs:\n      - {job}\n"
     )
     stop_to_canceled = []
     for _ in range(RUNNING_CANCELS):
@@ -94,4 +102,7 @@ def test_cancel_to_canceled_for_a_running_step(workers):
             (build.finished_at - build.cancel_requested_at).total_seconds() * 1000
         )
     figures = percentiles(stop_to_canceled)
-    print(f"\ncancel-to-CANCELED, running step, {RUNNING_CANCELS} builds: {figures}")
+    print(
+        f"\ncancel-to-CANCELED, running step with a detached process, {mode},"
+        f" {RUNNING_CANCELS} builds: {figures} (target p50 <= 100 ms, p99 <= 250 ms)"
+    )
