@@ -31,12 +31,21 @@ from concurrency.errors import PipelineQueueFull
 
 
 class PipelineSerializer(serializers.ModelSerializer):
+    parameters = serializers.SerializerMethodField(
+        help_text="what a trigger may set: each name with its description, default, required,"
+        " choices and pattern (builds.parameters)"
+    )
+
     class Meta:
         model = Pipeline
-        fields = ["id", "name", "definition", "last_build_number", "created_at", "updated_at"]
+        fields = ["id", "name", "definition", "parameters", "last_build_number"]
+        fields += ["created_at", "updated_at"]
         read_only_fields = ["last_build_number", "created_at", "updated_at"]
         # The service validates (and refuses a taken name with its own code).
         extra_kwargs = {"definition": {"trim_whitespace": False}, "name": {"validators": []}}
+
+    def get_parameters(self, pipeline) -> dict:
+        return (pipeline.spec or {}).get("parameters", {})
 
     def create(self, validated_data):
         return services.save_pipeline(validated_data["name"], validated_data["definition"])

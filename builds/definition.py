@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from builds import parameters
 from builds.errors import InvalidPipeline, InvalidVariables
 from ciproject.sizes import parse_size
 from concurrency import keys
@@ -89,8 +90,59 @@ class StageSpec(_Strict):
     jobs: Annotated[list[JobSpec], Field(min_length=1, max_length=MAX_JOBS)]
 
 
+class ParameterSpec(_Strict):
+    """What a trigger may set (builds.parameters)."""
+
+    description: Annotated[str, Field(max_length=500)] = ""
+    default: Scalar | None = None
+    required: bool = False
+    choices: (
+        Annotated[list[Scalar], Field(min_length=1, max_length=parameters.MAX_CHOICES)] | None
+    ) = None
+    pattern: Annotated[str, Field(min_length=1, max_length=parameters.MAX_PATTERN)] | None = None
+
+    @field_validator("default")
+    @classmethod
+    def _default(cls, value: Scalar | None) -> str | None:
+        return None if value is None else _text(value)
+
+    @field_validator("choices")
+    @classmethod
+    def _choices(cls, value: list[Scalar] | None) -> list[str] | None:
+        if value is None:
+            return None
+        texts = [_text(choice) for choice in value]
+        if len(set(texts)) != len(texts):
+            raise ValueError("a choice is listed twice")
+        return texts
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            parameters.compile_pattern(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ParameterSpec":
+        if self.choices is not None and self.pattern is not None:
+            raise ValueError("choices or pattern, not both")
+        if self.required and self.default is not None:
+            raise ValueError("a required parameter has no default")
+        if self.default is not None and (
+            why := parameters.refusal(self.model_dump(), self.default)
+        ):
+            raise ValueError(f"default: {why}")
+        return self
+
+
+def _text(value: Scalar) -> str:
+    return normalize_variables({"value": value}, "value")["value"]
+
+
 class PipelineSpec(_Strict):
     variables: dict[str, Scalar] = Field(default_factory=dict)
+    parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
     concurrency: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     stages: Annotated[list[StageSpec], Field(min_length=1, max_length=MAX_STAGES)]
 
@@ -101,6 +153,25 @@ class PipelineSpec(_Strict):
             return normalize_variables(value)
         except InvalidVariables as exc:
             raise ValueError(exc.detail) from None
+
+    @field_validator("parameters")
+    @classmethod
+    def _parameter_names(cls, value: dict[str, ParameterSpec]) -> dict[str, ParameterSpec]:
+        try:  # named as variables are: a parameter becomes one
+            normalize_variables(dict.fromkeys(value, ""), "parameters")
+        except InvalidVariables as exc:
+            raise ValueError(exc.detail.removeprefix("parameters: ")) from None
+        return value
+
+    @model_validator(mode="after")
+    def _parameters_apart(self) -> "PipelineSpec":
+        if both := sorted(set(self.variables) & set(self.parameters)):
+            raise ValueError(
+                f"parameters.{both[0]}: also in variables; a parameter's default is its default"
+            )
+        if len(self.variables) + len(self.parameters) > MAX_VARIABLES:
+            raise ValueError(f"parameters: with the variables, at most {MAX_VARIABLES} names")
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> "PipelineSpec":
@@ -205,7 +276,7 @@ def _describe(error: dict) -> str:
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required"
-    if message[:7] in {"stages[", "stages:"}:  # a model-level error names its own place
+    if message.startswith(("stages[", "stages:", "parameters.", "parameters:")):  # model-level
         return message
     return f"{path or 'definition'}: {message}"
 
@@ -213,6 +284,7 @@ def _describe(error: dict) -> str:
 def _normalize(spec: PipelineSpec) -> dict:
     return {
         "variables": spec.variables,
+        "parameters": {name: p.model_dump() for name, p in spec.parameters.items()},
         "concurrency": spec.concurrency,
         "stages": [
             {

@@ -72,6 +72,10 @@ class PipelineForm(forms.ModelForm):
 
 
 class TriggerForm(forms.Form):
+    """The trigger's variables: a field for each of the pipeline's parameters, or else
+    KEY=VALUE lines for its variables. The trigger service decides what is allowed (as for
+    the API): the fields only help (a select for choices, the pattern, `required`)."""
+
     # A new key each time the form is shown: the same form sent twice (a double click, a
     # resubmission) shows the build the first one made rather than making another.
     idempotency_key = forms.CharField(widget=forms.HiddenInput, required=False)
@@ -79,7 +83,7 @@ class TriggerForm(forms.Form):
         required=False,
         strip=False,
         help_text="One KEY=VALUE a line (the value is the rest of the line); they override"
-        " the pipeline's defaults. Empty: the defaults.",
+        " the pipeline's variables. Empty: the defaults.",
         widget=forms.Textarea(
             attrs={
                 "rows": 8,
@@ -88,6 +92,43 @@ class TriggerForm(forms.Form):
             }
         ),
     )
+
+    def __init__(self, *args, parameters: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.parameters = parameters
+        if parameters:
+            del self.fields["variables"]
+        for name, parameter in parameters.items():
+            self.fields[f"parameter_{name}"] = _parameter_field(name, parameter)
+
+    def parameter_fields(self) -> list:
+        return [self[f"parameter_{name}"] for name in self.parameters]
+
+    def trigger_variables(self) -> dict[str, str]:
+        """What the trigger sets; a parameter left empty is not set (its default applies)."""
+        if not self.parameters:
+            return parse_variable_lines(self.cleaned_data["variables"])
+        given = ((name, self.cleaned_data[f"parameter_{name}"]) for name in self.parameters)
+        return {name: value for name, value in given if value != ""}
+
+
+def _parameter_field(name: str, parameter: dict) -> forms.Field:
+    help_text = parameter["description"]
+    attrs = {"required": ""} if parameter["required"] else {}
+    if parameter["choices"] is not None:
+        choices = [(choice, choice) for choice in parameter["choices"]]
+        if parameter["default"] is None:
+            choices.insert(0, ("", "---------"))
+        return forms.ChoiceField(
+            label=name, choices=choices, required=False, initial=parameter["default"],
+            help_text=help_text, widget=forms.Select(attrs=attrs),
+        )  # fmt: skip
+    if parameter["pattern"] is not None:
+        help_text = f"{help_text} (matching {parameter['pattern']})".strip()
+    return forms.CharField(
+        label=name, required=False, strip=False, initial=parameter["default"],
+        help_text=help_text, widget=forms.TextInput(attrs={**attrs, "size": 60}),
+    )  # fmt: skip
 
 
 def parse_variable_lines(text: str) -> dict[str, str]:
@@ -150,13 +191,14 @@ class PipelineAdmin(admin.ModelAdmin):
         if not self.has_trigger_permission(request):
             raise PermissionDenied
         pipeline = get_object_or_404(Pipeline, pk=pipeline_id)
+        declared = (pipeline.spec or {}).get("parameters", {})
         if request.method == "POST":
-            form = TriggerForm(request.POST)
+            form = TriggerForm(request.POST, parameters=declared)
         else:
-            form = TriggerForm(initial={"idempotency_key": uuid.uuid4().hex})
+            form = TriggerForm(initial={"idempotency_key": uuid.uuid4().hex}, parameters=declared)
         if form.is_valid():
             try:
-                variables = parse_variable_lines(form.cleaned_data["variables"])
+                variables = form.trigger_variables()
                 key = form.cleaned_data["idempotency_key"]
                 build, replayed = services.trigger(pipeline, variables, request.user, key)
             except IdempotencyKeyReused as exc:
@@ -168,7 +210,8 @@ class PipelineAdmin(admin.ModelAdmin):
                     messages.WARNING,
                 )
                 form = TriggerForm(
-                    initial={**form.cleaned_data, "idempotency_key": uuid.uuid4().hex}
+                    initial={**form.cleaned_data, "idempotency_key": uuid.uuid4().hex},
+                    parameters=declared,
                 )
             except CIError as exc:
                 self.message_user(request, f"{exc.code}: {exc.detail}", messages.ERROR)

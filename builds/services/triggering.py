@@ -10,6 +10,7 @@ from typing import NamedTuple
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from builds import parameters
 from builds.definition import normalize_variables
 from builds.errors import (
     BuildAlreadyFinished,
@@ -74,6 +75,7 @@ def _trigger(pipeline: Pipeline, overrides: dict[str, str], user, key: str) -> T
         if key and (earlier := _earlier_trigger(pipeline.pk, key, fingerprint)):
             return Triggered(earlier, replayed=True)
         number, spec, policy_id = _next_build_number(pipeline.pk)
+        defaults = parameters.bind(spec, overrides)  # refused: rolled back, number and all
         now = timezone.now()
         build = Build(
             pipeline=pipeline,
@@ -86,14 +88,14 @@ def _trigger(pipeline: Pipeline, overrides: dict[str, str], user, key: str) -> T
             idempotency_fingerprint=fingerprint,
         )
         if policy_id is not None:
-            _admit(build, policy_id, {**spec["variables"], **overrides})
+            _admit(build, policy_id, {**defaults, **overrides})
         if build.status == BuildStatus.RUNNING:
             build.started_at = now
         else:
             build.enqueued_at = now
         build.save(force_insert=True)
         with log_context(build_id=build.pk):
-            _store_variables(build, spec["variables"], "pipeline", skip=overrides)
+            _store_variables(build, defaults, "pipeline", skip=overrides)
             _store_variables(build, overrides, "trigger")
             _create_tree(build, spec)
             if build.status == BuildStatus.RUNNING:

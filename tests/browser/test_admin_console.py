@@ -164,6 +164,53 @@ def test_trigger_a_build_and_watch_it_succeed(admin_page: Page):
     screenshot(page, "build-list")
 
 
+DEPLOY = """\
+parameters:
+  TARGET:
+    description: where it goes
+    choices: [staging, production]
+    required: true
+  BRANCH:
+    default: main
+    pattern: "[a-z][a-z0-9/_-]*"
+stages:
+  - name: s
+    jobs:
+      - id: deploy
+        steps:
+          - {name: say, run: 'echo "deploying $BRANCH to $TARGET"'}
+"""
+
+
+def test_trigger_a_pipeline_by_its_parameters(admin_page: Page):
+    page = admin_page
+    pipeline = make_pipeline("deploy", DEPLOY)
+    page.click("a:text-is('Pipelines')")
+    page.click(f"a:text-is('{pipeline.name}')")
+    page.click("a.trigger-link")
+    expect(page.locator("#id_variables")).to_have_count(0)  # the parameters' fields instead
+    expect(page.locator("#id_parameter_TARGET option")).to_have_text(
+        ["---------", "staging", "production"]
+    )
+    expect(page.locator("#id_parameter_BRANCH")).to_have_value("main")
+    screenshot(page, "trigger-parameters")
+    # A value outside the pattern is refused by the service, naming the parameter.
+    page.select_option("#id_parameter_TARGET", "staging")
+    page.fill("#id_parameter_BRANCH", "Not/Lower")
+    submit(page, "#trigger-form input[type=submit]")
+    expect(messages(page)).to_have_text(
+        re.compile(r"^INVALID_VARIABLES: variables\.BRANCH: 'Not/Lower' does not match")
+    )
+    assert not Build.objects.exists()
+    page.fill("#id_parameter_BRANCH", "release/2")
+    submit(page, "#trigger-form input[type=submit]")
+    build = Build.objects.get()
+    expect(page).to_have_url(re.compile(rf"/admin/builds/build/{build.pk}/change/$"))
+    wait_for_status(page, BuildStatus.SUCCEEDED)
+    expect(page.locator(".field-variables_table")).to_contain_text("BRANCHrelease/2trigger")
+    expect(page.locator(".field-variables_table")).to_contain_text("TARGETstagingtrigger")
+
+
 def test_cancel_a_running_build(admin_page: Page):
     page = admin_page
     ConcurrencyPolicy.objects.create(name="hangs", max_running=1)

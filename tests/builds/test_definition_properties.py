@@ -7,12 +7,14 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from builds import parameters
 from builds.definition import parse_definition
-from builds.errors import InvalidPipeline
+from builds.errors import InvalidPipeline, InvalidVariables
 
 KEYS = [
     "stages", "jobs", "steps", "variables", "concurrency", "name", "id", "run", "runs-on",
-    "timeout", "retry", "continue-on-error", "reuse", "unknown", "",
+    "timeout", "retry", "continue-on-error", "reuse", "unknown", "", "max-processes",
+    "max-memory", "parameters", "default", "required", "choices", "pattern", "description",
 ]  # fmt: skip
 NAMES = st.text(string.ascii_letters + string.digits + "_-", min_size=1, max_size=12)
 SCALARS = st.one_of(
@@ -71,7 +73,20 @@ STEPS = st.fixed_dictionaries(
         "timeout": st.integers(min_value=1, max_value=3600),
         "retry": st.integers(min_value=0, max_value=10),
         "continue-on-error": st.booleans(),
+        "max-processes": st.integers(min_value=1, max_value=10**6),
+        "max-memory": st.sampled_from(["1M", "64M", "2G", "1GiB", "1048576"]),
     },
+)
+PARAMETERS = st.one_of(
+    st.fixed_dictionaries({}, optional={"default": PLAIN, "description": PLAIN}),
+    st.fixed_dictionaries(
+        {"choices": st.lists(PLAIN, min_size=1, max_size=4, unique=True)},
+        optional={"required": st.booleans()},
+    ),
+    st.fixed_dictionaries(
+        {"pattern": st.sampled_from(["[a-z]+", "[0-9]{1,3}", ".*", "(a|b)+c?"])},
+        optional={"required": st.booleans()},
+    ),
 )
 
 
@@ -88,7 +103,9 @@ def pipelines(draw):
         at += size
     variables = draw(st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,8}", fullmatch=True),
                                      PLAIN, max_size=4))  # fmt: skip
-    return {"variables": variables, "stages": stages}
+    declared = draw(st.dictionaries(st.from_regex(r"P[A-Z0-9_]{0,8}", fullmatch=True),
+                                    PARAMETERS, max_size=3))  # fmt: skip
+    return {"variables": variables, "parameters": declared, "stages": stages}
 
 
 @CHECKS
@@ -103,3 +120,23 @@ def test_a_valid_pipeline_is_accepted_and_keeps_its_shape(pipeline):
         for job, given_job in zip(stage["jobs"], given_stage["jobs"], strict=True):
             runs = [step["run"] for step in job["steps"]]
             assert runs == [step["run"] for step in given_job["steps"]]
+
+
+@CHECKS
+@given(pipelines(), st.dictionaries(st.sampled_from(["PA", "PB", "PX", "A"]), PLAIN, max_size=3))
+def test_any_trigger_is_bound_or_refused_and_what_is_bound_is_allowed(pipeline, values):
+    spec = parse_definition(yaml.safe_dump(pipeline, allow_unicode=True))
+    try:
+        defaults = parameters.bind(spec, values)
+    except InvalidVariables as exc:
+        refused = exc.detail
+    else:
+        refused = None
+    if refused is not None:
+        assert refused.startswith("variables.")
+        return
+    declared = spec["parameters"]
+    for name, value in {**defaults, **values}.items():
+        if name in declared:
+            assert parameters.refusal(declared[name], value) is None
+    assert not declared or set(values) <= set(declared)
