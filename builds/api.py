@@ -78,8 +78,8 @@ class JobSerializer(serializers.ModelSerializer):
     class Meta:
         model = JobRun
         fields = [
-            "id", "key", "status", "attempt", "agent", "kept_workspace_on", "reason",
-            "started_at", "finished_at",
+            "id", "key", "status", "attempt", "agent", "kept_workspace_on", "timeout",
+            "reason", "started_at", "finished_at",
         ]  # fmt: skip
         fields += ["steps"]
 

@@ -6,7 +6,7 @@ nothing else escapes, whatever the input.
 
 import re
 from collections.abc import Iterable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -53,12 +53,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
 
+RETRY_ON = ("failure", "timeout")  # what a retry rule may retry: FAILED, TIMED_OUT
+MAX_RETRY_BACKOFF = 600  # seconds: the doubling wait between retries stops growing here
+
+
+class RetrySpec(_Strict):
+    """`retry: {max: 3, on: [failure], on-exit-codes: [1, 75], backoff: 10}`; `retry: N` is
+    `{max: N}`: any failure or timeout, at once."""
+
+    max: Annotated[int, Field(ge=0, le=10)]
+    on: Annotated[list[Literal[RETRY_ON]], Field(min_length=1)] = list(RETRY_ON)
+    on_exit_codes: (
+        Annotated[list[Annotated[int, Field(ge=1, le=255)]], Field(min_length=1, max_length=50)]
+        | None
+    ) = Field(default=None, alias="on-exit-codes")
+    backoff: Annotated[int, Field(ge=0, le=MAX_RETRY_BACKOFF)] = 0  # seconds, doubling
+
+    @model_validator(mode="after")
+    def _exit_codes_need_failure(self) -> "RetrySpec":
+        if self.on_exit_codes is not None and "failure" not in self.on:
+            raise ValueError("on-exit-codes: only a failure has an exit code; add it to `on`")
+        return self
+
+
 class StepSpec(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     run: Annotated[str, Field(min_length=1, max_length=64 * 1024)]
     timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
-    retry: Annotated[int, Field(ge=0, le=10)] = 0
+    retry: RetrySpec = RetrySpec(max=0)
     continue_on_error: bool = Field(default=False, alias="continue-on-error")
+
+    @field_validator("retry", mode="before")
+    @classmethod
+    def _retry_count(cls, value: Any) -> Any:
+        return value if isinstance(value, dict) else {"max": value}  # `retry: 2`
+
     max_processes: Annotated[int, Field(ge=1, le=MAX_STEP_PROCESSES)] | None = Field(
         default=None, alias="max-processes"
     )
@@ -82,6 +111,8 @@ class JobSpec(_Strict):
     )
     # Run on the agent that ran this job (of an earlier stage), in the same workspace.
     reuse: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = None
+    # All its steps together, automatic retries included (each step keeps its own too).
+    timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
     steps: Annotated[list[StepSpec], Field(min_length=1, max_length=MAX_STEPS_PER_JOB)]
 
 
@@ -294,12 +325,13 @@ def _normalize(spec: PipelineSpec) -> dict:
                         "id": job.id,
                         "runs_on": job.runs_on,
                         "reuse": job.reuse,
+                        "timeout": job.timeout,
                         "steps": [
                             {
                                 "name": step.name or f"step {n + 1}",
                                 "run": step.run,
                                 "timeout": step.timeout,
-                                "retry": step.retry,
+                                **_retry(step.retry),
                                 "continue_on_error": step.continue_on_error,
                                 "max_processes": step.max_processes,
                                 "max_memory": step.max_memory,
@@ -313,6 +345,15 @@ def _normalize(spec: PipelineSpec) -> dict:
             for stage in spec.stages
         ],
     }
+
+
+def _retry(retry: RetrySpec) -> dict:
+    """`retry` (the count) and `retry_rule` (what to retry and how long to wait; None, the
+    default: any failure or timeout, at once)."""
+    rule = {"on": sorted(set(retry.on)), "on_exit_codes": retry.on_exit_codes}
+    rule["backoff"] = retry.backoff
+    default = {"on": sorted(RETRY_ON), "on_exit_codes": None, "backoff": 0}
+    return {"retry": retry.max, "retry_rule": None if rule == default else rule}
 
 
 def is_reserved_variable_name(name: str) -> bool:

@@ -128,6 +128,8 @@ class JobRun(models.Model):
     # must run on; `takes_lease` marks that job, which leases its agent to the build.
     reuse_of = models.CharField(max_length=64, blank=True, default="")
     takes_lease = models.BooleanField(default=False)
+    # Seconds for all its steps together, per attempt; None: only each step's own timeout.
+    timeout = models.PositiveIntegerField(null=True, blank=True)
     # The agent keeping this job's workspace since it failed there, for its step retry
     # (AGENT_KEEP_FAILED_WORKSPACE_SECONDS); cleared when the job starts again.
     kept_workspace_on = models.CharField(max_length=100, blank=True, default="")
@@ -185,6 +187,9 @@ class StepRun(models.Model):
     command = models.TextField()
     timeout = models.PositiveIntegerField()
     max_retries = models.PositiveSmallIntegerField(default=0)
+    # What an automatic retry is for ({"on", "on_exit_codes", "backoff"}: builds.definition
+    # RetrySpec); None: any failure or timeout, at once.
+    retry_rule = models.JSONField(null=True, blank=True)
     continue_on_error = models.BooleanField(default=False)
     # The step's own limits; None takes the agent's default (AGENT_STEP_MAX_*).
     max_processes = models.PositiveIntegerField(null=True, blank=True)

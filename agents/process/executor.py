@@ -14,6 +14,7 @@ from django.db import InterfaceError, OperationalError, connection
 from agents.process import containment, orphans, workspaces
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
+from builds.definition import MAX_RETRY_BACKOFF
 from builds.errors import BuildVariablesMissing
 from builds.models import JobRun, StepRun
 from builds.statuses import RunStatus
@@ -173,6 +174,8 @@ class JobExecution:
         self.keep_workspace = agent.keep_workspace  # (build id, path): for the build's lease
         self.containment, self.step_user = agent.containment, agent.step_user
         self.cause = ""  # why the last step failed, when its exit code does not say
+        # The job's timeout (all its steps together), by this process's monotonic clock.
+        self.deadline = time.monotonic() + job.timeout if job.timeout else None
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
         self.variables = services.build_variables(job.build_id)
@@ -214,6 +217,21 @@ class JobExecution:
                 return status, f"step {step.name!r} ended {status}{cause}"
         return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
 
+    def retries(self, step: StepRun, status: str, outcome: StepOutcome, wait: float) -> bool:
+        """Whether the step's retry rule retries this ending, `wait` seconds from now (within
+        the job's time)."""
+        if self.deadline is not None and time.monotonic() + wait >= self.deadline:
+            return False
+        if outcome.exit_code is None and not outcome.timed_out:
+            return False  # not run (a limit this agent cannot enforce): it would not again
+        rule = step.retry_rule or {"on": ["failure", "timeout"], "on_exit_codes": None}
+        if status == RunStatus.TIMED_OUT:
+            return "timeout" in rule["on"]
+        if status != RunStatus.FAILED or "failure" not in rule["on"]:
+            return False
+        codes = rule["on_exit_codes"]
+        return codes is None or outcome.exit_code in codes
+
     def put_away(self, status: str) -> None:
         """The workspace after the job: the build's later jobs work in a leased one (kept till
         the lease ends); a failed job's is kept a while for its step retry (the server records
@@ -249,14 +267,21 @@ class JobExecution:
                 metrics.AGENT_STEP_SECONDS.labels(self.job.agent).observe(
                     time.monotonic() - started
                 )
-                if status not in (RunStatus.SUCCEEDED, RunStatus.CANCELED) and retries_left > 0:
-                    retrying = f"[ciproject] retrying automatically ({retries_left} left)\n"
+                wait = backoff(step.retry_rule, step.max_retries - retries_left)
+                if retries_left > 0 and self.retries(step, status, outcome, wait):
+                    retrying = (
+                        f"[ciproject] retrying automatically{f' in {wait} s' if wait else ''}"
+                        f" ({retries_left} left)\n"
+                    )
                     writer.write(notice + retrying, final=True)
-                    if not persist(services.next_attempt, step):
-                        return None
-                    log.info("step %s: %s; retrying automatically", step.pk, status)
-                    retries_left -= 1
-                    continue
+                    # A stop meanwhile (a cancel) records this attempt's end, CANCELED.
+                    if not self.stop.wait(wait):
+                        if not persist(services.next_attempt, step):
+                            return None
+                        log.info("step %s: %s; retrying automatically", step.pk, status)
+                        retries_left -= 1
+                        continue
+                    notice = ""
                 writer.write(notice, final=True)
                 recorded = persist(
                     services.finish_step,
@@ -296,6 +321,13 @@ class JobExecution:
                 writer.write(output.take())
             return self.stop.is_set()
 
+        timeout, by_job = step.timeout, False
+        if self.deadline is not None and self.deadline - time.monotonic() < timeout:
+            timeout, by_job = max(0.0, self.deadline - time.monotonic()), True
+        if by_job and timeout <= 0:  # nothing left of the job's time: not started
+            cause = f"the job's timeout of {self.job.timeout} s ran out"
+            outcome = StepOutcome(exit_code=None, timed_out=True, cause=cause)
+            return outcome, f"[ciproject] not run: {cause}\n"
         limits = limits_for(step)
         name = f"job-{self.job.pk}-{self.job.attempt}-step-{step.pk}-{step.attempt}"
         try:
@@ -308,7 +340,7 @@ class JobExecution:
             step.command,
             cwd=str(self.workspace),
             env=env,
-            timeout=step.timeout,
+            timeout=timeout,
             output=output,
             grace=settings.STEP_KILL_GRACE_SECONDS,
             on_tick=on_tick,
@@ -323,11 +355,21 @@ class JobExecution:
         notice += _limits_notice(outcome, limits)
         if outcome.stopped:
             notice += "[ciproject] cancelled: the step's processes were stopped\n"
+        elif outcome.timed_out and by_job:
+            outcome.cause = f"the job's timeout of {self.job.timeout} s ran out"
+            notice += f"[ciproject] timed out: {outcome.cause}; its processes were killed\n"
         elif outcome.timed_out:
             notice += f"[ciproject] timed out after {step.timeout} s; its processes were killed\n"
         else:
             notice += f"[ciproject] exit code {outcome.exit_code} after {elapsed:.1f} s\n"
         return outcome, notice
+
+
+def backoff(rule: dict | None, retried: int) -> int:
+    """Seconds before the next automatic retry: the rule's backoff, doubling with each
+    retry, at most MAX_RETRY_BACKOFF."""
+    first = (rule or {}).get("backoff", 0)
+    return min(first * 2**retried, MAX_RETRY_BACKOFF) if first else 0
 
 
 def limits_for(step: StepRun | None) -> containment.Limits:
@@ -354,7 +396,7 @@ def _limits_notice(outcome: StepOutcome, limits: containment.Limits) -> str:
 def _status_of(outcome: StepOutcome) -> str:
     if outcome.stopped:
         return RunStatus.CANCELED
-    if outcome.timed_out:
+    if outcome.timed_out:  # its own timeout, or its job's
         return RunStatus.TIMED_OUT
     if outcome.cause:  # refused, or out of memory: whatever its exit code
         return RunStatus.FAILED

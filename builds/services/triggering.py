@@ -191,6 +191,7 @@ def _create_tree(build: Build, spec: dict) -> None:
                 runs_on=job_spec["runs_on"],
                 reuse_of=root(key) if reuse.get(key) else "",
                 takes_lease=key in leased,
+                timeout=job_spec.get("timeout"),  # absent from definitions stored before
             )
             jobs.append(job)
             steps.extend((job, index, s) for index, s in enumerate(job_spec["steps"]))
@@ -203,6 +204,7 @@ def _create_tree(build: Build, spec: dict) -> None:
             command=s["run"],
             timeout=s["timeout"],
             max_retries=s["retry"],
+            retry_rule=s.get("retry_rule"),
             continue_on_error=s["continue_on_error"],
             max_processes=s.get("max_processes"),  # absent from definitions stored before
             max_memory=s.get("max_memory"),

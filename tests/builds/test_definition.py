@@ -38,12 +38,14 @@ def test_valid_definition_is_normalized():
         "run": 'echo "$GREETING"',
         "timeout": 300,
         "retry": 1,
+        "retry_rule": None,
         "continue_on_error": False,
         "max_processes": None,
         "max_memory": None,
     }
     assert compile_job["steps"][1]["name"] == "step 2"
     assert compile_job["steps"][1]["timeout"] == 3600
+    assert compile_job["timeout"] is None  # none of its own: each step's only
     unit = spec["stages"][1]["jobs"][0]
     assert (unit["runs_on"], unit["steps"][0]["retry"]) == ("default", 0)
 
@@ -87,6 +89,10 @@ def test_valid_definition_is_normalized():
             "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
             "          - run: x\n            max-memory: 512K",
             "stages[0].jobs[0].steps[0].max-memory: '512K' is out of range: from 1M to 1T",
+        ),
+        (
+            "stages:\n  - name: s\n    jobs:\n      - {id: a, timeout: 0, steps: [{run: x}]}",
+            "stages[0].jobs[0].timeout",
         ),
         (
             "stages:\n  - name: s\n    jobs:\n      - id: a b\n        steps: [{run: x}]",
@@ -139,6 +145,45 @@ def test_step_limits_are_normalized(written, size):
     )
     step = spec["stages"][0]["jobs"][0]["steps"][0]
     assert (step["max_memory"], step["max_processes"]) == (size, 64)
+
+
+@pytest.mark.parametrize(
+    ("retry", "count", "rule"),
+    [
+        ("2", 2, None),
+        ("{max: 2}", 2, None),
+        ("{max: 3, on-exit-codes: [75, 1], backoff: 10}", 3,
+         {"on": ["failure", "timeout"], "on_exit_codes": [75, 1], "backoff": 10}),
+        ("{max: 1, on: [timeout]}", 1, {"on": ["timeout"], "on_exit_codes": None, "backoff": 0}),
+    ],
+)  # fmt: skip
+def test_retry_rules_are_normalized(retry, count, rule):
+    spec = parse_definition(
+        "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+        f"          - run: x\n            retry: {retry}"
+    )
+    step = spec["stages"][0]["jobs"][0]["steps"][0]
+    assert (step["retry"], step["retry_rule"]) == (count, rule)
+
+
+@pytest.mark.parametrize(
+    ("retry", "detail"),
+    [
+        ("{max: 3, on: [agent-lost]}", "retry.on[0]: Input should be 'failure' or 'timeout'"),
+        ("{max: 3, on: [timeout], on-exit-codes: [1]}", "retry: on-exit-codes: only a failure"),
+        ("{on: [failure]}", "retry.max: required"),
+        ("{max: 2, on-exit-codes: [256]}", "retry.on-exit-codes[0]"),
+        ("{max: 2, backoff: 601}", "retry.backoff"),
+        ("{max: 2, jitter: 1}", "retry.jitter: unknown key"),
+    ],
+)
+def test_invalid_retry_rules_name_the_place(retry, detail):
+    with pytest.raises(InvalidPipeline) as refused:
+        parse_definition(
+            "stages:\n  - name: s\n    jobs:\n      - id: a\n        steps:\n"
+            f"          - run: x\n            retry: {retry}"
+        )
+    assert refused.value.detail.startswith(f"stages[0].jobs[0].steps[0].{detail}")
 
 
 def test_scalars_are_read_as_written():

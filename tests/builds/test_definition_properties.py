@@ -71,7 +71,16 @@ STEPS = st.fixed_dictionaries(
     {"run": PLAIN.filter(str.strip)},
     optional={
         "timeout": st.integers(min_value=1, max_value=3600),
-        "retry": st.integers(min_value=0, max_value=10),
+        "retry": st.one_of(
+            st.integers(min_value=0, max_value=10),
+            st.fixed_dictionaries(
+                {"max": st.integers(min_value=0, max_value=10)},
+                optional={
+                    "on": st.sampled_from([["failure"], ["timeout"], ["failure", "timeout"]]),
+                    "backoff": st.integers(min_value=0, max_value=600),
+                },
+            ),
+        ),
         "continue-on-error": st.booleans(),
         "max-processes": st.integers(min_value=1, max_value=10**6),
         "max-memory": st.sampled_from(["1M", "64M", "2G", "1GiB", "1048576"]),
@@ -97,7 +106,8 @@ def pipelines(draw):
     stages, at = [], 0
     while at < len(ids):
         size = draw(st.integers(min_value=1, max_value=len(ids) - at))
-        jobs = [{"id": i, "steps": draw(st.lists(STEPS, min_size=1, max_size=3))}
+        jobs = [{"id": i, "steps": draw(st.lists(STEPS, min_size=1, max_size=3)),
+                 **draw(st.fixed_dictionaries({}, optional={"timeout": st.integers(1, 3600)}))}
                 for i in ids[at : at + size]]  # fmt: skip
         stages.append({"name": f"stage{len(stages)}", "jobs": jobs})
         at += size
