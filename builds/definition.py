@@ -62,7 +62,9 @@ class RetrySpec(_Strict):
     `{max: N}`: any failure or timeout, at once."""
 
     max: Annotated[int, Field(ge=0, le=10)]
-    on: Annotated[list[Literal[RETRY_ON]], Field(min_length=1)] = list(RETRY_ON)
+    on: Annotated[list[Literal[RETRY_ON]], Field(min_length=1)] = Field(
+        default_factory=lambda: list(RETRY_ON)
+    )
     on_exit_codes: (
         Annotated[list[Annotated[int, Field(ge=1, le=255)]], Field(min_length=1, max_length=50)]
         | None
@@ -80,7 +82,7 @@ class StepSpec(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     run: Annotated[str, Field(min_length=1, max_length=64 * 1024)]
     timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
-    retry: RetrySpec = RetrySpec(max=0)
+    retry: RetrySpec = Field(default_factory=lambda: RetrySpec(max=0))
     continue_on_error: bool = Field(default=False, alias="continue-on-error")
 
     @field_validator("retry", mode="before")

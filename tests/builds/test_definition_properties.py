@@ -76,7 +76,9 @@ STEPS = st.fixed_dictionaries(
             st.fixed_dictionaries(
                 {"max": st.integers(min_value=0, max_value=10)},
                 optional={
-                    "on": st.sampled_from([["failure"], ["timeout"], ["failure", "timeout"]]),
+                    "on": st.sampled_from([("failure",), ("timeout",), ("failure", "timeout")]).map(
+                        list
+                    ),
                     "backoff": st.integers(min_value=0, max_value=600),
                 },
             ),
