@@ -113,7 +113,8 @@ def pipelines(draw):
                 for i in ids[at : at + size]]  # fmt: skip
         stages.append({"name": f"stage{len(stages)}", "jobs": jobs})
         at += size
-    variables = draw(st.dictionaries(st.from_regex(r"[A-Z][A-Z0-9_]{0,8}", fullmatch=True),
+    # Variables never start with P, which parameters do: a name is one or the other.
+    variables = draw(st.dictionaries(st.from_regex(r"[A-OQ-Z][A-Z0-9_]{0,8}", fullmatch=True),
                                      PLAIN, max_size=4))  # fmt: skip
     declared = draw(st.dictionaries(st.from_regex(r"P[A-Z0-9_]{0,8}", fullmatch=True),
                                     PARAMETERS, max_size=3))  # fmt: skip
