@@ -70,6 +70,8 @@ class StepSerializer(serializers.ModelSerializer):
     class Meta:
         model = StepRun
         fields = ["id", "name", "status", "attempt", "exit_code", "started_at", "finished_at"]
+        # What the definition set: its timeout, automatic retries (and their rule), limits.
+        fields += ["timeout", "max_retries", "retry_rule", "max_processes", "max_memory"]
 
 
 class JobSerializer(serializers.ModelSerializer):

@@ -5,6 +5,8 @@ tools behave (NODE_OPTIONS, GIT_CONFIG_*, PYTHONPATH, ...), nor a value outside 
 or the pattern. Patterns are RE2 (google-re2): matched in linear time, whatever the value, so
 no pattern makes a trigger slow."""
 
+import functools
+
 import re2
 
 from builds.errors import InvalidVariables
@@ -13,6 +15,7 @@ MAX_PATTERN = 500
 MAX_CHOICES = 100
 
 
+@functools.lru_cache(maxsize=256)
 def compile_pattern(pattern: str):
     """The pattern compiled, or ValueError saying why not (RE2 has no backreferences nor
     lookaround)."""

@@ -13,6 +13,7 @@ from agents.models import Agent, AgentStatus
 from builds import services
 from builds.models import Build, JobRun, Pipeline, StepLogChunk, StepRun
 from concurrency.models import ConcurrencyPolicy
+from tests.support import client_for
 
 DEFINITION = """\
 variables:
@@ -537,3 +538,25 @@ def test_retry_step_is_post_only_and_needs_the_permission(client, admin_client, 
     )
     assert client.post(retry_url(build.pk, step.pk)).status_code == 302
     assert StepRun.objects.get(pk=step.pk).attempt == 2
+
+
+def test_build_page_shows_what_the_definition_set_for_jobs_and_steps(admin_client):
+    pipeline = services.save_pipeline(
+        "settings",
+        "stages:\n  - name: s\n    jobs:\n      - id: j\n        timeout: 30\n        steps:\n"
+        "          - run: 'true'\n            timeout: 20\n"
+        "            retry: {max: 3, on: [failure], on-exit-codes: [75], backoff: 5}\n"
+        "            max-memory: 64M\n            max-processes: 50\n",
+    )
+    build = services.trigger_build(pipeline)
+    page = admin_client.get(reverse("admin:builds_build_change", args=(build.pk,))).text
+    assert "(runs-on default, timeout 30 s)" in page
+    assert (
+        "timeout 20 s, retry 3 on failure (exit codes 75), backoff 5 s, max-processes 50,"
+        " max-memory 64.0\xa0MB"
+    ) in page
+    api = client_for("builds.view_build").get(f"/api/builds/{build.pk}/").json()
+    job = api["stages"][0]["jobs"][0]
+    assert job["timeout"] == 30
+    assert job["steps"][0]["retry_rule"] == {"on": ["failure"], "on_exit_codes": [75], "backoff": 5}
+    assert (job["steps"][0]["max_memory"], job["steps"][0]["max_processes"]) == (64 * 1024**2, 50)

@@ -153,6 +153,11 @@ def test_trigger_creates_the_status_tree(api, pipeline):
         "exit_code": None,
         "started_at": None,
         "finished_at": None,
+        "timeout": 3600,
+        "max_retries": 0,
+        "retry_rule": None,
+        "max_processes": None,
+        "max_memory": None,
     }
     assert [len(j["steps"]) for j in detail["stages"][1]["jobs"]] == [2, 1]
     second = api.post(f"/api/pipelines/{pipeline.pk}/builds/", {}, format="json").json()
