@@ -415,8 +415,14 @@ def _v2_controller(subtree: Path, name: str) -> Controller | None:
 
 
 def _v1_controller(name: str, subtree_name: str) -> Controller:
-    """The controller's cgroup v1 hierarchy, where one is mounted: the agent's subtree there,
-    under this process's own cgroup in it."""
+    """The controller's cgroup v1 hierarchy, where one is mounted: the agent's subtree there."""
+    base = _v1_own_cgroup(name) / subtree_name
+    base.mkdir(exist_ok=True)
+    return Controller(name, base)
+
+
+def _v1_own_cgroup(name: str) -> Path:
+    """This process's own cgroup in the cgroup v1 hierarchy of controller `name`."""
     mount = next((m[1] for m in _mounts() if m[2] == "cgroup" and name in m[3].split(",")), None)
     if mount is None:
         raise OSError(
@@ -426,9 +432,7 @@ def _v1_controller(name: str, subtree_name: str) -> Controller:
     own = next(
         (f[2] for f in (line.split(":", 2) for line in lines) if name in f[1].split(",")), "/"
     )
-    base = Path(mount) / own.lstrip("/") / subtree_name
-    base.mkdir(exist_ok=True)
-    return Controller(name, base)
+    return Path(mount) / own.lstrip("/")
 
 
 def _mounts() -> list[list[str]]:
@@ -469,8 +473,7 @@ def remove_subtrees(workspace_root: Path, root: str = "") -> list[Path]:
         subtree.rmdir()
     for name in ("pids", "memory"):
         with contextlib.suppress(OSError):
-            v1_base = _v1_controller(name, "probe").v1.parent
-            (v1_base / "probe").rmdir()
+            v1_base = _v1_own_cgroup(name)
             for subtree in v1_base.glob(_subtree_name("*", workspace_root)):
                 for path in [*subtree.iterdir(), subtree]:
                     if path.is_dir():

@@ -1,10 +1,11 @@
-"""Runs one step attempt: a shell command in its own process group (and its own cgroup, where
-the agent has them: agents.process.containment), its output captured.
+"""Runs one step attempt: a shell command in its own process group, inside its box (its cgroup,
+or its group and token: agents.process.containment), as its step user if the agent has one,
+its output captured.
 
-The command runs as `bash -eo pipefail -c RUN` in a new session, so the step and everything
-it starts share one process group; a timeout (or, when the step's main process exits, any
-process it left behind) is ended by SIGTERM to the whole group (or cgroup), then SIGKILL
-(cgroup.kill) after a grace period. Variables reach the step only through its environment.
+The command runs as `bash -eo pipefail -c RUN` in a new session; a timeout, a stop (or, when
+the step's main process exits, any process it left behind) is ended by the box: SIGTERM to
+all of the step, then SIGKILL (cgroup.kill) after a grace period. Variables reach the step
+only through its environment.
 """
 
 import os
