@@ -45,7 +45,7 @@ class PipelineSerializer(serializers.ModelSerializer):
         extra_kwargs = {"definition": {"trim_whitespace": False}, "name": {"validators": []}}
 
     def get_parameters(self, pipeline) -> dict:
-        return (pipeline.spec or {}).get("parameters", {})
+        return pipeline.parameters
 
     def create(self, validated_data):
         return services.save_pipeline(validated_data["name"], validated_data["definition"])

@@ -55,6 +55,8 @@ class _Strict(BaseModel):
 
 RETRY_ON = ("failure", "timeout")  # what a retry rule may retry: FAILED, TIMED_OUT
 MAX_RETRY_BACKOFF = 600  # seconds: the doubling wait between retries stops growing here
+# `retry: N`'s rule (stored as None): any failure or timeout, at once.
+DEFAULT_RETRY_RULE = {"on": sorted(RETRY_ON), "on_exit_codes": None, "backoff": 0}
 
 
 class RetrySpec(_Strict):
@@ -170,7 +172,10 @@ class ParameterSpec(_Strict):
 
 
 def _text(value: Scalar) -> str:
-    return normalize_variables({"value": value}, "value")["value"]
+    try:
+        return scalar_text(value)
+    except InvalidVariables as exc:
+        raise ValueError(exc.detail) from None
 
 
 class PipelineSpec(_Strict):
@@ -354,8 +359,7 @@ def _retry(retry: RetrySpec) -> dict:
     default: any failure or timeout, at once)."""
     rule = {"on": sorted(set(retry.on)), "on_exit_codes": retry.on_exit_codes}
     rule["backoff"] = retry.backoff
-    default = {"on": sorted(RETRY_ON), "on_exit_codes": None, "backoff": 0}
-    return {"retry": retry.max, "retry_rule": None if rule == default else rule}
+    return {"retry": retry.max, "retry_rule": None if rule == DEFAULT_RETRY_RULE else rule}
 
 
 def is_reserved_variable_name(name: str) -> bool:
@@ -384,25 +388,33 @@ def normalize_variables(variables: Any, where: str = "variables") -> dict[str, s
                 " the agent or change how the shell runs; pipeline_id and pipeline_name by the"
                 " server)"
             )
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif isinstance(value, int | float):
-            value = str(value)
-        elif not isinstance(value, str):
-            raise InvalidVariables(f"{where}.{name}: must be a string, number or boolean")
-        if "\x00" in value:
-            raise InvalidVariables(f"{where}.{name}: contains a NUL byte")
-        try:
-            size = len(value.encode("utf-8"))
-        except UnicodeEncodeError:
-            raise InvalidVariables(f"{where}.{name}: not valid UTF-8 text") from None
-        if size > MAX_VARIABLE_VALUE:
-            raise InvalidVariables(f"{where}.{name}: value larger than {MAX_VARIABLE_VALUE} bytes")
-        total += size + len(name)
+        value = scalar_text(value, f"{where}.{name}")
+        total += len(value.encode("utf-8")) + len(name)
         result[name] = value
     if total > MAX_VARIABLES_TOTAL:
         raise InvalidVariables(f"{where}: {total} bytes in all; at most {MAX_VARIABLES_TOTAL}")
     return result
+
+
+def scalar_text(value: Any, where: str = "") -> str:
+    """A variable's value as text (booleans as true and false); InvalidVariables, prefixed
+    with `where`, for anything a variable cannot hold."""
+    place = f"{where}: " if where else ""
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, int | float):
+        value = str(value)
+    elif not isinstance(value, str):
+        raise InvalidVariables(f"{place}must be a string, number or boolean")
+    if "\x00" in value:
+        raise InvalidVariables(f"{place}contains a NUL byte")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidVariables(f"{place}not valid UTF-8 text") from None
+    if size > MAX_VARIABLE_VALUE:
+        raise InvalidVariables(f"{place}value larger than {MAX_VARIABLE_VALUE} bytes")
+    return value
 
 
 def parse_assignments(

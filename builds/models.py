@@ -28,6 +28,11 @@ class Pipeline(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @property
+    def parameters(self) -> dict:
+        """What a trigger may set, by name (builds.parameters); empty: any variable."""
+        return (self.spec or {}).get("parameters", {})
+
 
 class Build(models.Model):
     pipeline = models.ForeignKey(Pipeline, on_delete=models.PROTECT, related_name="builds")

@@ -43,7 +43,6 @@ EMPTY_WAIT_SECONDS = 10  # after the last kill, how long the kernel gets to end 
 ENTER = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done; shift; exec "$@"'
 TOKEN_VARIABLE = "CI_STEP_TOKEN"
 PR_SET_CHILD_SUBREAPER = 36
-TRIAL_LIMITS = {"pids": 1000, "memory": 1024**3}  # generous: the trial step is `sleep`
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,8 @@ class Limits:
 
 
 NO_LIMITS = Limits()
+# Each controller's trial at the agent's start: generous, the trial step is `sleep`.
+TRIAL_LIMITS = {"pids": Limits(processes=1000), "memory": Limits(memory=1024**3)}
 OPTION = {"pids": "max-processes", "memory": "max-memory"}
 
 
@@ -284,7 +285,7 @@ class TokenBox:
         seen: set[int] = set()
         try:
             if not self._signal_until_gone(proc, signal.SIGTERM, grace, seen):
-                self._signal_until_gone(proc, signal.SIGKILL, EMPTY_WAIT_SECONDS, set(seen))
+                self._signal_until_gone(proc, signal.SIGKILL, EMPTY_WAIT_SECONDS, seen)
             proc.wait()
         finally:
             with _leaders_lock:
@@ -367,20 +368,27 @@ def detect(agent: str, workspace_root: Path, root: str = "") -> "Cgroups | Proce
         subtree.mkdir(exist_ok=True)
         if not (subtree / "cgroup.kill").exists():
             return _fallback(f"{subtree} has no cgroup.kill (Linux 5.14 or later)")
-        cgroups = Cgroups(subtree)
-        cgroups.reap()
-        _trial(cgroups, NO_LIMITS)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+    except OSError as exc:
         return _fallback(f"no cgroup to use: {exc}")
-    for name, limits in (("pids", Limits(processes=1000)), ("memory", Limits(memory=1024**3))):
-        try:  # generous limits: the trial step is `sleep`
+    cgroups = Cgroups(subtree)
+    for name in TRIAL_LIMITS:
+        try:
             cgroups.controllers[name] = _v2_controller(subtree, name) or _v1_controller(
                 name, subtree.name
             )
-            cgroups.reap()  # (and the v1 cgroups left by its previous life)
-            _trial(cgroups, limits)
+        except OSError as exc:
+            cgroups.missing[name] = str(exc)
+    try:
+        cgroups.reap()  # what its previous life left, v1 limit cgroups included
+        _trial(cgroups, NO_LIMITS)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        cgroups.close()
+        return _fallback(f"no cgroup to use: {exc}")
+    for name in list(cgroups.controllers):
+        try:
+            _trial(cgroups, TRIAL_LIMITS[name])
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            cgroups.controllers.pop(name, None)
+            del cgroups.controllers[name]
             cgroups.missing[name] = str(exc)
     return cgroups
 

@@ -14,7 +14,7 @@ from django.db import InterfaceError, OperationalError, connection
 from agents.process import containment, orphans, workspaces
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
 from builds import services
-from builds.definition import MAX_RETRY_BACKOFF
+from builds.definition import DEFAULT_RETRY_RULE, MAX_RETRY_BACKOFF
 from builds.errors import BuildVariablesMissing
 from builds.models import JobRun, StepRun
 from builds.statuses import RunStatus
@@ -224,7 +224,7 @@ class JobExecution:
             return False
         if outcome.exit_code is None and not outcome.timed_out:
             return False  # not run (a limit this agent cannot enforce): it would not again
-        rule = step.retry_rule or {"on": ["failure", "timeout"], "on_exit_codes": None}
+        rule = step.retry_rule or DEFAULT_RETRY_RULE
         if status == RunStatus.TIMED_OUT:
             return "timeout" in rule["on"]
         if status != RunStatus.FAILED or "failure" not in rule["on"]:
@@ -322,12 +322,12 @@ class JobExecution:
             return self.stop.is_set()
 
         timeout, by_job = step.timeout, False
-        if self.deadline is not None and self.deadline - time.monotonic() < timeout:
-            timeout, by_job = max(0.0, self.deadline - time.monotonic()), True
+        job_cause = f"the job's timeout of {self.job.timeout} s ran out"
+        if self.deadline is not None and (left := self.deadline - time.monotonic()) < timeout:
+            timeout, by_job = max(0.0, left), True
         if by_job and timeout <= 0:  # nothing left of the job's time: not started
-            cause = f"the job's timeout of {self.job.timeout} s ran out"
-            outcome = StepOutcome(exit_code=None, timed_out=True, cause=cause)
-            return outcome, f"[ciproject] not run: {cause}\n"
+            outcome = StepOutcome(exit_code=None, timed_out=True, cause=job_cause)
+            return outcome, f"[ciproject] not run: {job_cause}\n"
         limits = limits_for(step)
         name = f"job-{self.job.pk}-{self.job.attempt}-step-{step.pk}-{step.attempt}"
         try:
@@ -356,7 +356,7 @@ class JobExecution:
         if outcome.stopped:
             notice += "[ciproject] cancelled: the step's processes were stopped\n"
         elif outcome.timed_out and by_job:
-            outcome.cause = f"the job's timeout of {self.job.timeout} s ran out"
+            outcome.cause = job_cause
             notice += f"[ciproject] timed out: {outcome.cause}; its processes were killed\n"
         elif outcome.timed_out:
             notice += f"[ciproject] timed out after {step.timeout} s; its processes were killed\n"
@@ -368,7 +368,7 @@ class JobExecution:
 def backoff(rule: dict | None, retried: int) -> int:
     """Seconds before the next automatic retry: the rule's backoff, doubling with each
     retry, at most MAX_RETRY_BACKOFF."""
-    first = (rule or {}).get("backoff", 0)
+    first = (rule or DEFAULT_RETRY_RULE)["backoff"]
     return min(first * 2**retried, MAX_RETRY_BACKOFF) if first else 0
 
 

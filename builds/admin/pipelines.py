@@ -191,7 +191,7 @@ class PipelineAdmin(admin.ModelAdmin):
         if not self.has_trigger_permission(request):
             raise PermissionDenied
         pipeline = get_object_or_404(Pipeline, pk=pipeline_id)
-        declared = (pipeline.spec or {}).get("parameters", {})
+        declared = pipeline.parameters
         if request.method == "POST":
             form = TriggerForm(request.POST, parameters=declared)
         else:
