@@ -64,14 +64,24 @@ class TriggerSerializer(serializers.Serializer):
     variables = serializers.JSONField(
         required=False, default=dict, allow_null=True, help_text="names to scalar values"
     )
+    priority = serializers.IntegerField(
+        required=False,
+        default=None,
+        allow_null=True,
+        help_text="its place in its concurrency group's queue, higher first: from 0 to the"
+        " pipeline's max-priority (null: the pipeline's priority)",
+    )
 
 
 class StepSerializer(serializers.ModelSerializer):
     class Meta:
         model = StepRun
-        fields = ["id", "name", "status", "attempt", "exit_code", "started_at", "finished_at"]
-        # What the definition set: its timeout, automatic retries (and their rule), limits.
-        fields += ["timeout", "max_retries", "retry_rule", "max_processes", "max_memory"]
+        fields = ["id", "name", "status", "attempt", "exit_code", "reason", "started_at"]
+        fields += ["finished_at"]
+        # What the definition set: its condition, timeout, automatic retries (and their
+        # rule), limits.
+        fields += ["condition", "timeout", "max_retries", "retry_rule", "max_processes"]
+        fields += ["max_memory"]
 
 
 class JobSerializer(serializers.ModelSerializer):
@@ -82,6 +92,9 @@ class JobSerializer(serializers.ModelSerializer):
         fields = [
             "id", "key", "status", "attempt", "agent", "kept_workspace_on", "timeout",
             "reason", "started_at", "finished_at",
+            # Its order (builds.dag): the jobs it needs (null: the earlier stages), its
+            # condition, and a matrix run's job and values.
+            "needs", "condition", "matrix_of", "matrix",
         ]  # fmt: skip
         fields += ["steps"]
 
@@ -105,8 +118,8 @@ class CancelSerializer(serializers.Serializer):
 class BuildSummarySerializer(serializers.ModelSerializer):
     class Meta:
         model = Build
-        fields = ["id", "number", "pipeline", "status", "attempt", "created_at", "started_at"]
-        fields += ["finished_at"]
+        fields = ["id", "number", "pipeline", "status", "attempt", "priority", "created_at"]
+        fields += ["started_at", "finished_at"]
 
 
 class BuildSerializer(BuildSummarySerializer):
@@ -189,6 +202,7 @@ class PipelineViewSet(
             trigger.validated_data["variables"],
             request.user,
             idempotency_key=request.headers.get("Idempotency-Key", ""),
+            priority=trigger.validated_data["priority"],
         )
         if replayed:
             headers = {"Idempotent-Replayed": "true"}

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from builds import parameters
+from builds import conditions, dag, matrix, parameters
 from builds.errors import InvalidPipeline, InvalidVariables
 from ciproject.sizes import parse_size
 from concurrency import keys
@@ -19,8 +19,11 @@ from concurrency import keys
 MAX_DEFINITION_BYTES = 256 * 1024
 MAX_STAGES = 50
 MAX_JOBS = 500
+MAX_JOB_RUNS = 1000  # with every combination of the matrices
+DEFAULT_CLEANUP_TIMEOUT, MAX_CLEANUP_TIMEOUT = 300, 3600  # seconds
 MAX_STEPS_PER_JOB = 100
 MAX_VARIABLES = 200
+MAX_PRIORITY = 100  # a build's priority in its concurrency group's queue: 0..100
 MAX_VARIABLE_NAME = 128
 MAX_VARIABLE_VALUE = 32 * 1024
 MAX_VARIABLES_TOTAL = 256 * 1024
@@ -80,9 +83,20 @@ class RetrySpec(_Strict):
         return self
 
 
+def _condition(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return conditions.parse(value).text
+    except conditions.InvalidCondition as exc:
+        raise ValueError(str(exc)) from None
+
+
 class StepSpec(_Strict):
     name: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     run: Annotated[str, Field(min_length=1, max_length=64 * 1024)]
+    if_: str | None = Field(default=None, alias="if")
+    _if = field_validator("if_", mode="before")(_condition)
     timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
     retry: RetrySpec = Field(default_factory=lambda: RetrySpec(max=0))
     continue_on_error: bool = Field(default=False, alias="continue-on-error")
@@ -110,14 +124,64 @@ class StepSpec(_Strict):
 
 class JobSpec(_Strict):
     id: Annotated[str, Field(pattern=JOB_ID_PATTERN)]
-    runs_on: Annotated[str, Field(pattern=LABEL_PATTERN)] = Field(
-        default="default", alias="runs-on"
-    )
-    # Run on the agent that ran this job (of an earlier stage), in the same workspace.
+    # A label; a matrix job's may name its axes: `linux-${matrix.db}`.
+    runs_on: Annotated[str, Field(max_length=200)] = Field(default="default", alias="runs-on")
+    # What it waits for (None: every job of the earlier stages); any job of its own stage or
+    # an earlier one.
+    needs: (
+        Annotated[list[Annotated[str, Field(pattern=JOB_ID_PATTERN)]], Field(max_length=MAX_JOBS)]
+        | None
+    ) = None
+    if_: str | None = Field(default=None, alias="if")
+    _if = field_validator("if_", mode="before")(_condition)
+    # Run on the agent that ran this job (one it waits for), in the same workspace.
     reuse: Annotated[str, Field(pattern=JOB_ID_PATTERN)] | None = None
     # All its steps together, automatic retries included (each step keeps its own too).
     timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] | None = None
+    # What its steps that run after a cancel (always(), cancelled()) may take, together.
+    cleanup_timeout: Annotated[int, Field(ge=1, le=MAX_CLEANUP_TIMEOUT)] = Field(
+        default=DEFAULT_CLEANUP_TIMEOUT, alias="cleanup-timeout"
+    )
+    # Expanded into its runs (builds.matrix.expand).
+    matrix: dict[str, Any] | None = None
     steps: Annotated[list[StepSpec], Field(min_length=1, max_length=MAX_STEPS_PER_JOB)]
+
+    @field_validator("runs_on")
+    @classmethod
+    def _label(cls, value: str) -> str:
+        if not re.fullmatch(LABEL_PATTERN, matrix.REFERENCE_RE.sub("x", value)):
+            raise ValueError(
+                f"{value!r} is not a label (letters, digits, _ . -, up to 64), with"
+                " ${matrix.NAME} where a matrix job's label takes its values"
+            )
+        return value
+
+    @field_validator("needs")
+    @classmethod
+    def _needs_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("a job is listed twice")
+        return value
+
+    @field_validator("matrix", mode="before")
+    @classmethod
+    def _matrix(cls, value: Any, info) -> dict | None:
+        if value is None:
+            return None
+        if "id" not in info.data or "runs_on" not in info.data:
+            raise ValueError("needs a valid id and runs-on")
+        return matrix.expand(value, info.data["id"], info.data["runs_on"], _text)
+
+    @model_validator(mode="after")
+    def _labels(self) -> "JobSpec":
+        runs = self.matrix["runs"] if self.matrix else [{"runs_on": self.runs_on}]
+        for run in runs:
+            if not re.fullmatch(LABEL_PATTERN, run["runs_on"]):
+                raise ValueError(
+                    f"runs-on: {run['runs_on']!r} is not a label"
+                    + (" (${matrix.NAME} needs a matrix)" if not self.matrix else "")
+                )
+        return self
 
 
 class StageSpec(_Strict):
@@ -182,6 +246,12 @@ class PipelineSpec(_Strict):
     variables: dict[str, Scalar] = Field(default_factory=dict)
     parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
     concurrency: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    # Its builds' place in their concurrency group's queue (higher first); a trigger may ask
+    # for up to max-priority (by default, only the pipeline's own).
+    priority: Annotated[int, Field(ge=0, le=MAX_PRIORITY)] = 0
+    max_priority: Annotated[int, Field(ge=0, le=MAX_PRIORITY)] | None = Field(
+        default=None, alias="max-priority"
+    )
     stages: Annotated[list[StageSpec], Field(min_length=1, max_length=MAX_STAGES)]
 
     @field_validator("variables")
@@ -212,24 +282,74 @@ class PipelineSpec(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _priorities(self) -> "PipelineSpec":
+        if self.max_priority is not None and self.max_priority < self.priority:
+            raise ValueError(f"max-priority: below the pipeline's priority of {self.priority}")
+        return self
+
+    @model_validator(mode="after")
     def _unique_names(self) -> "PipelineSpec":
-        stage_names, job_ids = set(), set()
+        stage_names, stage_of = set(), {}
         for s, stage in enumerate(self.stages):
             if stage.name in stage_names:
                 raise ValueError(f"stages[{s}].name: duplicate stage name {stage.name!r}")
             stage_names.add(stage.name)
             for j, job in enumerate(stage.jobs):
-                if job.id in job_ids or job.id in {other.id for other in stage.jobs[:j]}:
+                if job.id in stage_of:
                     raise ValueError(f"stages[{s}].jobs[{j}].id: duplicate job id {job.id!r}")
-                if job.reuse is not None and job.reuse not in job_ids:
-                    raise ValueError(
-                        f"stages[{s}].jobs[{j}].reuse: {job.reuse!r} is not a job of an"
-                        " earlier stage"
-                    )
-            job_ids.update(job.id for job in stage.jobs)
-        if len(job_ids) > MAX_JOBS:
-            raise ValueError(f"stages: {len(job_ids)} jobs in all; at most {MAX_JOBS} are allowed")
+                stage_of[job.id] = s
+        if len(stage_of) > MAX_JOBS:
+            raise ValueError(f"stages: {len(stage_of)} jobs in all; at most {MAX_JOBS} are allowed")
+        runs = sum(len(job.matrix["runs"]) if job.matrix else 1 for job in self._jobs())
+        if runs > MAX_JOB_RUNS:
+            raise ValueError(
+                f"stages: {runs} job runs in all, with the matrices' combinations; at most"
+                f" {MAX_JOB_RUNS} are allowed"
+            )
         return self
+
+    @model_validator(mode="after")
+    def _order(self) -> "PipelineSpec":
+        """`needs` and `reuse` name jobs a job may wait for, without a cycle."""
+        stage_of = {job.id: s for s, stage in enumerate(self.stages) for job in stage.jobs}
+        needs = {job.id: job.needs for job in self._jobs()}
+        for s, j, job in self._placed_jobs():
+            for n, needed in enumerate(job.needs or ()):
+                where = f"stages[{s}].jobs[{j}].needs[{n}]"
+                if needed == job.id:
+                    raise ValueError(f"{where}: a job cannot need itself")
+                if needed not in stage_of:
+                    raise ValueError(f"{where}: {needed!r} is not a job of this pipeline")
+                if stage_of[needed] > s:
+                    raise ValueError(
+                        f"{where}: {needed!r} is in a later stage; a job needs jobs of its own"
+                        " stage or earlier ones"
+                    )
+        try:
+            dag.check_acyclic({key: value or () for key, value in needs.items()})
+        except dag.CycleError as exc:
+            raise ValueError(f"stages: the needs form a cycle: {exc}") from None
+        matrix_jobs = {job.id for job in self._jobs() if job.matrix}
+        for s, j, job in self._placed_jobs():
+            where = f"stages[{s}].jobs[{j}].reuse"
+            if job.reuse is None:
+                continue
+            if job.id in matrix_jobs or job.reuse in matrix_jobs:
+                raise ValueError(f"{where}: a matrix job cannot reuse or be reused")
+            if job.reuse not in stage_of or job.reuse not in dag.ancestors(job.id, needs, stage_of):
+                raise ValueError(
+                    f"{where}: {job.reuse!r} is not a job this one waits for (of an earlier"
+                    " stage, or in its needs)"
+                )
+        return self
+
+    def _jobs(self) -> Iterable[JobSpec]:
+        return (job for stage in self.stages for job in stage.jobs)
+
+    def _placed_jobs(self) -> Iterable[tuple[int, int, JobSpec]]:
+        return (
+            (s, j, job) for s, stage in enumerate(self.stages) for j, job in enumerate(stage.jobs)
+        )
 
 
 _STR, _NULL = "tag:yaml.org,2002:str", "tag:yaml.org,2002:null"
@@ -314,7 +434,7 @@ def _describe(error: dict) -> str:
         message = "unknown key"
     elif error["type"] == "missing":
         message = "required"
-    if message.startswith(("stages[", "stages:", "parameters.", "parameters:")):  # model-level
+    if message.startswith(("stages[", "stages:", "parameters.", "parameters:", "max-priority:")):
         return message
     return f"{path or 'definition'}: {message}"
 
@@ -324,6 +444,8 @@ def _normalize(spec: PipelineSpec) -> dict:
         "variables": spec.variables,
         "parameters": {name: p.model_dump() for name, p in spec.parameters.items()},
         "concurrency": spec.concurrency,
+        "priority": spec.priority,
+        "max_priority": spec.priority if spec.max_priority is None else spec.max_priority,
         "stages": [
             {
                 "name": stage.name,
@@ -332,11 +454,16 @@ def _normalize(spec: PipelineSpec) -> dict:
                         "id": job.id,
                         "runs_on": job.runs_on,
                         "reuse": job.reuse,
+                        "needs": job.needs,
+                        "if": job.if_,
+                        "matrix": job.matrix,
                         "timeout": job.timeout,
+                        "cleanup_timeout": job.cleanup_timeout,
                         "steps": [
                             {
                                 "name": step.name or f"step {n + 1}",
                                 "run": step.run,
+                                "if": step.if_,
                                 "timeout": step.timeout,
                                 **_retry(step.retry),
                                 "continue_on_error": step.continue_on_error,

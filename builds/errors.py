@@ -9,6 +9,10 @@ class InvalidVariables(CIError):
     code = "INVALID_VARIABLES"
 
 
+class InvalidPriority(CIError):
+    code = "INVALID_PRIORITY"
+
+
 class InvalidIdempotencyKey(CIError):
     code = "INVALID_IDEMPOTENCY_KEY"
 

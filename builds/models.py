@@ -53,7 +53,12 @@ class Build(models.Model):
     concurrency_group = models.CharField(max_length=400, blank=True, default="", db_index=True)
     enqueued_at = models.DateTimeField(null=True, blank=True)
     queue_priority = models.PositiveSmallIntegerField(default=0)
+    # Its priority (the pipeline's, or its trigger's up to the pipeline's max-priority): the
+    # queue starts higher ones first, FIFO within one.
+    priority = models.PositiveSmallIntegerField(default=0)
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
+    # A second cancel of a CANCELLING build: its cleanup steps are stopped too.
+    cancel_forced_at = models.DateTimeField(null=True, blank=True)
     cancel_requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
@@ -122,8 +127,18 @@ class JobRun(models.Model):
     build = models.ForeignKey(Build, on_delete=models.CASCADE, related_name="jobs")
     stage_index = models.PositiveSmallIntegerField()
     stage_name = models.CharField(max_length=100)
-    key = models.CharField(max_length=64, help_text="The job's id in the pipeline definition.")
+    key = models.CharField(
+        max_length=255,
+        help_text="The job's id in the pipeline definition, or its matrix run's name.",
+    )
     runs_on = models.CharField(max_length=64)
+    # What it waits for (builds.dag): the ids of the jobs it needs; None, every job of the
+    # earlier stages. Its `if:` ("": success()).
+    needs = models.JSONField(null=True, blank=True)
+    condition = models.CharField(max_length=1000, blank=True, default="")
+    # A matrix run: its job's id and its values (MATRIX_* in its steps' environment).
+    matrix_of = models.CharField(max_length=64, blank=True, default="")
+    matrix = models.JSONField(null=True, blank=True)
     status = models.CharField(
         max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING, db_index=True
     )
@@ -135,9 +150,17 @@ class JobRun(models.Model):
     takes_lease = models.BooleanField(default=False)
     # Seconds for all its steps together, per attempt; None: only each step's own timeout.
     timeout = models.PositiveIntegerField(null=True, blank=True)
+    # Its cleanup after a cancel (the steps whose condition runs them then: always(),
+    # cancelled()): at most cleanup_timeout seconds, until cleanup_deadline (set by the
+    # server when the agent begins it; the cancel watchdog waits for it).
+    cleanup_timeout = models.PositiveIntegerField(default=300)
+    cleanup_deadline = models.DateTimeField(null=True, blank=True)
     # The agent keeping this job's workspace since it failed there, for its step retry
     # (AGENT_KEEP_FAILED_WORKSPACE_SECONDS); cleared when the job starts again.
     kept_workspace_on = models.CharField(max_length=100, blank=True, default="")
+    # The server stopped this attempt on its agent (fail-fast), which ends it CANCELED with
+    # `reason`; cleared when the job runs again.
+    stop_requested_at = models.DateTimeField(null=True, blank=True)
     reason = models.TextField(blank=True, default="")
     queued_at = models.DateTimeField(null=True, blank=True)
     # When the reconcile sweep last sent its message again (a lost message): at most once
@@ -190,6 +213,7 @@ class StepRun(models.Model):
     index = models.PositiveSmallIntegerField()
     name = models.CharField(max_length=100)
     command = models.TextField()
+    condition = models.CharField(max_length=1000, blank=True, default="")  # `if:`; "": success()
     timeout = models.PositiveIntegerField()
     max_retries = models.PositiveSmallIntegerField(default=0)
     # What an automatic retry is for ({"on", "on_exit_codes", "backoff"}: builds.definition
@@ -202,6 +226,7 @@ class StepRun(models.Model):
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.PENDING)
     attempt = models.PositiveIntegerField(default=1)
     exit_code = models.IntegerField(null=True, blank=True)
+    reason = models.TextField(blank=True, default="")  # why it was skipped
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -45,8 +45,14 @@ def group_key(policy: ConcurrencyPolicy, pipeline, variables: dict[str, str]) ->
 
 
 def queue_order():
-    """FIFO, with builds put back by a step retry at the head."""
-    return [F("queue_priority").desc(), F("enqueued_at").asc(), F("id").asc()]
+    """Builds put back by a step retry at the head, then higher priorities first, FIFO
+    within a priority."""
+    return [
+        F("queue_priority").desc(),
+        F("priority").desc(),
+        F("enqueued_at").asc(),
+        F("id").asc(),
+    ]
 
 
 def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
@@ -65,15 +71,25 @@ def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
     # With cancel_in_progress the new build replaces the ones it cancelled: it waits for
     # them to stop even when the policy keeps no queue.
     if waiting >= policy.queue_length and not policy.cancel_in_progress:
-        # Never a build put back by a step retry (priority 1): it is part of a running
-        # build's work, not a new build.
-        oldest = queued.filter(queue_priority=0).order_by("enqueued_at", "id").first()
+        # The oldest of the lowest priority; never a build put back by a step retry (queue
+        # priority 1): it is part of a running build's work, not a new build. Never one of a
+        # higher priority than the new build's either.
+        oldest = (
+            queued.filter(queue_priority=0, priority__lte=build.priority)
+            .order_by("priority", "enqueued_at", "id")
+            .first()
+        )
         if policy.on_queue_full != OnQueueFull.EVICT_OLDEST or oldest is None:
             metrics.ADMISSIONS.labels("rejected").inc()
+            higher = (
+                f"; each queued build has a priority above {build.priority}"
+                if policy.on_queue_full == OnQueueFull.EVICT_OLDEST
+                else ""
+            )
             raise PipelineQueueFull(
                 f"the queue of group {build.concurrency_group!r} is full: {running} running "
                 f"(at most {policy.max_running}) and {waiting} queued (at most "
-                f"{policy.queue_length}, policy {policy.name!r}); try again later",
+                f"{policy.queue_length}, policy {policy.name!r}){higher}; try again later",
                 group=build.concurrency_group,
                 running=running,
                 queued=waiting,

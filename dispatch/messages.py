@@ -66,16 +66,17 @@ def revoke_jobs(jobs: list[tuple[int, int]]) -> None:
         )
 
 
-def stop_job(job_id: int, attempt: int, agent: str) -> None:
-    """Tell the agent running this job attempt to stop it (SIGTERM, grace, SIGKILL). An
-    agent whose host is not known yet is reached by a broadcast: the attempt is the key."""
+def stop_job(job_id: int, attempt: int, agent: str, force: bool = True) -> None:
+    """Tell the agent running this job attempt to stop it (SIGTERM, grace, SIGKILL); unless
+    `force`d, it runs the job's cleanup steps then (a cancel's stop). An agent whose host is
+    not known yet is reached by a broadcast: the attempt is the key."""
     hostname = Agent.objects.filter(name=agent).values_list("hostname", flat=True).first()
     destination = [protocol.node_name(agent, hostname)] if hostname else None
     transaction.on_commit(
         lambda: publish(
             app.control.broadcast,
             protocol.STOP_JOB,
-            arguments={"job_id": job_id, "attempt": attempt},
+            arguments={"job_id": job_id, "attempt": attempt, "force": force},
             destination=destination,
         )
     )

@@ -62,6 +62,7 @@ class AgentProcess:
         # The job attempts running here, each with the event that asks it to stop; a
         # duplicate delivery of a running attempt holds it too (see tracking).
         self.running: dict[tuple[int, int], threading.Event] = {}
+        self.forced: dict[tuple[int, int], threading.Event] = {}  # forced stops (cleanup too)
         self.holders: Counter[tuple[int, int]] = Counter()
         self.running_lock = threading.Lock()
         # Self-fencing: when the last heartbeat that reached the database was sent, by this
@@ -91,6 +92,7 @@ class AgentProcess:
         key = (job_id, attempt)
         with self.running_lock:
             stop = self.running.setdefault(key, threading.Event())
+            self.forced.setdefault(key, threading.Event())
             self.holders[key] += 1
         try:
             yield stop
@@ -98,7 +100,7 @@ class AgentProcess:
             with self.running_lock:
                 self.holders[key] -= 1
                 if not self.holders[key]:
-                    del self.holders[key], self.running[key]
+                    del self.holders[key], self.running[key], self.forced[key]
                     self.fenced.pop(key, None)
 
     def running_attempts(self) -> set[tuple[int, int]]:
@@ -106,15 +108,24 @@ class AgentProcess:
         with self.running_lock:
             return set(self.running)
 
-    def request_stop(self, job_id: int, attempt: int) -> bool:
-        """Ask a running attempt to stop; False if it is not running here, or was already
-        asked (or has run its steps: see executor)."""
+    def request_stop(self, job_id: int, attempt: int, force: bool = True) -> bool:
+        """Ask a running attempt to stop; unless `force`d, it may run its cleanup steps then
+        (a cancel), which only a forced stop ends. False if it is not running here, or was
+        already asked so (or has run its steps: see executor)."""
+        key = (job_id, attempt)
         with self.running_lock:
-            stop = self.running.get((job_id, attempt))
-            if stop is None or stop.is_set():
+            stop, forced = self.running.get(key), self.forced.get(key)
+            if stop is None or (stop.is_set() and (forced.is_set() or not force)):
                 return False
             stop.set()
+            if force:
+                forced.set()
             return True
+
+    def forced_stop(self, job_id: int, attempt: int) -> threading.Event:
+        """The event a forced stop sets (tracking creates it): what ends a cleanup."""
+        with self.running_lock:
+            return self.forced[job_id, attempt]
 
     def keep_workspace(self, build_id: int, path: Path) -> None:
         with self.lock:
@@ -255,9 +266,10 @@ class AgentProcess:
         """Stop what runs here for a job the server has ended or is cancelling (a stop
         message may have been lost, or sent while this agent was cut off): an ended job is
         never resumed."""
-        ended = sorted(builds.ended_elsewhere(self.name, self.running_attempts()))
+        stops = builds.ended_elsewhere(self.name, self.running_attempts())
+        ended = sorted(stops)
         for job_id, attempt in ended:
-            if self.request_stop(job_id, attempt):
+            if self.request_stop(job_id, attempt, force=stops[job_id, attempt]):
                 log.warning(
                     "agent %s: job %s attempt %s was ended or cancelled by the server; stopping it",
                     self.name, job_id, attempt,

@@ -21,11 +21,14 @@ def install(agent) -> None:
 
 
 @control_command(
-    name=protocol.STOP_JOB, args=[("job_id", int), ("attempt", int)], signature="<job_id> <attempt>"
+    name=protocol.STOP_JOB,
+    args=[("job_id", int), ("attempt", int), ("force", bool)],
+    signature="<job_id> <attempt> [force]",
 )
-def stop_job(state, job_id, attempt):
-    """The job's runner sees the flag within a tick and ends the step's processes."""
-    return {"ok": _agent is not None and _agent.request_stop(job_id, attempt)}
+def stop_job(state, job_id, attempt, force=True):
+    """The job's runner sees the flag within a tick and ends the step's processes (then,
+    unless forced, runs the job's cleanup steps)."""
+    return {"ok": _agent is not None and _agent.request_stop(job_id, attempt, force)}
 
 
 @control_command(

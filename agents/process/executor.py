@@ -3,6 +3,7 @@ retries, logs streamed to PostgreSQL, and the results recorded through builds.se
 `agent` is the AgentProcess running it (agents.process.agent, which imports this module)."""
 
 import contextlib
+import hashlib
 import logging
 import threading
 import time
@@ -13,7 +14,7 @@ from django.db import InterfaceError, OperationalError, connection
 
 from agents.process import containment, orphans, workspaces
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
-from builds import services
+from builds import conditions, matrix, services
 from builds.definition import DEFAULT_RETRY_RULE, MAX_RETRY_BACKOFF
 from builds.errors import BuildVariablesMissing
 from builds.models import JobRun, StepRun
@@ -84,8 +85,11 @@ class LogWriter:
 
 
 def workspace_for(agent: str, job: JobRun) -> Path:
-    """A job's workspace; a job that reuses another's agent works in that job's."""
+    """A job's workspace; a job that reuses another's agent works in that job's. A matrix
+    run's name may hold any character: its directory is named by its job and a digest."""
     root = Path(settings.AGENT_WORKSPACE_ROOT) / agent / f"build-{job.build_id}"
+    if job.matrix_of:
+        return root / f"{job.matrix_of}-{hashlib.sha256(job.key.encode()).hexdigest()[:12]}"
     return root / (job.reuse_of or job.key)
 
 
@@ -176,6 +180,9 @@ class JobExecution:
         self.cause = ""  # why the last step failed, when its exit code does not say
         # The job's timeout (all its steps together), by this process's monotonic clock.
         self.deadline = time.monotonic() + job.timeout if job.timeout else None
+        self.deadline_cause = f"the job's timeout of {job.timeout} s ran out"
+        # After a cancel's stop, its cleanup steps run until a forced stop (or their time).
+        self.forced, self.cleaning = agent.forced_stop(job.pk, job.attempt), False
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
         self.variables = services.build_variables(job.build_id)
@@ -207,15 +214,64 @@ class JobExecution:
         ):
             return RunStatus.CANCELED, "stopped: the build is no longer running"
         workspaces.make(self.workspace, self.step_user)
-        for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
+        failure = None  # the first failed step's ending: the job's
+        steps = list(self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)))
+        for n, step in enumerate(steps):
             step.job = self.job
-            status = None if self.stop.is_set() else self.run_step(step)
+            if self.stop.is_set():
+                return self.clean_up(steps[n:], failed=failure is not None)
+            if not self.wanted(step, failed=failure is not None):
+                continue
+            status = self.run_step(step)
             if status is None:  # stopped, or the build no longer runs
-                return RunStatus.CANCELED, "stopped: the build is no longer running"
-            if status != RunStatus.SUCCEEDED and not step.continue_on_error:
+                return self.clean_up(steps[n + 1 :], failed=failure is not None)
+            if status != RunStatus.SUCCEEDED and not step.continue_on_error and not failure:
                 cause = f": {self.cause}" if self.cause else ""
-                return status, f"step {step.name!r} ended {status}{cause}"
+                failure = status, f"step {step.name!r} ended {status}{cause}"
+        if failure:
+            return failure
         return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
+
+    def clean_up(self, remaining: list[StepRun], failed: bool) -> tuple[str, str]:
+        """The job was stopped (or its build stopped running): if that was its build's
+        cancel, the steps whose condition runs them then (always(), cancelled()) run now, in
+        its workspace, within its cleanup-timeout; a forced stop (a second cancel, a fence)
+        ends them. The job ends CANCELED whatever they do."""
+        stopped = RunStatus.CANCELED, "stopped: the build is no longer running"
+        if self.forced.is_set():  # a fenced agent must not even ask the database
+            return stopped
+        context = conditions.Context(
+            failed=failed, cancelled=True, vars=self.variables, matrix=self.job.matrix or {}
+        )
+        cleanup = [
+            step
+            for step in remaining
+            if conditions.parse(step.condition or conditions.DEFAULT).evaluate(context)
+        ]
+        if not cleanup or not persist(services.begin_cleanup, self.job):
+            return stopped
+        timeout = self.job.cleanup_timeout
+        log.info("job %s: cancelled; %d cleanup steps run now", self.job.pk, len(cleanup))
+        self.stop, self.cleaning = self.forced, True
+        self.deadline = time.monotonic() + timeout
+        self.deadline_cause = f"the job's cleanup-timeout of {timeout} s ran out"
+        for step in cleanup:
+            if self.stop.is_set() or self.run_step(step) is None:
+                break
+        return RunStatus.CANCELED, f"cancelled; then its cleanup steps ran (at most {timeout} s)"
+
+    def wanted(self, step: StepRun, failed: bool) -> bool:
+        """Whether the step's `if:` lets it run now. One whose own condition is false is
+        SKIPPED saying so; one that only waited for success is left to finish_job."""
+        condition = conditions.parse(step.condition or conditions.DEFAULT)
+        context = conditions.Context(
+            failed=failed, vars=self.variables, matrix=self.job.matrix or {}
+        )
+        if condition.evaluate(context):
+            return True
+        if step.condition and (condition.calls_status or not failed):
+            persist(services.skip_step, step, f"if: {step.condition} was false")
+        return False
 
     def retries(self, step: StepRun, status: str, outcome: StepOutcome, wait: float) -> bool:
         """Whether the step's retry rule retries this ending, `wait` seconds from now (within
@@ -254,9 +310,9 @@ class JobExecution:
             return self._run_step(step)
 
     def _run_step(self, step: StepRun) -> str | None:
-        if not services.start_step(step):
+        if not services.start_step(step, self.cleaning):
             return None
-        retries_left = step.max_retries
+        retries_left = 0 if self.cleaning else step.max_retries
         while True:
             with log_context(step_attempt=step.attempt):
                 writer = LogWriter(step)
@@ -290,6 +346,7 @@ class JobExecution:
                     status,
                     outcome.exit_code,
                     outcome.variables,
+                    self.cleaning,
                 )
                 if recorded and recorded != RunStatus.CANCELED:
                     self.variables.update(outcome.variables)
@@ -312,6 +369,7 @@ class JobExecution:
                 "CI_JOB_NAME": self.job.key,
                 "CI_STEP_ATTEMPT": str(step.attempt),
                 "CI_WORKSPACE": str(self.workspace),
+                **matrix.environment(self.job.matrix or {}),
             },
         )
         output = StepOutput(settings.STEP_LOG_MAX_BYTES)
@@ -322,7 +380,7 @@ class JobExecution:
             return self.stop.is_set()
 
         timeout, by_job = step.timeout, False
-        job_cause = f"the job's timeout of {self.job.timeout} s ran out"
+        job_cause = self.deadline_cause
         if self.deadline is not None and (left := self.deadline - time.monotonic()) < timeout:
             timeout, by_job = max(0.0, left), True
         if by_job and timeout <= 0:  # nothing left of the job's time: not started

@@ -93,6 +93,13 @@ class TriggerForm(forms.Form):
         ),
     )
 
+    priority = forms.IntegerField(
+        required=False,
+        min_value=0,
+        help_text="Its place in its concurrency group's queue, higher first. Empty: the"
+        " pipeline's.",
+    )
+
     def __init__(self, *args, parameters: dict, **kwargs):
         super().__init__(*args, **kwargs)
         self.parameters = parameters
@@ -199,8 +206,8 @@ class PipelineAdmin(admin.ModelAdmin):
         if form.is_valid():
             try:
                 variables = form.trigger_variables()
-                key = form.cleaned_data["idempotency_key"]
-                build, replayed = services.trigger(pipeline, variables, request.user, key)
+                key, priority = form.cleaned_data["idempotency_key"], form.cleaned_data["priority"]
+                build, replayed = services.trigger(pipeline, variables, request.user, key, priority)
             except IdempotencyKeyReused as exc:
                 # The form was sent back with other variables: a new build if sent again.
                 self.message_user(

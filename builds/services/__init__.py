@@ -10,7 +10,8 @@ Modules, each importing only those above it in this list:
 - pipelines: creating and editing pipelines;
 - logs: step logs and the server's notes in them;
 - execution: what the agents call (start and finish jobs and steps), fenced by attempts;
-- progress: queueing a stage, advancing a build, finishing it, starting queued builds;
+- progress: queueing the jobs whose wait is over (builds.dag), advancing a build,
+  finishing it, starting queued builds;
 - lost_agents: what a lost agent costs its jobs (the registry, agents.services, decides);
 - sweeps: beat's re-drives of what lost messages and long waits left behind;
 - cancellation: a cancel request, its batched finish and the watchdog;
@@ -21,6 +22,7 @@ Modules, each importing only those above it in this list:
 from builds.services.cancellation import cancel_watchdog, finish_cancel, request_cancel
 from builds.services.execution import (
     HandBack,
+    begin_cleanup,
     build_variables,
     end_untracked_jobs,
     ended_elsewhere,
@@ -29,6 +31,7 @@ from builds.services.execution import (
     lease_workspaces_wanted,
     next_attempt,
     rerun_from_first_step,
+    skip_step,
     start_job,
     start_step,
 )
@@ -54,6 +57,7 @@ __all__ = [
     "HandBack",
     "Triggered",
     "advance_build",
+    "begin_cleanup",
     "append_log",
     "build_variables",
     "can_retry",
@@ -77,6 +81,7 @@ __all__ = [
     "retry_build",
     "retry_step",
     "save_pipeline",
+    "skip_step",
     "start_job",
     "start_queued_builds",
     "start_step",

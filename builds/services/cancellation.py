@@ -10,8 +10,8 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Q
-from django.db.models.functions import Now
+from django.db.models import F, Max, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce, Greatest, Now
 from django.utils import timezone
 
 from agents.models import Agent
@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 
 @retried_on_conflict
 def request_cancel(build_id: int, user=None) -> str:
-    """Ask for a build to be cancelled; returns its status (CANCELLING). A second request is
-    accepted and changes nothing; a finished build raises BuildAlreadyFinished."""
+    """Ask for a build to be cancelled; returns its status (CANCELLING). A second request
+    forces the cancel: the cleanup steps its jobs run after the first are stopped too (a
+    third changes nothing); a finished build raises BuildAlreadyFinished."""
     started = time.perf_counter()
     with transaction.atomic():
         updated = Build.objects.filter(
@@ -50,6 +51,11 @@ def request_cancel(build_id: int, user=None) -> str:
                     f"build {build_id} already ended {status}; there is nothing to cancel",
                     status=status,
                 )
+            forced = Build.objects.filter(
+                pk=build_id, status=BuildStatus.CANCELLING, cancel_forced_at=None
+            ).update(cancel_forced_at=Now())
+            if forced:
+                messages.finish_cancel(build_id)
             return status
         messages.finish_cancel(build_id)
     metrics.CANCEL_REQUEST_SECONDS.observe(time.perf_counter() - started)
@@ -79,6 +85,7 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
         )
         if build is None or build.status != BuildStatus.CANCELLING:
             return None
+        forced = build.cancel_forced_at is not None
         now = timezone.now()
         with connection.cursor() as cursor:
             cursor.execute(
@@ -87,22 +94,24 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
                 [RunStatus.CANCELED, now, build_id, [RunStatus.PENDING, RunStatus.QUEUED]],
             )
             revoked = [(job_id, attempt) for job_id, attempt, _ in cursor.fetchall()]
+        # A running job's steps are its agent's to end: some may be its cleanup.
         StepRun.objects.filter(
-            job__build_id=build_id, status__in=(RunStatus.PENDING, RunStatus.QUEUED)
+            job_id__in=[job_id for job_id, _ in revoked],
+            status__in=(RunStatus.PENDING, RunStatus.QUEUED),
         ).update(status=RunStatus.CANCELED)
-        running = list(
-            JobRun.objects.filter(build_id=build_id, status=RunStatus.RUNNING).values_list(
-                "id", "attempt", "agent"
-            )
-        )
+        running = JobRun.objects.filter(build_id=build_id, status=RunStatus.RUNNING)
+        if not forced:  # a job running its cleanup steps goes on: it was stopped already
+            running = running.filter(cleanup_deadline=None)
+        running = list(running.values_list("id", "attempt", "agent"))
 
         log.info(
-            "build %s: cancel requested by %s; %d jobs never started, %d stopping",
-            build_id, build.cancel_requested_by or "the system", len(revoked), len(running),
+            "build %s: cancel%s requested by %s; %d jobs never started, %d stopping",
+            build_id, " (forced)" if forced else "", build.cancel_requested_by or "the system",
+            len(revoked), len(running),
         )  # fmt: skip
         messages.revoke_jobs(revoked)
-        for job_id, attempt, agent in running:
-            messages.stop_job(job_id, attempt, agent)
+        for job_id, attempt, agent in running:  # not forced: each may run its cleanup steps
+            messages.stop_job(job_id, attempt, agent, force=forced)
     return advance_build(build_id)  # ends it now when nothing was running
 
 
@@ -117,7 +126,9 @@ def force_after() -> timedelta:
     what their build is cancelling), or did not, and then the agent fenced itself within
     AGENT_FENCE_SECONDS of its last renewal and killed the step within the grace period;
     fence + grace + 1 <= AGENT_OFFLINE_AFTER_SECONDS (ciproject.checks). So a cancel never
-    frees a slot while the step might run, even on an agent cut off mid-cancel."""
+    frees a slot while the step might run, even on an agent cut off mid-cancel. A job running
+    its cleanup steps gets this long after its cleanup_deadline (its agent ends them by its
+    own clock, started before the server set the deadline), a forced cancel after the force."""
     return timedelta(
         seconds=settings.AGENT_HEARTBEAT_SECONDS
         + settings.AGENT_OFFLINE_AFTER_SECONDS
@@ -137,11 +148,26 @@ def cancel_watchdog() -> list[int]:
 
 def _watch_cancels(limit: int = 200) -> list[int]:
     forced = []
+    # The stop is due from the request, or from the end of the cleanup its jobs run (their
+    # agents end it by then), or from a forced cancel, which ends the cleanup.
+    cleanup_ends = (
+        JobRun.objects.filter(build=OuterRef("pk"), status=RunStatus.RUNNING)
+        .values("build")
+        .annotate(latest=Max("cleanup_deadline"))
+        .values("latest")
+    )
+    requested = F("cancel_requested_at")
     stalled = (
         Build.objects.filter(
             status=BuildStatus.CANCELLING, cancel_requested_at__lt=Now() - REDRIVE_AFTER
         )
-        .annotate(overdue=Q(cancel_requested_at__lt=Now() - force_after()))
+        .annotate(
+            due=Coalesce(
+                "cancel_forced_at",
+                Greatest(requested, Coalesce(Subquery(cleanup_ends), requested)),
+            )
+        )
+        .annotate(overdue=Q(due__lt=Now() - force_after()))
         .order_by("cancel_requested_at")
     )
     rows = stalled.values_list("id", "cancel_requested_at", "overdue")[:limit]

@@ -1,6 +1,7 @@
 """Running jobs and steps: what the agents call, fenced by attempt numbers."""
 
 import logging
+from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
@@ -29,6 +30,15 @@ def _build_running(build_id) -> Exists:
     Django rewrite the UPDATE as `WHERE id IN (SELECT ...)`, and PostgreSQL re-checks only
     that after waiting on a row lock, so two racing compare-and-sets could both win."""
     return Exists(Build.objects.filter(pk=build_id, status=BuildStatus.RUNNING))
+
+
+def _build_cleaning(build_id) -> Exists:
+    """`the build is being cancelled, not forced`: its jobs' cleanup steps may run."""
+    return Exists(
+        Build.objects.filter(
+            pk=build_id, status=BuildStatus.CANCELLING, cancel_forced_at__isnull=True
+        )
+    )
 
 
 class HandBack(Exception):  # an outcome, not an error: no "Error" in its name
@@ -73,11 +83,13 @@ def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun |
     return JobRun.objects.select_related("build").get(pk=job_id)
 
 
-def start_step(step: StepRun) -> bool:
-    """PENDING or QUEUED -> RUNNING, at the step's current attempt, while the build runs."""
+def start_step(step: StepRun, cleanup: bool = False) -> bool:
+    """PENDING or QUEUED -> RUNNING, at the step's current attempt, while the build runs
+    (a cleanup step: while its cancel is not forced)."""
     now = timezone.now()
+    build_id = step.job.build_id
     updated = StepRun.objects.filter(
-        _build_running(step.job.build_id),
+        _build_cleaning(build_id) if cleanup else _build_running(build_id),
         pk=step.pk,
         attempt=step.attempt,
         status__in=run_allowed_from(RunStatus.RUNNING),
@@ -86,11 +98,41 @@ def start_step(step: StepRun) -> bool:
     return bool(updated)
 
 
+def begin_cleanup(job: JobRun) -> bool:
+    """A job stopped by its build's cancel runs its cleanup steps now, until its
+    cleanup_deadline (the cancel watchdog waits for it). False if the cancel was forced, or
+    the attempt is no longer this agent's."""
+    deadline = timezone.now() + timedelta(seconds=job.cleanup_timeout)
+    return bool(
+        JobRun.objects.filter(
+            _build_cleaning(job.build_id),
+            pk=job.pk,
+            attempt=job.attempt,
+            status=RunStatus.RUNNING,
+            agent=job.agent,
+        ).update(cleanup_deadline=deadline)
+    )
+
+
+def skip_step(step: StepRun, reason: str) -> bool:
+    """PENDING -> SKIPPED (its condition was false), while the build runs."""
+    return bool(
+        StepRun.objects.filter(
+            _build_running(step.job.build_id),
+            pk=step.pk,
+            attempt=step.attempt,
+            status__in=run_allowed_from(RunStatus.SKIPPED),
+        ).update(status=RunStatus.SKIPPED, reason=reason, finished_at=timezone.now())
+    )
+
+
 def run_steps_again(steps) -> None:
     """Steps that run again: PENDING, their results cleared, each that had started at
     attempt + 1 (so its new log and results never mix with the old ones)."""
     steps.filter(started_at__isnull=False).update(attempt=F("attempt") + 1)
-    steps.update(status=RunStatus.PENDING, exit_code=None, started_at=None, finished_at=None)
+    steps.update(
+        status=RunStatus.PENDING, exit_code=None, reason="", started_at=None, finished_at=None
+    )
 
 
 def rerun_from_first_step(job: JobRun, note: str) -> bool:
@@ -137,26 +179,32 @@ def next_attempt(step: StepRun) -> bool:
     return bool(updated)
 
 
-def _cancel_wins(build_id: int, status: str) -> str:
-    """While its build is CANCELLING, whatever ends is recorded CANCELED. The build row lock
-    orders this against the cancel request: a step that ends after it is cancelled."""
-    build_status = (
+def _cancel_wins(build_id: int, status: str, cleanup: bool = False) -> str:
+    """While its build is CANCELLING, whatever ends is recorded CANCELED (a cleanup step's
+    own ending counts, unless the cancel was forced). The build row lock orders this
+    against the cancel request: a step that ends after it is cancelled."""
+    build_status, forced = (
         Build.objects.select_for_update(no_key=True)
-        .values_list("status", flat=True)
+        .values_list("status", "cancel_forced_at")
         .get(pk=build_id)
     )
-    return RunStatus.CANCELED if build_status == BuildStatus.CANCELLING else status
+    if build_status != BuildStatus.CANCELLING or (cleanup and forced is None):
+        return status
+    return RunStatus.CANCELED
 
 
-def finish_step(step: StepRun, attempt: int, status: str, exit_code, variables: dict) -> str | None:
-    """RUNNING -> final for this attempt, with the variables it set. Returns the status
-    recorded, or None if the attempt is no longer the step's (stale). The same result sent
-    again (its first commit went through, the answer was lost) is recorded already: that
-    status is returned."""
+def finish_step(
+    step: StepRun, attempt: int, status: str, exit_code, variables: dict, cleanup: bool = False
+) -> str | None:
+    """RUNNING -> final for this attempt, with the variables it set (none of a cleanup
+    step's). Returns the status recorded, or None if the attempt is no longer the step's
+    (stale). The same result sent again (its first commit went through, the answer was
+    lost) is recorded already: that status is returned."""
     with transaction.atomic():
         build = step.job.build
         result = status
-        status = _cancel_wins(build.pk, status)
+        status = _cancel_wins(build.pk, status, cleanup)
+        variables = {} if cleanup else variables
         updated = StepRun.objects.filter(
             pk=step.pk, attempt=attempt, status__in=run_allowed_from(status)
         ).update(status=status, exit_code=exit_code, finished_at=timezone.now())
@@ -186,6 +234,12 @@ def _upsert_variables(build_id, build_created_at, variables: dict, source: str) 
         )
 
 
+def _stopped_by_server(job: JobRun) -> str:
+    """Why the server stopped this attempt (fail-fast), or ""."""
+    stopped = JobRun.objects.filter(pk=job.pk, attempt=job.attempt, stop_requested_at__isnull=False)
+    return stopped.values_list("reason", flat=True).first() or ""
+
+
 def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
     """RUNNING -> final for this attempt; what is left of it is skipped; the controller is
     told to advance the build. True if recorded, or found recorded already with the same
@@ -195,6 +249,8 @@ def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
         result = (status, reason)
         if _cancel_wins(job.build_id, status) != status:
             status, reason = RunStatus.CANCELED, reason or "the build was cancelled"
+        elif stopped := _stopped_by_server(job):
+            status, reason = RunStatus.CANCELED, stopped
         updated = JobRun.objects.filter(
             pk=job.pk, attempt=job.attempt, status__in=run_allowed_from(status)
         ).update(
@@ -279,21 +335,29 @@ def end_untracked_jobs(agent: str, tracked: set[tuple[int, int]], started_before
     return ended
 
 
-def ended_elsewhere(agent: str, attempts: set[tuple[int, int]]) -> set[tuple[int, int]]:
+def ended_elsewhere(agent: str, attempts: set[tuple[int, int]]) -> dict[tuple[int, int], bool]:
     """The agent's heartbeat: of the job attempts it runs, those that are no longer its to
     run (the server ended them: a lost agent, a forced cancel; a retry moved the job on; or
-    their build is being cancelled). The agent stops them, whether or not a stop message
-    ever reached it. An attempt still QUEUED is one about to start (the agent tracks it
-    before start_job)."""
+    their build is being cancelled, or fail-fast stops them). The agent stops them, whether
+    or not a stop message ever reached it. An attempt still QUEUED is one about to start (the
+    agent tracks it before start_job). Each with whether the stop is forced: only a cancel
+    that is not lets the job run its cleanup steps, and a job already running them goes on."""
     if not attempts:
-        return set()
+        return {}
     rows = JobRun.objects.filter(pk__in={job_id for job_id, _ in attempts}).values_list(
-        "pk", "attempt", "status", "agent", "build__status"
-    )
-    current = {
-        (job_id, attempt)
-        for job_id, attempt, status, on, build_status in rows
-        if status == RunStatus.QUEUED
-        or (status == RunStatus.RUNNING and on == agent and build_status != BuildStatus.CANCELLING)
-    }
-    return attempts - current
+        "pk", "attempt", "status", "agent", "stop_requested_at", "cleanup_deadline",
+        "build__status", "build__cancel_forced_at",
+    )  # fmt: skip
+    keep, soft = set(), set()
+    for job_id, attempt, status, on, stopped, cleaning, build_status, forced in rows:
+        ours = status == RunStatus.RUNNING and on == agent and stopped is None
+        cancelling = build_status == BuildStatus.CANCELLING
+        if (
+            status == RunStatus.QUEUED
+            or (ours and not cancelling)
+            or (ours and cancelling and forced is None and cleaning is not None)
+        ):
+            keep.add((job_id, attempt))  # its own, or running its cleanup
+        elif ours and cancelling and forced is None:
+            soft.add((job_id, attempt))  # the cancel's stop: its cleanup steps run next
+    return {attempt: attempt not in soft for attempt in attempts - keep}

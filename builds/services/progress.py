@@ -1,17 +1,16 @@
-"""A build on the move: queue a stage's jobs, advance stage by stage after a job ends,
-finish the build, and start the queued builds its concurrency group has room for."""
+"""A build on the move: after a job ends, queue the jobs whose wait is over (builds.dag),
+skip those whose condition says so, finish the build, and start the queued builds its
+concurrency group has room for."""
 
 import logging
-from itertools import groupby
 
 from django.db import connection, transaction
 from django.utils import timezone
 
-from builds.models import Build, JobRun, StepRun
+from builds import dag
+from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.statuses import (
     BUILD_FINAL,
-    RUN_FAILED,
-    RUN_FINAL,
     BuildStatus,
     RunStatus,
     build_allowed_from,
@@ -20,14 +19,14 @@ from ciproject import metrics
 from ciproject.log_format import log_context
 from ciproject.transactions import retried_on_conflict
 from concurrency import services as concurrency
-from dispatch import leases, placement
+from dispatch import leases, messages, placement
 
 log = logging.getLogger(__name__)
 
 
 @retried_on_conflict
 def advance_build(build_id: int) -> str | None:
-    """Move a build on after a job ended: queue the next stage, or finish the build (a
+    """Move a build on after a job ended: queue what may start now, or finish the build (a
     CANCELLING one as CANCELED once nothing of it runs any more). Idempotent: the build row
     is locked and everything is re-read (so it is also run again when PostgreSQL aborts it
     for a deadlock, rather than left to the reconcile sweep)."""
@@ -54,35 +53,110 @@ def advance_locked(build: Build) -> str:
 
 
 def _decide(build: Build) -> str:
-    jobs = JobRun.objects.filter(build_id=build.pk).values_list("stage_index", "status")
     if build.status == BuildStatus.CANCELLING:
-        if any(status in (RunStatus.QUEUED, RunStatus.RUNNING) for _, status in jobs):
+        live = JobRun.objects.filter(build_id=build.pk, status__in=dag.LIVE)
+        if live.exists():
             return BuildStatus.CANCELLING
         finish_build(build, BuildStatus.CANCELED)
         return BuildStatus.CANCELED
-    for stage_index, stage in groupby(sorted(jobs), key=lambda row: row[0]):
-        statuses = [status for _, status in stage]
-        if all(s in RUN_FINAL for s in statuses):
-            if any(s in RUN_FAILED for s in statuses):
-                finish_build(build, BuildStatus.FAILED)
-                return BuildStatus.FAILED
-            continue
-        if RunStatus.PENDING in statuses:
-            queue_stage(build.pk, stage_index)
+    runs = runs_of(build.pk)
+    plan = dag.plan(runs, _matrix_rules(build.spec), lambda: _variables(build))
+    if plan.cancel:
+        _cancel_runs(build.pk, plan.cancel)
+    for reason, keys in _by_reason(plan.skip).items():
+        _skip_runs(build.pk, keys, reason)
+    if plan.start:
+        queue_jobs(build.pk, plan.start)
+    if plan.outcome is None:
         return BuildStatus.RUNNING
-    finish_build(build, BuildStatus.SUCCEEDED)
-    return BuildStatus.SUCCEEDED
+    outcome = BuildStatus.SUCCEEDED if plan.outcome == RunStatus.SUCCEEDED else BuildStatus.FAILED
+    finish_build(build, outcome)
+    return outcome
 
 
-def queue_stage(build_id: int, stage_index: int) -> None:
-    """PENDING -> QUEUED for the stage's jobs, placed on agents once the transaction commits;
-    the build's leased agents may run them too."""
+def runs_of(build_id: int) -> list[dag.Run]:
+    """The build's jobs as builds.dag sees them."""
+    rows = JobRun.objects.filter(build_id=build_id).values_list(
+        "key", "matrix_of", "stage_index", "status", "needs", "condition", "matrix"
+    )
+    return [
+        dag.Run(key, of or key, stage, status, _tuple(needs), condition, values or {})
+        for key, of, stage, status, needs, condition, values in rows
+    ]
+
+
+def _tuple(needs: list[str] | None) -> tuple[str, ...] | None:
+    return None if needs is None else tuple(needs)
+
+
+def _matrix_rules(spec: dict) -> dict[str, dag.MatrixRule]:
+    return {
+        job["id"]: dag.MatrixRule(job["matrix"]["max_parallel"], job["matrix"]["fail_fast"])
+        for stage in spec["stages"]
+        for job in stage["jobs"]
+        if job.get("matrix")
+    }
+
+
+def _variables(build: Build) -> dict[str, str]:
+    """The build's variables as they are now, for its jobs' conditions."""
+    rows = BuildVariable.objects.filter(build_created_at=build.created_at, build_id=build.pk)
+    return dict(rows.values_list("name", "value"))
+
+
+def _by_reason(runs: dict[str, str]) -> dict[str, list[str]]:
+    grouped: dict[str, list[str]] = {}
+    for key, reason in runs.items():
+        grouped.setdefault(reason, []).append(key)
+    return grouped
+
+
+def _skip_runs(build_id: int, keys: list[str], reason: str) -> None:
+    jobs = JobRun.objects.filter(build_id=build_id, key__in=keys, status=RunStatus.PENDING)
+    ids = list(jobs.values_list("pk", flat=True))
+    JobRun.objects.filter(pk__in=ids).update(
+        status=RunStatus.SKIPPED, reason=reason, finished_at=timezone.now()
+    )
+    StepRun.objects.filter(job_id__in=ids, status=RunStatus.PENDING).update(
+        status=RunStatus.SKIPPED
+    )
+
+
+def _cancel_runs(build_id: int, runs: dict[str, str]) -> None:
+    """Fail-fast: a matrix's other runs end CANCELED; those on an agent are stopped there
+    (finish_job records them CANCELED with this reason)."""
+    now = timezone.now()
+    for reason, keys in _by_reason(runs).items():
+        jobs = JobRun.objects.filter(build_id=build_id, key__in=keys)
+        waiting = list(
+            jobs.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)).values_list(
+                "pk", "attempt"
+            )
+        )
+        JobRun.objects.filter(pk__in=[pk for pk, _ in waiting]).update(
+            status=RunStatus.CANCELED, reason=reason, finished_at=now
+        )
+        StepRun.objects.filter(
+            job_id__in=[pk for pk, _ in waiting], status__in=(RunStatus.PENDING, RunStatus.QUEUED)
+        ).update(status=RunStatus.CANCELED)
+        messages.revoke_jobs(waiting)
+        running = jobs.filter(status=RunStatus.RUNNING, stop_requested_at=None)
+        for job_id, attempt, agent in running.values_list("pk", "attempt", "agent"):
+            JobRun.objects.filter(pk=job_id, attempt=attempt).update(
+                stop_requested_at=now, reason=reason
+            )
+            messages.stop_job(job_id, attempt, agent)
+
+
+def queue_jobs(build_id: int, keys: list[str]) -> None:
+    """PENDING -> QUEUED for these jobs, placed on agents once the transaction commits; the
+    build's leased agents may run them too."""
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE builds_jobrun SET status = %s, queued_at = %s"
-            " WHERE build_id = %s AND stage_index = %s AND status = %s"
+            " WHERE build_id = %s AND key = ANY(%s) AND status = %s"
             " RETURNING id, attempt, key, runs_on, reuse_of, takes_lease, agent, kept_workspace_on",
-            [RunStatus.QUEUED, timezone.now(), build_id, stage_index, RunStatus.PENDING],
+            [RunStatus.QUEUED, timezone.now(), build_id, keys, RunStatus.PENDING],
         )
         columns = [column.name for column in cursor.description]
         jobs = [JobRun(build_id=build_id, **dict(zip(columns, row, strict=True))) for row in cursor]

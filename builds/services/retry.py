@@ -18,7 +18,7 @@ from django.db import transaction
 from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
-from builds import partitions
+from builds import dag, partitions
 from builds.errors import (
     BuildNotFound,
     BuildNotRetryable,
@@ -29,7 +29,7 @@ from builds.errors import (
 from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services.cancellation import cancel_at_once
 from builds.services.execution import run_steps_again
-from builds.services.progress import advance_locked
+from builds.services.progress import advance_locked, runs_of
 from builds.statuses import (
     BUILD_FINAL,
     BUILD_RETRY_TRANSITIONS,
@@ -63,8 +63,8 @@ def retry_step(build_id: int, step_id: int) -> StepRun:
         if build.status in BUILD_FINAL:  # it runs again: only while its variables are kept
             _refuse_unless(can_retry(build, include_succeeded=True))
         _reset_job_from(job, step)
+        _reset_dependents(build, job)
         if build.status in BUILD_FINAL:
-            _reset_later_stages(build, job.stage_index)
             _take_back(build)
         if build.status == BuildStatus.RUNNING:
             advance_locked(build)  # queues the job again, on its retry queue
@@ -104,6 +104,7 @@ def _run_again(steps, jobs, **job_fields) -> int:
         queued_at=None,
         started_at=None,
         finished_at=None,
+        stop_requested_at=None,
         **job_fields,
     )
 
@@ -122,10 +123,11 @@ def _reset_job_from(job: JobRun, step: StepRun) -> None:
     assert updated, "the job was locked and checked final"
 
 
-def _reset_later_stages(build: Build, stage_index: int) -> None:
-    """What a finished build skipped or cancelled after the retried stage runs again."""
+def _reset_dependents(build: Build, job: JobRun) -> None:
+    """What was skipped or cancelled after the retried job (what waits for it) runs again."""
     not_run = RUN_RETRY_TRANSITIONS[RunStatus.PENDING] - {RunStatus.FAILED, RunStatus.TIMED_OUT}
-    jobs = JobRun.objects.filter(build=build, stage_index__gt=stage_index, status__in=not_run)
+    keys = dag.dependents(runs_of(build.pk), [job.key])
+    jobs = JobRun.objects.filter(build=build, key__in=keys, status__in=not_run)
     _run_again(StepRun.objects.filter(job__in=jobs, status__in=not_run), jobs)
 
 
@@ -276,22 +278,20 @@ def _reset_for_retry(build: Build, failed_only: bool) -> None:
 
 
 def _failed_and_after(build: Build, jobs: list[JobRun]) -> set[int]:
-    """What a failed-only retry runs again: the failed jobs of the first stage with one, every
-    job of the stages after it, and the jobs these reuse (their workspace went with the
-    build's lease), which moves the start back to the earliest of those stages."""
+    """What a failed-only retry runs again: the jobs that failed, were cancelled or skipped,
+    everything that waits for them, and the jobs these reuse (their workspace went with the
+    build's lease), with what waits for those."""
     not_done = RETRYABLE_RUNS | {RunStatus.SKIPPED}
-    stages = [j.stage_index for j in jobs if j.status in not_done | {RunStatus.PENDING}]
-    if not stages:
+    again = {job.key for job in jobs if job.status in not_done | {RunStatus.PENDING}}
+    if not again:
         raise BuildNotRetryable(f"build #{build.number} has no failed job to retry")
-    by_key, start = {job.key: job for job in jobs}, min(stages)
-    again = {job.key for job in jobs if job.stage_index == start and job.status in not_done}
+    by_key, runs = {job.key: job for job in jobs}, runs_of(build.pk)
     while True:
-        again |= {job.key for job in jobs if job.stage_index > start}
+        again |= dag.dependents(runs, again)
         reused = {by_key[key].reuse_of for key in again} - {""} - again
         if not reused:
             return {by_key[key].pk for key in again}
         again |= reused
-        start = min(start, *(by_key[key].stage_index for key in reused))
 
 
 def _admit_retry(build: Build) -> str:

@@ -1,5 +1,5 @@
 """Triggering a build: its number, variables and status tree, admitted by its pipeline's
-concurrency policy, and its first stage queued if it may run."""
+concurrency policy, and the jobs that wait for nothing queued if it may run."""
 
 import hashlib
 import json
@@ -11,16 +11,17 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from builds import parameters
-from builds.definition import normalize_variables
+from builds.definition import DEFAULT_CLEANUP_TIMEOUT, normalize_variables
 from builds.errors import (
     BuildAlreadyFinished,
     IdempotencyKeyReused,
     InvalidIdempotencyKey,
+    InvalidPriority,
     VariablePartitionMissing,
 )
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
 from builds.services.cancellation import cancel_at_once, request_cancel
-from builds.services.progress import queue_stage
+from builds.services.progress import advance_locked
 from builds.statuses import BuildStatus
 from ciproject.log_format import log_context
 from ciproject.transactions import retried_on_conflict
@@ -38,28 +39,40 @@ class Triggered(NamedTuple):
 IDEMPOTENCY_KEY_RE = re.compile(r"[\x21-\x7e]{1,200}")  # printable ASCII, as a UUID is
 
 
-def trigger_build(pipeline: Pipeline, variables=None, user=None, idempotency_key="") -> Build:
+def trigger_build(
+    pipeline: Pipeline, variables=None, user=None, idempotency_key="", priority=None
+) -> Build:
     """trigger()'s build, for callers that do not ask whether it was replayed."""
-    return trigger(pipeline, variables, user, idempotency_key).build
+    return trigger(pipeline, variables, user, idempotency_key, priority).build
 
 
 @retried_on_conflict
-def trigger(pipeline: Pipeline, variables=None, user=None, idempotency_key="") -> Triggered:
+def trigger(
+    pipeline: Pipeline, variables=None, user=None, idempotency_key="", priority=None
+) -> Triggered:
     """Create build N+1 of `pipeline` with its variables and status tree, admit it by the
-    pipeline's concurrency policy, and queue its first stage if it may run. Bad variables
-    raise InvalidVariables, a full queue PipelineQueueFull, before anything is stored.
+    pipeline's concurrency policy, and queue the jobs that wait for nothing if it may run.
+    Bad variables raise InvalidVariables, a full queue PipelineQueueFull, before anything is
+    stored.
 
     With an `idempotency_key`, the same trigger again (a client retrying after a lost
     answer, a form sent twice) returns the build the first one made, `replayed`;
-    the key with other variables raises IdempotencyKeyReused."""
+    the key with other variables raises IdempotencyKeyReused.
+
+    `priority` (None: the pipeline's) places it in its group's queue, up to the pipeline's
+    max-priority (InvalidPriority beyond it)."""
     overrides = normalize_variables({} if variables is None else variables)
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
+    ):
+        raise InvalidPriority("priority: a whole number from 0", priority=priority)
     if idempotency_key and not IDEMPOTENCY_KEY_RE.fullmatch(idempotency_key):
         raise InvalidIdempotencyKey(
             "an idempotency key is 1 to 200 printable ASCII characters, without spaces"
             " (a UUID, say)"
         )
     try:
-        return _trigger(pipeline, overrides, user, idempotency_key)
+        return _trigger(pipeline, overrides, user, idempotency_key, priority)
     except IntegrityError as exc:
         if getattr(exc.__cause__, "sqlstate", None) != NO_PARTITION_FOR_ROW:
             raise
@@ -69,13 +82,16 @@ def trigger(pipeline: Pipeline, variables=None, user=None, idempotency_key="") -
         ) from None
 
 
-def _trigger(pipeline: Pipeline, overrides: dict[str, str], user, key: str) -> Triggered:
-    fingerprint = _fingerprint(overrides) if key else ""
+def _trigger(
+    pipeline: Pipeline, overrides: dict[str, str], user, key: str, priority: int | None
+) -> Triggered:
+    fingerprint = _fingerprint(overrides, priority) if key else ""
     with transaction.atomic():
         if key and (earlier := _earlier_trigger(pipeline.pk, key, fingerprint)):
             return Triggered(earlier, replayed=True)
         number, spec, policy_id = _next_build_number(pipeline.pk)
         defaults = parameters.bind(spec, overrides)  # refused: rolled back, number and all
+        priority = _priority(spec, priority)
         now = timezone.now()
         build = Build(
             pipeline=pipeline,
@@ -86,6 +102,7 @@ def _trigger(pipeline: Pipeline, overrides: dict[str, str], user, key: str) -> T
             created_at=now,
             idempotency_key=key,
             idempotency_fingerprint=fingerprint,
+            priority=priority,
         )
         if policy_id is not None:
             _admit(build, policy_id, {**defaults, **overrides})
@@ -99,12 +116,29 @@ def _trigger(pipeline: Pipeline, overrides: dict[str, str], user, key: str) -> T
             _store_variables(build, overrides, "trigger")
             _create_tree(build, spec)
             if build.status == BuildStatus.RUNNING:
-                queue_stage(build.pk, 0)
+                advance_locked(build)
     return Triggered(build, replayed=False)
 
 
-def _fingerprint(overrides: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()
+def _fingerprint(overrides: dict[str, str], priority: int | None) -> str:
+    given = overrides if priority is None else [overrides, priority]
+    return hashlib.sha256(json.dumps(given, sort_keys=True).encode()).hexdigest()
+
+
+def _priority(spec: dict, asked: int | None) -> int:
+    """The build's priority: the pipeline's, or what its trigger asked for within the
+    pipeline's max-priority."""
+    own = spec.get("priority", 0)  # absent from definitions stored before
+    if asked is None:
+        return own
+    highest = spec.get("max_priority", own)
+    if asked > highest:
+        raise InvalidPriority(
+            f"priority: {asked} is above this pipeline's max-priority of {highest}",
+            priority=asked,
+            max_priority=highest,
+        )
+    return asked
 
 
 def _earlier_trigger(pipeline_id: int, key: str, fingerprint: str) -> Build | None:
@@ -183,18 +217,25 @@ def _create_tree(build: Build, spec: dict) -> None:
     for stage_index, stage in enumerate(spec["stages"]):
         for job_spec in stage["jobs"]:
             key = job_spec["id"]
-            job = JobRun(
-                build=build,
-                stage_index=stage_index,
-                stage_name=stage["name"],
-                key=key,
-                runs_on=job_spec["runs_on"],
-                reuse_of=root(key) if reuse.get(key) else "",
-                takes_lease=key in leased,
-                timeout=job_spec.get("timeout"),  # absent from definitions stored before
-            )
-            jobs.append(job)
-            steps.extend((job, index, s) for index, s in enumerate(job_spec["steps"]))
+            matrix = job_spec.get("matrix")  # absent from definitions stored before
+            for run in matrix["runs"] if matrix else [None]:
+                job = JobRun(
+                    build=build,
+                    stage_index=stage_index,
+                    stage_name=stage["name"],
+                    key=run["key"] if run else key,
+                    runs_on=run["runs_on"] if run else job_spec["runs_on"],
+                    needs=job_spec.get("needs"),
+                    condition=job_spec.get("if") or "",
+                    matrix_of=key if run else "",
+                    matrix=run["values"] if run else None,
+                    reuse_of=root(key) if reuse.get(key) else "",
+                    takes_lease=key in leased,
+                    timeout=job_spec.get("timeout"),
+                    cleanup_timeout=job_spec.get("cleanup_timeout", DEFAULT_CLEANUP_TIMEOUT),
+                )
+                jobs.append(job)
+                steps.extend((job, index, s) for index, s in enumerate(job_spec["steps"]))
     JobRun.objects.bulk_create(jobs)
     StepRun.objects.bulk_create(
         StepRun(
@@ -202,6 +243,7 @@ def _create_tree(build: Build, spec: dict) -> None:
             index=index,
             name=s["name"],
             command=s["run"],
+            condition=s.get("if") or "",
             timeout=s["timeout"],
             max_retries=s["retry"],
             retry_rule=s.get("retry_rule"),

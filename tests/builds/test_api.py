@@ -145,14 +145,18 @@ def test_trigger_creates_the_status_tree(api, pipeline):
     assert [s["status"] for s in detail["stages"]] == ["QUEUED", "PENDING"]
     compile_job = detail["stages"][0]["jobs"][0]
     assert (compile_job["key"], compile_job["status"]) == ("compile", "QUEUED")
+    order = ("needs", "condition", "matrix_of", "matrix")
+    assert [compile_job[key] for key in order] == [None, "", "", None]
     assert compile_job["steps"][0] | {"id": 0} == {
         "id": 0,
         "name": "say",
         "status": "PENDING",
         "attempt": 1,
         "exit_code": None,
+        "reason": "",
         "started_at": None,
         "finished_at": None,
+        "condition": "",
         "timeout": 3600,
         "max_retries": 0,
         "retry_rule": None,

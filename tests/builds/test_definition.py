@@ -36,6 +36,7 @@ def test_valid_definition_is_normalized():
     assert compile_job["steps"][0] == {
         "name": "say",
         "run": 'echo "$GREETING"',
+        "if": None,
         "timeout": 300,
         "retry": 1,
         "retry_rule": None,

@@ -161,3 +161,19 @@ def test_the_concrete_case_with_real_agents(tmp_path):
     b, c = Build.objects.get(pk=b.pk), Build.objects.get(pk=c.pk)
     assert b.started_at < c.started_at
     assert max_overlap([Build.objects.get(pk=a.pk), b, c]) == 1
+
+
+def test_queued_builds_start_by_priority_then_in_order(tmp_path):
+    gate = tmp_path / "gate"
+    policy = ConcurrencyPolicy.objects.create(name="prio", max_running=1, queue_length=10)
+    pipeline = gated("prio", gate, policy)
+    pipeline.definition = "max-priority: 5\n" + pipeline.definition
+    services.save_pipeline(pipeline.name, pipeline.definition, pipeline=pipeline)
+    first = services.trigger_build(pipeline)
+    queued = [services.trigger_build(pipeline, priority=p) for p in (0, 5, 2, 5, 0)]
+    assert {b.status for b in queued} == {"QUEUED"}
+    gate.touch()  # each build passes the gate at once: the queue drains one at a time
+    for build in [first, *queued]:
+        wait_for_build(build, timeout=60)
+    by_start = sorted(queued, key=lambda b: Build.objects.get(pk=b.pk).started_at)
+    assert [(b.priority, b.number) for b in by_start] == [(5, 3), (5, 5), (2, 4), (0, 2), (0, 6)]

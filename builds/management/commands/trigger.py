@@ -23,10 +23,17 @@ class Command(BaseCommand):
             help="run again with the same key, the command reports the build the first run"
             " made instead of making another",
         )
+        parser.add_argument(
+            "--priority",
+            type=int,
+            default=None,
+            help="its place in its concurrency group's queue, higher first (up to the"
+            " pipeline's max-priority; default: the pipeline's priority)",
+        )
         parser.add_argument("--wait", action="store_true", help="wait for the final status")
         parser.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
 
-    def handle(self, *args, name, var, idempotency_key, wait, timeout, **options):
+    def handle(self, *args, name, var, idempotency_key, priority, wait, timeout, **options):
         require_services()  # one clear message naming a service that is down
         with reporting_errors():
             pipeline = Pipeline.objects.filter(name=name).first()
@@ -37,7 +44,9 @@ class Command(BaseCommand):
                 unreadable="{place} {text!r}: expected KEY=VALUE",
                 twice="{place} {name} given twice",
             )
-            build, replayed = services.trigger(pipeline, variables, idempotency_key=idempotency_key)
+            build, replayed = services.trigger(
+                pipeline, variables, idempotency_key=idempotency_key, priority=priority
+            )
         earlier = " (made earlier with this idempotency key)" if replayed else ""
         self.stdout.write(f"build #{build.number} (id {build.pk}) {build.status}{earlier}")
         if not wait:
