@@ -81,7 +81,7 @@ class StepSerializer(serializers.ModelSerializer):
         # What the definition set: its condition, timeout, automatic retries (and their
         # rule), limits.
         fields += ["condition", "timeout", "max_retries", "retry_rule", "max_processes"]
-        fields += ["max_memory"]
+        fields += ["max_memory", "kill_grace"]
 
 
 class JobSerializer(serializers.ModelSerializer):

@@ -13,10 +13,16 @@ from builds.statuses import RUN_FAILED, RUN_FINAL, RunStatus
 
 LIVE = (RunStatus.QUEUED, RunStatus.RUNNING)
 ENDED_BADLY = (RunStatus.FAILED, RunStatus.TIMED_OUT)  # what fail-fast reacts to
+FAIL_FAST = "fail-fast: "  # the reason of the runs it cancels
 
 
 class CycleError(ValueError):
     pass
+
+
+class VariablesUnavailable(Exception):
+    """What `plan`'s variables reader raises when the build's variables cannot be read; the
+    runs whose condition needs them are skipped, with this as their reason."""
 
 
 def check_acyclic(needs: Mapping[str, Iterable[str]]) -> None:
@@ -170,7 +176,7 @@ def _fail_fast(by_job, matrices, status: dict, result: Plan) -> None:
         failed = next((r for r in group if status[r.key] in ENDED_BADLY), None)
         if failed is None:
             continue
-        reason = f"fail-fast: {failed.key!r} ended {status[failed.key]}"
+        reason = f"{FAIL_FAST}{failed.key!r} ended {status[failed.key]}"
         for run in group:
             if status[run.key] not in RUN_FINAL:
                 result.cancel[run.key] = reason
@@ -199,12 +205,13 @@ def _skip_reason(run: Run, waited: list[str], status: dict, failure: dict, read_
     # not match.
     unmet = next((key for key in waited if status[key] != RunStatus.SUCCEEDED), None)
     condition = conditions.parse(run.condition or conditions.DEFAULT)
-    reads_vars = any(kind == "vars" for kind, _ in condition.names())
+    try:
+        reads_vars = any(kind == "vars" for kind, _ in condition.names())
+        variables = read_variables() if reads_vars else {}
+    except VariablesUnavailable as exc:
+        return str(exc)
     context = conditions.Context(
-        failed=upstream is not None,
-        skipped=unmet is not None,
-        vars=read_variables() if reads_vars else {},
-        matrix=run.matrix,
+        failed=upstream is not None, skipped=unmet is not None, vars=variables, matrix=run.matrix
     )
     if condition.evaluate(context):
         return ""

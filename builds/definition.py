@@ -21,6 +21,7 @@ MAX_STAGES = 50
 MAX_JOBS = 500
 MAX_JOB_RUNS = 1000  # with every combination of the matrices
 DEFAULT_CLEANUP_TIMEOUT, MAX_CLEANUP_TIMEOUT = 300, 3600  # seconds
+MAX_KILL_GRACE = 300  # seconds
 MAX_STEPS_PER_JOB = 100
 MAX_VARIABLES = 200
 MAX_PRIORITY = 100  # a build's priority in its concurrency group's queue: 0..100
@@ -56,19 +57,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=False)
 
 
-RETRY_ON = ("failure", "timeout")  # what a retry rule may retry: FAILED, TIMED_OUT
+# What a retry rule may retry: FAILED, TIMED_OUT, and a job whose agent was lost while the
+# step ran (the job runs again from its first step, elsewhere: builds.services.lost_agents).
+RETRY_ON = ("failure", "timeout", "agent-lost")
 MAX_RETRY_BACKOFF = 600  # seconds: the doubling wait between retries stops growing here
 # `retry: N`'s rule (stored as None): any failure or timeout, at once.
-DEFAULT_RETRY_RULE = {"on": sorted(RETRY_ON), "on_exit_codes": None, "backoff": 0}
+DEFAULT_RETRY_ON = ["failure", "timeout"]
+DEFAULT_RETRY_RULE = {"on": DEFAULT_RETRY_ON, "on_exit_codes": None, "backoff": 0}
 
 
 class RetrySpec(_Strict):
-    """`retry: {max: 3, on: [failure], on-exit-codes: [1, 75], backoff: 10}`; `retry: N` is
-    `{max: N}`: any failure or timeout, at once."""
+    """`retry: {max: 3, on: [failure, agent-lost], on-exit-codes: [1, 75], backoff: 10}`;
+    `retry: N` is `{max: N}`: any failure or timeout, at once."""
 
     max: Annotated[int, Field(ge=0, le=10)]
     on: Annotated[list[Literal[RETRY_ON]], Field(min_length=1)] = Field(
-        default_factory=lambda: list(RETRY_ON)
+        default_factory=lambda: list(DEFAULT_RETRY_ON)
     )
     on_exit_codes: (
         Annotated[list[Annotated[int, Field(ge=1, le=255)]], Field(min_length=1, max_length=50)]
@@ -100,6 +104,11 @@ class StepSpec(_Strict):
     timeout: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
     retry: RetrySpec = Field(default_factory=lambda: RetrySpec(max=0))
     continue_on_error: bool = Field(default=False, alias="continue-on-error")
+    # Seconds between SIGTERM and SIGKILL when the step is stopped (None: the agent's
+    # STEP_KILL_GRACE_SECONDS).
+    kill_grace: Annotated[int, Field(ge=0, le=MAX_KILL_GRACE)] | None = Field(
+        default=None, alias="kill-grace"
+    )
 
     @field_validator("retry", mode="before")
     @classmethod
@@ -467,6 +476,7 @@ def _normalize(spec: PipelineSpec) -> dict:
                                 "timeout": step.timeout,
                                 **_retry(step.retry),
                                 "continue_on_error": step.continue_on_error,
+                                "kill_grace": step.kill_grace,
                                 "max_processes": step.max_processes,
                                 "max_memory": step.max_memory,
                             }

@@ -43,11 +43,12 @@ def expand(matrix: dict, job_id: str, runs_on: str, text: Callable[[object], str
         if unknown := sorted(set(entry) - set(axes)):
             raise ValueError(f"exclude[{n}]: {unknown[0]!r} is not an axis of the matrix")
         combinations = [c for c in combinations if any(c[k] != v for k, v in entry.items())]
+    originals = list(combinations)  # what an include may extend: not another's addition
     for entry in _entries(matrix, "include", text):
         for name in entry:
             if name not in axes:
                 _check_name(name, {})
-        _include(combinations, entry, axes)
+        _include(combinations, originals, entry, axes)
     if not combinations:
         raise ValueError("no combination is left (every one is excluded)")
     if len(combinations) > MAX_COMBINATIONS:
@@ -110,12 +111,13 @@ def _entries(matrix: dict, key: str, text) -> list[dict[str, str]]:
     return result
 
 
-def _include(combinations: list[dict], entry: dict, axes: dict) -> None:
-    """GitHub's rule: the entry's extra keys go into every combination whose axis values it
-    matches (never overwriting an axis value); matching none, it is a combination of its own."""
+def _include(combinations: list[dict], originals: list[dict], entry: dict, axes: dict) -> None:
+    """GitHub's rule: the entry's extra keys go into every original combination whose axis
+    values it matches (never overwriting an axis value, but overwriting what an earlier
+    entry added); matching none, it is a combination of its own."""
     original = {k: v for k, v in entry.items() if k in axes}
     extra = {k: v for k, v in entry.items() if k not in axes}
-    matched = [c for c in combinations if all(c.get(k) == v for k, v in original.items())]
+    matched = [c for c in originals if all(c.get(k) == v for k, v in original.items())]
     if matched and extra:
         for combination in matched:
             combination.update(extra)

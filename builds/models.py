@@ -220,6 +220,10 @@ class StepRun(models.Model):
     # RetrySpec); None: any failure or timeout, at once.
     retry_rule = models.JSONField(null=True, blank=True)
     continue_on_error = models.BooleanField(default=False)
+    # Seconds from SIGTERM to SIGKILL when it is stopped; None: STEP_KILL_GRACE_SECONDS. A
+    # fenced agent uses the shorter of the two (its fence arithmetic: ciproject.checks), and
+    # the cancel watchdog waits for the longer one.
+    kill_grace = models.PositiveSmallIntegerField(null=True, blank=True)
     # The step's own limits; None takes the agent's default (AGENT_STEP_MAX_*).
     max_processes = models.PositiveIntegerField(null=True, blank=True)
     max_memory = models.PositiveBigIntegerField(null=True, blank=True)  # bytes

@@ -127,6 +127,7 @@ def _run_started_job(agent, job: JobRun, stop: threading.Event) -> str:
         else:
             status, reason = execution.run()
         stop.set()  # its steps are over: nothing left to stop (a late stop request is no news)
+        agent.forced_stop(job.pk, job.attempt).set()
         if fenced := agent.fence_reason(job.pk, job.attempt):
             status, reason = RunStatus.FAILED, fenced  # cut off, it stopped the job itself
         # Fenced: a stale attempt changes nothing.
@@ -177,6 +178,7 @@ class JobExecution:
         self.job, self.build, self.workspace, self.stop = job, job.build, workspace, stop
         self.keep_workspace = agent.keep_workspace  # (build id, path): for the build's lease
         self.containment, self.step_user = agent.containment, agent.step_user
+        self.fence_reason = agent.fence_reason
         self.cause = ""  # why the last step failed, when its exit code does not say
         # The job's timeout (all its steps together), by this process's monotonic clock.
         self.deadline = time.monotonic() + job.timeout if job.timeout else None
@@ -215,16 +217,15 @@ class JobExecution:
             return RunStatus.CANCELED, "stopped: the build is no longer running"
         workspaces.make(self.workspace, self.step_user)
         failure = None  # the first failed step's ending: the job's
-        steps = list(self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)))
-        for n, step in enumerate(steps):
+        for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
             step.job = self.job
             if self.stop.is_set():
-                return self.clean_up(steps[n:], failed=failure is not None)
+                return self.clean_up(failed=failure is not None)
             if not self.wanted(step, failed=failure is not None):
                 continue
             status = self.run_step(step)
             if status is None:  # stopped, or the build no longer runs
-                return self.clean_up(steps[n + 1 :], failed=failure is not None)
+                return self.clean_up(failed=failure is not None)
             if status != RunStatus.SUCCEEDED and not step.continue_on_error and not failure:
                 cause = f": {self.cause}" if self.cause else ""
                 failure = status, f"step {step.name!r} ended {status}{cause}"
@@ -232,11 +233,11 @@ class JobExecution:
             return failure
         return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
 
-    def clean_up(self, remaining: list[StepRun], failed: bool) -> tuple[str, str]:
+    def clean_up(self, failed: bool) -> tuple[str, str]:
         """The job was stopped (or its build stopped running): if that was its build's
-        cancel, the steps whose condition runs them then (always(), cancelled()) run now, in
-        its workspace, within its cleanup-timeout; a forced stop (a second cancel, a fence)
-        ends them. The job ends CANCELED whatever they do."""
+        cancel, its steps that have not run and whose condition runs them then (always(),
+        cancelled()) run now, in its workspace, within its cleanup-timeout; a forced stop (a
+        second cancel, a fence) ends them. The job ends CANCELED whatever they do."""
         stopped = RunStatus.CANCELED, "stopped: the build is no longer running"
         if self.forced.is_set():  # a fenced agent must not even ask the database
             return stopped
@@ -245,20 +246,34 @@ class JobExecution:
         )
         cleanup = [
             step
-            for step in remaining
+            for step in self.job.steps.filter(status=RunStatus.PENDING)
             if conditions.parse(step.condition or conditions.DEFAULT).evaluate(context)
         ]
+        asked = time.monotonic()  # before the server sets its deadline: this one is earlier
         if not cleanup or not persist(services.begin_cleanup, self.job):
             return stopped
         timeout = self.job.cleanup_timeout
         log.info("job %s: cancelled; %d cleanup steps run now", self.job.pk, len(cleanup))
         self.stop, self.cleaning = self.forced, True
-        self.deadline = time.monotonic() + timeout
+        self.deadline = asked + timeout
         self.deadline_cause = f"the job's cleanup-timeout of {timeout} s ran out"
         for step in cleanup:
+            step.job = self.job
             if self.stop.is_set() or self.run_step(step) is None:
                 break
         return RunStatus.CANCELED, f"cancelled; then its cleanup steps ran (at most {timeout} s)"
+
+    def grace_for(self, step: StepRun):
+        """The step's kill grace, read when it is stopped: its own, except on a fenced
+        agent, which must have ended it within STEP_KILL_GRACE_SECONDS of its fence."""
+        default = settings.STEP_KILL_GRACE_SECONDS
+        own = default if step.kill_grace is None else step.kill_grace
+
+        def grace() -> float:
+            fenced = self.fence_reason(self.job.pk, self.job.attempt)
+            return min(own, default) if fenced else own
+
+        return grace
 
     def wanted(self, step: StepRun, failed: bool) -> bool:
         """Whether the step's `if:` lets it run now. One whose own condition is false is
@@ -400,7 +415,7 @@ class JobExecution:
             env=env,
             timeout=timeout,
             output=output,
-            grace=settings.STEP_KILL_GRACE_SECONDS,
+            grace=self.grace_for(step),
             on_tick=on_tick,
             tick=STOP_TICK_SECONDS,
             markers=orphans.directory(self.job.agent),

@@ -178,7 +178,7 @@ def run_step(
     env: dict[str, str],
     timeout: float,
     output: StepOutput,
-    grace: float,
+    grace: float | Callable[[], float],
     on_tick: Callable[[], bool] = lambda: False,
     tick: float = 0.1,
     markers: Path | None = None,
@@ -228,6 +228,7 @@ def run_step(
         # Whatever happened (on_tick raising while PostgreSQL restarts included), what is
         # left of the group (the step itself on timeout or stop, or background processes it
         # left behind) is ended, so no process outlives its step.
+        grace = grace() if callable(grace) else grace  # read now: it may depend on why
         try:
             if box:
                 box.end(proc, grace)

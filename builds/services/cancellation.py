@@ -9,7 +9,7 @@ import time
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F, Max, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce, Greatest, Now
 from django.utils import timezone
@@ -18,7 +18,7 @@ from agents.models import Agent
 from builds.errors import BuildAlreadyFinished, BuildNotFound
 from builds.models import Build, JobRun, StepRun
 from builds.services.logs import add_late_note
-from builds.services.progress import advance_build
+from builds.services.progress import advance_build, cancel_waiting_jobs
 from builds.statuses import BuildStatus, RunStatus, build_allowed_from
 from ciproject import metrics
 from ciproject.locks import try_advisory_lock
@@ -86,19 +86,7 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
         if build is None or build.status != BuildStatus.CANCELLING:
             return None
         forced = build.cancel_forced_at is not None
-        now = timezone.now()
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "UPDATE builds_jobrun SET status = %s, finished_at = %s"
-                " WHERE build_id = %s AND status = ANY(%s) RETURNING id, attempt, status",
-                [RunStatus.CANCELED, now, build_id, [RunStatus.PENDING, RunStatus.QUEUED]],
-            )
-            revoked = [(job_id, attempt) for job_id, attempt, _ in cursor.fetchall()]
-        # A running job's steps are its agent's to end: some may be its cleanup.
-        StepRun.objects.filter(
-            job_id__in=[job_id for job_id, _ in revoked],
-            status__in=(RunStatus.PENDING, RunStatus.QUEUED),
-        ).update(status=RunStatus.CANCELED)
+        never_started = cancel_waiting_jobs(build_id)
         running = JobRun.objects.filter(build_id=build_id, status=RunStatus.RUNNING)
         if not forced:  # a job running its cleanup steps goes on: it was stopped already
             running = running.filter(cleanup_deadline=None)
@@ -107,9 +95,8 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
         log.info(
             "build %s: cancel%s requested by %s; %d jobs never started, %d stopping",
             build_id, " (forced)" if forced else "", build.cancel_requested_by or "the system",
-            len(revoked), len(running),
+            never_started, len(running),
         )  # fmt: skip
-        messages.revoke_jobs(revoked)
         for job_id, attempt, agent in running:  # not forced: each may run its cleanup steps
             messages.stop_job(job_id, attempt, agent, force=forced)
     return advance_build(build_id)  # ends it now when nothing was running
@@ -148,35 +135,41 @@ def cancel_watchdog() -> list[int]:
 
 def _watch_cancels(limit: int = 200) -> list[int]:
     forced = []
-    # The stop is due from the request, or from the end of the cleanup its jobs run (their
-    # agents end it by then), or from a forced cancel, which ends the cleanup.
-    cleanup_ends = (
-        JobRun.objects.filter(build=OuterRef("pk"), status=RunStatus.RUNNING)
-        .values("build")
-        .annotate(latest=Max("cleanup_deadline"))
-        .values("latest")
+    stalled = Build.objects.filter(
+        status=BuildStatus.CANCELLING, cancel_requested_at__lt=Now() - REDRIVE_AFTER
     )
-    requested = F("cancel_requested_at")
-    stalled = (
-        Build.objects.filter(
-            status=BuildStatus.CANCELLING, cancel_requested_at__lt=Now() - REDRIVE_AFTER
-        )
-        .annotate(
-            due=Coalesce(
-                "cancel_forced_at",
-                Greatest(requested, Coalesce(Subquery(cleanup_ends), requested)),
-            )
-        )
-        .annotate(overdue=Q(due__lt=Now() - force_after()))
-        .order_by("cancel_requested_at")
-    )
-    rows = stalled.values_list("id", "cancel_requested_at", "overdue")[:limit]
-    for build_id, requested_at, overdue in rows:
+    rows = _with_due(stalled).order_by("cancel_requested_at")
+    for build_id, requested_at, overdue in rows.values_list("id", "cancel_requested_at", "overdue")[
+        :limit
+    ]:
         if not overdue:
             finish_cancel(build_id, skip_locked=True)
         elif _force_cancel(build_id, requested_at):
             forced.append(build_id)
     return forced
+
+
+def _with_due(builds):
+    """Builds with `overdue`: whether force_after() has passed since their stop was due,
+    by the database's clock. It is due from the request, or from the end of the cleanup its
+    jobs run (their agents end it by then), or from a forced cancel, which ends the cleanup;
+    a step with a kill-grace longer than the agent's gets the difference too."""
+    running = JobRun.objects.filter(build=OuterRef("pk"), status=RunStatus.RUNNING)
+    cleanup_ends = running.values("build").annotate(latest=Max("cleanup_deadline"))
+    graces = StepRun.objects.filter(
+        job__build=OuterRef("pk"), job__status=RunStatus.RUNNING, status=RunStatus.RUNNING
+    )
+    graces = graces.values("job__build").annotate(longest=Max("kill_grace"))
+    longer = Greatest(
+        Coalesce(Subquery(graces.values("longest")), 0) - settings.STEP_KILL_GRACE_SECONDS, 0.0
+    )
+    requested = F("cancel_requested_at")
+    due = Coalesce(
+        "cancel_forced_at",
+        Greatest(requested, Coalesce(Subquery(cleanup_ends.values("latest")), requested)),
+    )
+    wait = force_after() + longer * timedelta(seconds=1)
+    return builds.annotate(due=due, wait=wait).annotate(overdue=Q(due__lt=Now() - F("wait")))
 
 
 def _force_cancel(build_id: int, requested_at) -> bool:
@@ -196,6 +189,9 @@ def _force_cancel(build_id: int, requested_at) -> bool:
                 build_id=build_id, status=RunStatus.RUNNING
             )
         )
+        # Asked again with its jobs locked: a cleanup may have begun since it was listed.
+        if not _with_due(still).values_list("overdue", flat=True).first():
+            return False
         for job in jobs:
             steps = StepRun.objects.filter(job=job, status=RunStatus.RUNNING)
             add_late_note(

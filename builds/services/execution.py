@@ -6,6 +6,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Exists, F, OuterRef
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from builds import partitions
@@ -76,6 +77,7 @@ def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun |
             reason="",
             started_at=timezone.now(),
             kept_workspace_on="",  # the job works in it again, or elsewhere from its first step
+            cleanup_deadline=None,
         )
         if not updated:
             transaction.set_rollback(True)  # and with it any lease taken above
@@ -88,8 +90,15 @@ def start_step(step: StepRun, cleanup: bool = False) -> bool:
     (a cleanup step: while its cancel is not forced)."""
     now = timezone.now()
     build_id = step.job.build_id
+    if cleanup:  # and its job attempt is still running (a forced end may have come first)
+        runs = JobRun.objects.filter(
+            pk=step.job_id, attempt=step.job.attempt, status=RunStatus.RUNNING
+        )
+        allowed = (_build_cleaning(build_id), Exists(runs))
+    else:
+        allowed = (_build_running(build_id),)
     updated = StepRun.objects.filter(
-        _build_cleaning(build_id) if cleanup else _build_running(build_id),
+        *allowed,
         pk=step.pk,
         attempt=step.attempt,
         status__in=run_allowed_from(RunStatus.RUNNING),
@@ -102,7 +111,8 @@ def begin_cleanup(job: JobRun) -> bool:
     """A job stopped by its build's cancel runs its cleanup steps now, until its
     cleanup_deadline (the cancel watchdog waits for it). False if the cancel was forced, or
     the attempt is no longer this agent's."""
-    deadline = timezone.now() + timedelta(seconds=job.cleanup_timeout)
+    # The database's clock, as the cancel watchdog's.
+    deadline = Now() + timedelta(seconds=job.cleanup_timeout)
     return bool(
         JobRun.objects.filter(
             _build_cleaning(job.build_id),

@@ -1,14 +1,16 @@
 """What a lost agent costs its builds: the jobs it was running end FAILED with a reason
-naming it, the jobs bound to it fail rather than wait, its lease goes, the builds move on.
-The agent registry (agents.services) decides when an agent is lost."""
+naming it (or run again elsewhere, where the running step's retry rule says `agent-lost`),
+the jobs bound to it fail rather than wait, its lease goes, the builds move on. The agent
+registry (agents.services) decides when an agent is lost."""
 
 from django.db import transaction
+from django.db.models import F
 
-from builds.models import JobRun
-from builds.services.execution import finish_job
+from builds.models import Build, JobRun, StepRun
+from builds.services.execution import finish_job, run_steps_again
 from builds.services.logs import add_late_note
 from builds.services.progress import advance_after_commit, fail_queued_job
-from builds.statuses import RunStatus
+from builds.statuses import BuildStatus, RunStatus
 from dispatch import leases, messages
 
 
@@ -27,14 +29,49 @@ def fail_jobs_of_lost_agent(name: str, why: str) -> list[int]:
 
 def fail_jobs_on_agent(agent: str, reason: str) -> list[int]:
     """The jobs recorded as RUNNING on a lost agent end FAILED (CANCELED if their build is
-    being cancelled) with `reason`; their builds move on. The agent, if it still runs them
-    somewhere, is told to stop: its late results are fenced off by the job's status."""
+    being cancelled) with `reason`, or run again elsewhere (run_again_elsewhere); their
+    builds move on. The agent, if it still runs them somewhere, is told to stop: its late
+    results are fenced off by the job's status and attempt."""
     failed = []
     for job in JobRun.objects.filter(agent=agent, status=RunStatus.RUNNING):
         cut_short = list(job.steps.filter(status=RunStatus.RUNNING).values_list("id", "attempt"))
-        if not finish_job(job, RunStatus.FAILED, reason):
+        if run_again_elsewhere(job, reason):
+            add_late_note(cut_short, f"{reason}; the job runs again on another agent")
+        elif finish_job(job, RunStatus.FAILED, reason):
+            add_late_note(cut_short, reason)  # after anything the agent may still have written
+            failed.append(job.pk)
+        else:
             continue
-        add_late_note(cut_short, reason)  # after anything the agent may still have written
         messages.stop_job(job.pk, job.attempt, agent)
-        failed.append(job.pk)
     return failed
+
+
+def run_again_elsewhere(job: JobRun, reason: str) -> bool:
+    """An `agent-lost` retry: the step the lost agent was running opted in and has a retry
+    left, so the job runs again from its first step (its workspace went with the agent), as
+    attempt + 1, on any agent with its label. Not a job whose workspace is the build's lease
+    (bound to that agent), nor one of a build that no longer runs."""
+    step = job.steps.filter(status=RunStatus.RUNNING).first()
+    rule = (step.retry_rule or {}) if step else {}
+    if job.uses_lease or "agent-lost" not in rule.get("on", ()) or step.attempt > step.max_retries:
+        return False
+    with transaction.atomic():
+        running = Build.objects.filter(pk=job.build_id, status=BuildStatus.RUNNING)
+        if not running.select_for_update(no_key=True).exists():
+            return False
+        again = JobRun.objects.filter(pk=job.pk, attempt=job.attempt, status=RunStatus.RUNNING)
+        updated = again.update(
+            status=RunStatus.PENDING,
+            attempt=F("attempt") + 1,
+            agent="",
+            reason=f"{reason}; running again on another agent (retry: on agent-lost)",
+            queued_at=None,
+            started_at=None,
+            stop_requested_at=None,
+            cleanup_deadline=None,
+        )
+        if not updated:
+            return False
+        run_steps_again(StepRun.objects.filter(job=job))
+        advance_after_commit(job.build_id)
+    return True

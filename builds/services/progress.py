@@ -8,7 +8,9 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from builds import dag
-from builds.models import Build, BuildVariable, JobRun, StepRun
+from builds.errors import BuildVariablesMissing
+from builds.models import Build, JobRun, StepRun
+from builds.services.execution import build_variables
 from builds.statuses import (
     BUILD_FINAL,
     BuildStatus,
@@ -100,8 +102,10 @@ def _matrix_rules(spec: dict) -> dict[str, dag.MatrixRule]:
 
 def _variables(build: Build) -> dict[str, str]:
     """The build's variables as they are now, for its jobs' conditions."""
-    rows = BuildVariable.objects.filter(build_created_at=build.created_at, build_id=build.pk)
-    return dict(rows.values_list("name", "value"))
+    try:
+        return build_variables(build.pk)
+    except BuildVariablesMissing as exc:
+        raise dag.VariablesUnavailable(exc.detail) from None
 
 
 def _by_reason(runs: dict[str, str]) -> dict[str, list[str]]:
@@ -125,27 +129,39 @@ def _skip_runs(build_id: int, keys: list[str], reason: str) -> None:
 def _cancel_runs(build_id: int, runs: dict[str, str]) -> None:
     """Fail-fast: a matrix's other runs end CANCELED; those on an agent are stopped there
     (finish_job records them CANCELED with this reason)."""
-    now = timezone.now()
     for reason, keys in _by_reason(runs).items():
-        jobs = JobRun.objects.filter(build_id=build_id, key__in=keys)
-        waiting = list(
-            jobs.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)).values_list(
-                "pk", "attempt"
+        cancel_waiting_jobs(build_id, reason, keys)
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "UPDATE builds_jobrun SET stop_requested_at = %s, reason = %s"
+                " WHERE build_id = %s AND key = ANY(%s) AND status = %s"
+                " AND stop_requested_at IS NULL RETURNING id, attempt, agent",
+                [timezone.now(), reason, build_id, keys, RunStatus.RUNNING],
             )
-        )
-        JobRun.objects.filter(pk__in=[pk for pk, _ in waiting]).update(
-            status=RunStatus.CANCELED, reason=reason, finished_at=now
-        )
-        StepRun.objects.filter(
-            job_id__in=[pk for pk, _ in waiting], status__in=(RunStatus.PENDING, RunStatus.QUEUED)
-        ).update(status=RunStatus.CANCELED)
-        messages.revoke_jobs(waiting)
-        running = jobs.filter(status=RunStatus.RUNNING, stop_requested_at=None)
-        for job_id, attempt, agent in running.values_list("pk", "attempt", "agent"):
-            JobRun.objects.filter(pk=job_id, attempt=attempt).update(
-                stop_requested_at=now, reason=reason
-            )
-            messages.stop_job(job_id, attempt, agent)
+            for job_id, attempt, agent in cursor.fetchall():
+                messages.stop_job(job_id, attempt, agent)
+
+
+def cancel_waiting_jobs(build_id: int, reason: str = "", keys: list[str] | None = None) -> int:
+    """PENDING or QUEUED -> CANCELED for the build's jobs (those of `keys`), with their steps,
+    in one compare-and-set (a job an agent starts meanwhile is not among them); their
+    messages are revoked. A running job's steps are its agent's to end. Returns how many."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE builds_jobrun SET status = %s, finished_at = %s,"
+            " reason = CASE WHEN %s = '' THEN reason ELSE %s END"
+            " WHERE build_id = %s AND status = ANY(%s) AND (%s::text[] IS NULL OR key = ANY(%s))"
+            " RETURNING id, attempt",
+            [RunStatus.CANCELED, timezone.now(), reason, reason, build_id,
+             [RunStatus.PENDING, RunStatus.QUEUED], keys, keys],
+        )  # fmt: skip
+        cancelled = cursor.fetchall()
+    StepRun.objects.filter(
+        job_id__in=[job_id for job_id, _ in cancelled],
+        status__in=(RunStatus.PENDING, RunStatus.QUEUED),
+    ).update(status=RunStatus.CANCELED)
+    messages.revoke_jobs(cancelled)
+    return len(cancelled)
 
 
 def queue_jobs(build_id: int, keys: list[str]) -> None:

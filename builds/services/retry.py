@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Case, F, Value, When
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
 from builds import dag, partitions
@@ -105,6 +105,7 @@ def _run_again(steps, jobs, **job_fields) -> int:
         started_at=None,
         finished_at=None,
         stop_requested_at=None,
+        cleanup_deadline=None,
         **job_fields,
     )
 
@@ -124,10 +125,14 @@ def _reset_job_from(job: JobRun, step: StepRun) -> None:
 
 
 def _reset_dependents(build: Build, job: JobRun) -> None:
-    """What was skipped or cancelled after the retried job (what waits for it) runs again."""
+    """What was skipped or cancelled after the retried job (what waits for it) runs again,
+    and the runs of its matrix that its failure cancelled (fail-fast)."""
     not_run = RUN_RETRY_TRANSITIONS[RunStatus.PENDING] - {RunStatus.FAILED, RunStatus.TIMED_OUT}
     keys = dag.dependents(runs_of(build.pk), [job.key])
-    jobs = JobRun.objects.filter(build=build, key__in=keys, status__in=not_run)
+    jobs = JobRun.objects.filter(build=build, status__in=not_run).filter(
+        Q(key__in=keys)
+        | Q(matrix_of=job.matrix_of, reason__startswith=dag.FAIL_FAST) & ~Q(matrix_of="")
+    )
     _run_again(StepRun.objects.filter(job__in=jobs, status__in=not_run), jobs)
 
 
@@ -150,6 +155,7 @@ def _take_back(build: Build) -> None:
         finished_at=None,
         reason="",
         cancel_requested_at=None,
+        cancel_forced_at=None,
         cancel_requested_by=None,
         enqueued_at=now if status == BuildStatus.QUEUED else build.enqueued_at,
         queue_priority=1 if status == BuildStatus.QUEUED else 0,
@@ -244,6 +250,7 @@ def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
             reason="",
             queue_priority=0,
             cancel_requested_at=None,
+            cancel_forced_at=None,
             cancel_requested_by=None,
         )
         build.refresh_from_db()
@@ -278,11 +285,11 @@ def _reset_for_retry(build: Build, failed_only: bool) -> None:
 
 
 def _failed_and_after(build: Build, jobs: list[JobRun]) -> set[int]:
-    """What a failed-only retry runs again: the jobs that failed, were cancelled or skipped,
-    everything that waits for them, and the jobs these reuse (their workspace went with the
-    build's lease), with what waits for those."""
-    not_done = RETRYABLE_RUNS | {RunStatus.SKIPPED}
-    again = {job.key for job in jobs if job.status in not_done | {RunStatus.PENDING}}
+    """What a failed-only retry runs again: the jobs that failed or were cancelled (or never
+    ran), everything that waits for them (what they skipped), and the jobs these reuse
+    (their workspace went with the build's lease), with what waits for those. A job its own
+    condition skipped stays skipped."""
+    again = {job.key for job in jobs if job.status in RETRYABLE_RUNS | {RunStatus.PENDING}}
     if not again:
         raise BuildNotRetryable(f"build #{build.number} has no failed job to retry")
     by_key, runs = {job.key: job for job in jobs}, runs_of(build.pk)

@@ -85,7 +85,9 @@ def trigger(
 def _trigger(
     pipeline: Pipeline, overrides: dict[str, str], user, key: str, priority: int | None
 ) -> Triggered:
-    fingerprint = _fingerprint(overrides, priority) if key else ""
+    # Asking for the pipeline's own priority is the same trigger as not asking.
+    own = (pipeline.spec or {}).get("priority", 0)
+    fingerprint = _fingerprint(overrides, None if priority == own else priority) if key else ""
     with transaction.atomic():
         if key and (earlier := _earlier_trigger(pipeline.pk, key, fingerprint)):
             return Triggered(earlier, replayed=True)
@@ -248,6 +250,7 @@ def _create_tree(build: Build, spec: dict) -> None:
             max_retries=s["retry"],
             retry_rule=s.get("retry_rule"),
             continue_on_error=s["continue_on_error"],
+            kill_grace=s.get("kill_grace"),
             max_processes=s.get("max_processes"),  # absent from definitions stored before
             max_memory=s.get("max_memory"),
         )

@@ -162,6 +162,7 @@ def test_trigger_creates_the_status_tree(api, pipeline):
         "retry_rule": None,
         "max_processes": None,
         "max_memory": None,
+        "kill_grace": None,
     }
     assert [len(j["steps"]) for j in detail["stages"][1]["jobs"]] == [2, 1]
     second = api.post(f"/api/pipelines/{pipeline.pk}/builds/", {}, format="json").json()

@@ -207,3 +207,24 @@ stages:
     jobs:
       - {id: then, reuse: j, steps: [{run: "true"}]}
 """
+
+
+@pytest.mark.django_db(transaction=True)
+def test_failed_only_leaves_a_job_its_own_condition_skipped():
+    pipeline = make_pipeline(
+        "conditional",
+        "variables: {LINT: '0'}\nstages:\n"
+        "  - name: one\n    jobs:\n"
+        "      - {id: lint, if: \"vars.LINT == '1'\", runs-on: unit-tests, steps: [{run: x}]}\n"
+        "      - {id: unit, runs-on: unit-tests, steps: [{run: 'true'}]}\n"
+        "  - name: two\n    jobs:\n"
+        "      - {id: deploy, runs-on: unit-tests, steps: [{run: 'true'}]}\n",
+    )
+    build = services.trigger_build(pipeline)
+    assert JobRun.objects.get(build=build, key="lint").status == "SKIPPED"
+    JobRun.objects.filter(build=build, key="unit").update(status="SUCCEEDED")
+    JobRun.objects.filter(build=build, key="deploy").update(status="FAILED")
+    Build.objects.filter(pk=build.pk).update(status="FAILED")
+    services.retry_build(build.pk)
+    statuses = dict(JobRun.objects.filter(build=build).values_list("key", "status"))
+    assert statuses == {"lint": "SKIPPED", "unit": "SUCCEEDED", "deploy": "QUEUED"}

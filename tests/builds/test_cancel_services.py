@@ -38,12 +38,18 @@ def test_cancel_request_cost_does_not_grow_with_the_build(django_assert_max_num_
 
 
 @pytest.mark.django_db
-def test_second_cancel_changes_nothing_and_finished_builds_refuse():
+def test_a_second_cancel_forces_a_third_changes_nothing_and_finished_builds_refuse():
     build = services.trigger_build(pipeline_with_jobs("p", 1))
     services.request_cancel(build.pk)
     first = Build.objects.get(pk=build.pk).cancel_requested_at
+    assert Build.objects.get(pk=build.pk).cancel_forced_at is None
     assert services.request_cancel(build.pk) == "CANCELLING"
-    assert Build.objects.get(pk=build.pk).cancel_requested_at == first
+    forced = Build.objects.get(pk=build.pk).cancel_forced_at
+    assert forced is not None
+    assert services.request_cancel(build.pk) == "CANCELLING"
+    assert Build.objects.values_list("cancel_requested_at", "cancel_forced_at").get(
+        pk=build.pk
+    ) == (first, forced)
     done = services.trigger_build(pipeline_with_jobs("q", 1))
     Build.objects.filter(pk=done.pk).update(status=BuildStatus.SUCCEEDED)
     with pytest.raises(BuildAlreadyFinished) as refused:
@@ -175,3 +181,29 @@ def test_the_watchdog_rechecks_a_build_under_its_lock(settings, monkeypatch):
     assert (job.status, job.attempt, job.reason) == ("RUNNING", 2, "")
     assert Build.objects.get(pk=build.pk).status == "RUNNING"
     assert Agent.objects.get(name="gone").suspect_since is None
+
+
+@pytest.mark.django_db
+def test_the_watchdog_waits_for_a_cleanup_and_a_longer_kill_grace(settings):
+    build, job = cancelling_on_gone_agent(settings)  # 41 s ago: overdue by 1 s
+    settings.STEP_KILL_GRACE_SECONDS = 10
+    JobRun.objects.filter(pk=job.pk).update(cleanup_deadline=Now() + timedelta(seconds=60))
+    assert services.cancel_watchdog() == []  # its cleanup may run for another minute
+    JobRun.objects.filter(pk=job.pk).update(cleanup_deadline=None)
+    job.steps.update(status="RUNNING", kill_grace=20)  # 10 s more than the agent's
+    assert services.cancel_watchdog() == []
+    requested_ago(build, 51)  # 51 > 40 + 10
+    assert services.cancel_watchdog() == [build.pk]
+
+
+@pytest.mark.django_db
+def test_a_retried_build_is_cancelled_afresh_not_forced_again():
+    build = services.trigger_build(pipeline_with_jobs("p", 1))
+    services.request_cancel(build.pk)
+    services.request_cancel(build.pk)  # forced
+    cancellation.finish_cancel(build.pk)  # nothing ran: it ends at once
+    assert Build.objects.get(pk=build.pk).status == "CANCELED"
+    services.retry_build(build.pk)
+    assert Build.objects.get(pk=build.pk).cancel_forced_at is None
+    services.request_cancel(build.pk)
+    assert Build.objects.get(pk=build.pk).cancel_forced_at is None  # a first cancel again

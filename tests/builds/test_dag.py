@@ -189,3 +189,12 @@ def test_generated_pipelines_never_deadlock(document, random):
             else:
                 status[key] = R
     raise AssertionError("the build never ended")
+
+
+def test_unreadable_variables_skip_what_needs_them_saying_why():
+    def gone():
+        raise dag.VariablesUnavailable("the variables of build #1 are gone")
+
+    runs = [run("a", condition="vars.X == 'y'"), run("b")]
+    plan = dag.plan(runs, variables=gone)
+    assert (plan.start, plan.skip) == (["b"], {"a": "the variables of build #1 are gone"})

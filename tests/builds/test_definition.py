@@ -43,6 +43,7 @@ def test_valid_definition_is_normalized():
         "continue_on_error": False,
         "max_processes": None,
         "max_memory": None,
+        "kill_grace": None,
     }
     assert compile_job["steps"][1]["name"] == "step 2"
     assert compile_job["steps"][1]["timeout"] == 3600
@@ -170,7 +171,10 @@ def test_retry_rules_are_normalized(retry, count, rule):
 @pytest.mark.parametrize(
     ("retry", "detail"),
     [
-        ("{max: 3, on: [agent-lost]}", "retry.on[0]: Input should be 'failure' or 'timeout'"),
+        (
+            "{max: 3, on: [lost]}",
+            "retry.on[0]: Input should be 'failure', 'timeout' or 'agent-lost'",
+        ),
         ("{max: 3, on: [timeout], on-exit-codes: [1]}", "retry: on-exit-codes: only a failure"),
         ("{on: [failure]}", "retry.max: required"),
         ("{max: 2, on-exit-codes: [256]}", "retry.on-exit-codes[0]"),

@@ -163,3 +163,15 @@ def test_priorities_default_to_the_pipelines_own():
 )
 def test_priority_refusals(head, message):
     assert message in refused(head + pipeline(job("a")))
+
+
+def test_an_include_extends_only_the_original_combinations():
+    text = pipeline(
+        job("t", "matrix: {os: [linux], include: [{os: windows}, {os: windows, extra: x}]}")
+    )
+    runs = parse_definition(text)["stages"][0]["jobs"][0]["matrix"]["runs"]
+    assert [run["key"] for run in runs] == [
+        "t (os=linux)",
+        "t (os=windows)",
+        "t (os=windows, extra=x)",
+    ]

@@ -141,3 +141,44 @@ def test_a_build_node_serves_its_agents_own_metrics(dedicated):
     assert moved("ciproject_agent_steps_total", ("status", "FAILED")) == 1
     assert moved("ciproject_agent_step_seconds_count") == 2
     assert names <= {"ciproject_agent_steps", "ciproject_agent_step_seconds"}  # nothing else
+
+
+def test_an_agent_lost_retry_runs_the_job_again_on_another_agent(dedicated, workers):
+    dedicated("agent-doomed", "relost")
+    pipeline = make_pipeline(
+        "relost",
+        """
+stages:
+  - name: s
+    jobs:
+      - id: j
+        runs-on: relost
+        steps:
+          - {name: first, run: 'echo "first on attempt $CI_STEP_ATTEMPT"'}
+          - name: long
+            run: '[ "$CI_STEP_ATTEMPT" -ge 2 ] || sleep 30'
+            retry: {max: 1, on: [agent-lost]}
+""",
+    )
+    build = services.trigger_build(pipeline)
+    wait_until(
+        lambda: (
+            JobRun.objects.filter(build=build, status="RUNNING").exists()
+            and build.jobs.get().steps.get(name="long").status == "RUNNING"
+        ),
+        message="the long step to run",
+    )
+    dedicated("agent-spare", "relost")
+    workers.stop("agent-doomed", signal.SIGKILL)
+    build = wait_for_build(build, timeout=40)  # offline after 12 s, then again elsewhere
+    job = JobRun.objects.get(build=build)
+    steps = {step.name: step for step in job.steps.all()}
+    assert (build.status, job.status, job.attempt, job.agent) == (
+        "SUCCEEDED",
+        "SUCCEEDED",
+        2,
+        "agent-spare",
+    )
+    assert (steps["first"].attempt, steps["long"].attempt) == (2, 2)  # from its first step
+    assert "the job runs again on another agent" in services.step_log(steps["long"], 1)
+    assert "first on attempt 2" in services.step_log(steps["first"], 2)

@@ -182,3 +182,31 @@ def test_conditions_run_and_skip_jobs_and_steps_saying_why():
         "SKIPPED",
         "if: vars.MODE == 'fast' was false",
     )
+
+
+GRACE = """
+stages:
+  - name: s
+    jobs:
+      - id: j
+        runs-on: linux
+        steps:
+          - name: traps
+            timeout: 1
+            kill-grace: {grace}
+            run: |
+              # Builtins only: whatever the step forks while it is being stopped gets SIGTERM.
+              trap 'end=$((SECONDS + 2)); while [ $SECONDS -lt $end ]; do :; done
+                    echo "tidied up after SIGTERM"; exit 0' TERM
+              sleep 600 & wait
+"""
+
+
+@pytest.mark.parametrize(("grace", "tidied"), [(6, True), (0, False)])
+def test_a_steps_kill_grace_is_the_time_it_gets_after_sigterm(grace, tidied):
+    # The agents' own grace here is 3 s: 6 s is longer, 0 kills at once.
+    pipeline = make_pipeline(f"grace-{grace}", GRACE.format(grace=grace))
+    build = wait_for_build(services.trigger_build(pipeline))
+    step = StepRun.objects.get(job__build=build)
+    assert (build.status, step.status) == ("FAILED", "TIMED_OUT")
+    assert ("tidied up after SIGTERM" in services.step_log(step, 1)) is tidied
