@@ -135,6 +135,17 @@ def start_first_build(stack, marks, run_for: int) -> tuple[dict, dict, str]:
     """Build 1 running its step, build 2 queued behind it; returns them and build 1's agent.
     Both agents answer on the broker first: each case starts from a whole stack."""
     stack.wait_ready(AGENTS)
+    # And each agent's lease is fresh: a cut of the case before may have left its database
+    # connection reconnecting, and a fence that is nearly due would end this case's step.
+    fresh = (
+        "SELECT count(*) FROM agents_agent WHERE name = ANY(%s)"
+        " AND last_heartbeat > now() - interval '1 second'"
+    )
+    wait_until(
+        lambda: stack.sql(fresh, list(AGENTS))[0][0] == len(AGENTS),
+        timeout=30,
+        message="every agent's heartbeat to reach the database",
+    )
     first = stack.trigger(stack.pipeline_id, MARKS=str(marks.path), RUN_FOR=str(run_for))
     wait_until(lambda: marks.started(first), timeout=30, message="the first step to start")
     second = stack.trigger(stack.pipeline_id, MARKS=str(marks.path), RUN_FOR="1")
