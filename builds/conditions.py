@@ -261,5 +261,10 @@ def _parse(text: str) -> Condition:
 parse.cache_info, parse.cache_clear = _parse.cache_info, _parse.cache_clear
 
 
+def stored(text: str) -> Condition:
+    """A job's or step's stored `if:` ("" when it has none: DEFAULT), parsed."""
+    return parse(text or DEFAULT)
+
+
 def evaluate(text: str, context: Context) -> bool:
     return parse(text).evaluate(context)

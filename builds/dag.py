@@ -34,19 +34,25 @@ def check_acyclic(needs: Mapping[str, Iterable[str]]) -> None:
         raise CycleError(" -> ".join(reversed(cycle))) from None
 
 
-def ancestors(job: str, needs: Mapping[str, list[str] | None], stage: Mapping[str, int]) -> set:
-    """Every job `job` waits for, directly or through others (needs of acyclic `needs`)."""
-    found, todo = set(), [job]
+def _reach(starts: Iterable[str], following: Callable[[str], Iterable[str]]) -> set[str]:
+    """Everything `following` leads to from `starts`, through any number of steps."""
+    found, todo = set(), list(starts)
     while todo:
-        current = todo.pop()
-        direct = needs[current]
-        if direct is None:
-            direct = [other for other in stage if stage[other] < stage[current]]
-        for other in direct:
+        for other in following(todo.pop()):
             if other not in found:
                 found.add(other)
                 todo.append(other)
     return found
+
+
+def ancestors(job: str, needs: Mapping[str, list[str] | None], stage: Mapping[str, int]) -> set:
+    """Every job `job` waits for, directly or through others (needs of acyclic `needs`)."""
+
+    def waited_for(current: str) -> Iterable[str]:
+        direct = needs[current]
+        return [o for o in stage if stage[o] < stage[current]] if direct is None else direct
+
+    return _reach([job], waited_for)
 
 
 @dataclass(frozen=True)
@@ -63,20 +69,20 @@ class Run:
 def dependents(runs: list[Run], keys: Iterable[str]) -> set[str]:
     """Every run that waits for one of `keys`, directly or through others."""
     by_key = {run.key: run for run in runs}
-    found, todo = set(), list(keys)
-    while todo:
-        current = by_key[todo.pop()]
-        for other in runs:
-            if other.key in found:
-                continue
+
+    def waiting_for(key: str) -> Iterable[str]:
+        current = by_key[key]
+        return [
+            other.key
+            for other in runs
             if (
                 current.job in other.needs
                 if other.needs is not None
                 else other.stage > current.stage
-            ):
-                found.add(other.key)
-                todo.append(other.key)
-    return found
+            )
+        ]
+
+    return _reach(keys, waiting_for)
 
 
 @dataclass(frozen=True)
@@ -204,7 +210,7 @@ def _skip_reason(run: Run, waited: list[str], status: dict, failure: dict, read_
     # skipped job does not stop the stages after it: it was not wanted, as a rule that does
     # not match.
     unmet = next((key for key in waited if status[key] != RunStatus.SUCCEEDED), None)
-    condition = conditions.parse(run.condition or conditions.DEFAULT)
+    condition = conditions.stored(run.condition)
     try:
         reads_vars = any(kind == "vars" for kind, _ in condition.names())
         variables = read_variables() if reads_vars else {}

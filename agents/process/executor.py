@@ -241,13 +241,11 @@ class JobExecution:
         stopped = RunStatus.CANCELED, "stopped: the build is no longer running"
         if self.forced.is_set():  # a fenced agent must not even ask the database
             return stopped
-        context = conditions.Context(
-            failed=failed, cancelled=True, vars=self.variables, matrix=self.job.matrix or {}
-        )
+        context = self.context(failed, cancelled=True)
         cleanup = [
             step
             for step in self.job.steps.filter(status=RunStatus.PENDING)
-            if conditions.parse(step.condition or conditions.DEFAULT).evaluate(context)
+            if conditions.stored(step.condition).evaluate(context)
         ]
         asked = time.monotonic()  # before the server sets its deadline: this one is earlier
         if not cleanup or not persist(services.begin_cleanup, self.job):
@@ -275,14 +273,17 @@ class JobExecution:
 
         return grace
 
+    def context(self, failed: bool, cancelled: bool = False) -> conditions.Context:
+        """What a step's condition sees: its job's variables and matrix values."""
+        return conditions.Context(
+            failed=failed, cancelled=cancelled, vars=self.variables, matrix=self.job.matrix or {}
+        )
+
     def wanted(self, step: StepRun, failed: bool) -> bool:
         """Whether the step's `if:` lets it run now. One whose own condition is false is
         SKIPPED saying so; one that only waited for success is left to finish_job."""
-        condition = conditions.parse(step.condition or conditions.DEFAULT)
-        context = conditions.Context(
-            failed=failed, vars=self.variables, matrix=self.job.matrix or {}
-        )
-        if condition.evaluate(context):
+        condition = conditions.stored(step.condition)
+        if condition.evaluate(self.context(failed)):
             return True
         if step.condition and (condition.calls_status or not failed):
             persist(services.skip_step, step, f"if: {step.condition} was false")

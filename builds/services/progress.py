@@ -116,14 +116,14 @@ def _by_reason(runs: dict[str, str]) -> dict[str, list[str]]:
 
 
 def _skip_runs(build_id: int, keys: list[str], reason: str) -> None:
-    jobs = JobRun.objects.filter(build_id=build_id, key__in=keys, status=RunStatus.PENDING)
-    ids = list(jobs.values_list("pk", flat=True))
-    JobRun.objects.filter(pk__in=ids).update(
+    """PENDING -> SKIPPED for these jobs and their steps (the build's row is locked: nothing
+    else moves a PENDING job)."""
+    JobRun.objects.filter(build_id=build_id, key__in=keys, status=RunStatus.PENDING).update(
         status=RunStatus.SKIPPED, reason=reason, finished_at=timezone.now()
     )
-    StepRun.objects.filter(job_id__in=ids, status=RunStatus.PENDING).update(
-        status=RunStatus.SKIPPED
-    )
+    StepRun.objects.filter(
+        job__build_id=build_id, job__key__in=keys, status=RunStatus.PENDING
+    ).update(status=RunStatus.SKIPPED)
 
 
 def _cancel_runs(build_id: int, runs: dict[str, str]) -> None:
