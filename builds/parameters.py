@@ -38,18 +38,18 @@ def refusal(parameter: dict, value: str) -> str | None:
 def bind(spec: dict, overrides: dict[str, str]) -> dict[str, str]:
     """The build's variables from the pipeline (its `variables:` and its parameters'
     defaults), given the trigger's `overrides`. With `parameters:` declared, a trigger sets
-    only those, each as it allows; without, any variable (the names checked as for every
-    variable). Raises InvalidVariables naming the first name it refuses; nothing is stored
-    then."""
+    only those, each as it allows; without, only the names of its `variables:`. Raises
+    InvalidVariables naming the first name it refuses; nothing is stored then."""
     variables, parameters = spec.get("variables", {}), spec.get("parameters", {})
-    for name, value in overrides.items() if parameters else ():
-        if name not in parameters:
+    allowed, kind = (parameters, "parameter") if parameters else (variables, "variable")
+    for name, value in overrides.items():
+        if name not in allowed:
             raise InvalidVariables(
-                f"variables.{name}: not a parameter of this pipeline, which a trigger may not"
-                f" add (its parameters: {', '.join(parameters)})",
+                f"variables.{name}: not a {kind} of this pipeline, which a trigger may not add"
+                f" (its {kind}s: {', '.join(allowed) or 'none'})",
                 variable=name,
             )
-        if why := refusal(parameters[name], value):
+        if parameters and (why := refusal(parameters[name], value)):
             raise InvalidVariables(f"variables.{name}: {why}", variable=name)
     for name, parameter in parameters.items():
         if name not in overrides and parameter["required"]:

@@ -56,10 +56,13 @@ def make_pipeline(name: str, definition: str):
     return services.save_pipeline(name, definition)
 
 
-def one_step(run: str, runs_on: str = "default") -> str:
-    """A definition of one stage with one job `j` of one step."""
+def one_step(run: str, runs_on: str = "default", variables: str = "") -> str:
+    """A definition of one stage with one job `j` of one step, and `variables` (names
+    separated by spaces, each defaulting to ""), which a trigger may then set."""
     job = f"{{id: j, runs-on: {runs_on}, steps: [{{run: {run!r}}}]}}"
-    return f"stages:\n  - name: s\n    jobs:\n      - {job}\n"
+    defaults = ", ".join(f"{name}: ''" for name in variables.split())
+    head = f"variables: {{{defaults}}}\n" if defaults else ""
+    return f"{head}stages:\n  - name: s\n    jobs:\n      - {job}\n"
 
 
 def raw_connection():

@@ -228,6 +228,7 @@ def test_a_slow_heartbeat_renews_from_when_it_was_sent(settings):
 
 
 NEEDS_STEP_ZERO = """
+variables: {FLAG: ""}
 stages:
   - name: s
     jobs:

@@ -24,7 +24,7 @@ def governed(name: str, group_key: str, runs_on: str, run: str = "true"):
     policy = ConcurrencyPolicy.objects.create(
         name=name, group_key=group_key, max_running=2, queue_length=200, queue_timeout=3600
     )
-    pipeline = make_pipeline(name, one_step(run, runs_on=runs_on))
+    pipeline = make_pipeline(name, one_step(run, runs_on=runs_on, variables="G"))
     pipeline.policy = policy
     pipeline.save()
     return pipeline

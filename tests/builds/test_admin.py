@@ -18,6 +18,7 @@ from tests.support import client_for
 DEFINITION = """\
 variables:
   GREETING: "<b>hi</b>"
+  EXTRA: ""
 stages:
   - name: compile-stage
     jobs:
@@ -109,7 +110,7 @@ def test_add_pipeline_stores_the_parsed_spec(admin_client, db):
     assert response.status_code == 302
     pipeline = Pipeline.objects.get(name="fresh")
     assert pipeline.definition == DEFINITION.strip()  # CRLF from the browser normalized
-    assert pipeline.spec["variables"] == {"GREETING": "<b>hi</b>"}
+    assert pipeline.spec["variables"] == {"GREETING": "<b>hi</b>", "EXTRA": ""}
     assert [j["id"] for s in pipeline.spec["stages"] for j in s["jobs"]] == ["compile", "unit"]
     assert pipeline.spec["stages"][1]["jobs"][0]["steps"][0]["name"] == "step 1"
 

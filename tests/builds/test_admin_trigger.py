@@ -16,6 +16,7 @@ from concurrency.models import ConcurrencyPolicy
 DEFINITION = """\
 variables:
   GREETING: "<b>hello</b>"
+  EXTRA: x
 stages:
   - name: s
     jobs:

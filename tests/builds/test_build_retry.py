@@ -21,6 +21,7 @@ from tests.support import make_pipeline, raw_connection
 THREE_STAGES = """
 variables:
   GREETING: hello
+  WHO: nobody
 stages:
   - name: one
     jobs:

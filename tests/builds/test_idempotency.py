@@ -18,11 +18,12 @@ from concurrency.models import ConcurrencyPolicy
 from tests.support import PARALLEL, client_for, make_pipeline
 
 KEY = "0b5c6f3e-6a4e-4f3a-9a43-2b8f0d1c7e11"
+DEFINITION = "variables: {A: '0'}\n" + PARALLEL
 
 
 @pytest.fixture
 def pipeline(db):
-    return make_pipeline("idem", PARALLEL)
+    return make_pipeline("idem", DEFINITION)
 
 
 def test_the_same_key_returns_the_first_build_and_takes_no_number(pipeline):
@@ -30,7 +31,7 @@ def test_the_same_key_returns_the_first_build_and_takes_no_number(pipeline):
     again = services.trigger(pipeline, {"A": 1}, idempotency_key=KEY)  # normalized alike
     assert (again.build.pk, again.replayed, first.replayed) == (first.build.pk, True, False)
     assert services.trigger_build(pipeline, {"A": "1"}).number == 2  # no number lost
-    other = make_pipeline("other", PARALLEL)  # a key is the pipeline's own
+    other = make_pipeline("other", DEFINITION)  # a key is the pipeline's own
     assert services.trigger_build(other, {"A": "1"}, idempotency_key=KEY).number == 1
 
 
@@ -62,7 +63,7 @@ def test_a_refused_trigger_stores_no_key(pipeline):
 
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_triggers_with_one_key_make_one_build():
-    pipeline = make_pipeline("race", PARALLEL)
+    pipeline = make_pipeline("race", DEFINITION)
     results, start = [], threading.Barrier(4)
 
     def trigger():

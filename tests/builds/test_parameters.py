@@ -1,6 +1,6 @@
 """Declared parameters (`parameters:`): what a trigger may set, refused or accepted the same
 way at every door (the service, the API, `manage.py trigger`, the admin's form), and nothing
-stored when refused. Without `parameters:`, a trigger sets any variable, as before."""
+stored when refused. Without `parameters:`, a trigger sets only the pipeline's `variables:`."""
 
 from pathlib import Path
 
@@ -130,14 +130,36 @@ def test_the_admin_form_has_a_field_for_each_parameter(admin_client, pipeline):
     assert stored(Build.objects.get())["BRANCH"] == ("main", "pipeline")  # empty: the default
 
 
-def test_without_parameters_a_trigger_sets_any_variable():
-    pipeline = services.save_pipeline(
-        "plain",
-        "variables: {GREETING: hello}\nstages:\n  - name: s\n    jobs:\n"
-        "      - {id: j, runs-on: unit-tests, steps: [{run: 'true'}]}\n",
+PLAIN = (
+    "variables: {GREETING: hello}\nstages:\n  - name: s\n    jobs:\n"
+    "      - {id: j, runs-on: unit-tests, steps: [{run: 'true'}]}\n"
+)
+NOT_A_VARIABLE = "variables.NODE_OPTIONS: not a variable of this pipeline"
+
+
+def test_without_parameters_a_trigger_sets_only_the_pipelines_variables(admin_client):
+    pipeline = services.save_pipeline("plain", PLAIN)
+    with pytest.raises(InvalidVariables, match=NOT_A_VARIABLE) as refused:
+        services.trigger_build(pipeline, {"GREETING": "hi", "NODE_OPTIONS": "--require x"})
+    assert refused.value.fields["variable"] == "NODE_OPTIONS"
+    api = client_for("builds.add_build", "builds.view_pipeline")
+    answer = api.post(
+        f"/api/pipelines/{pipeline.pk}/builds/",
+        {"variables": {"NODE_OPTIONS": "x"}},
+        format="json",
     )
-    build = services.trigger_build(pipeline, {"GREETING": "hi", "EXTRA": "x"})
-    assert stored(build) == {"GREETING": ("hi", "trigger"), "EXTRA": ("x", "trigger")}
+    assert (answer.status_code, answer.json()["code"]) == (400, "INVALID_VARIABLES")
+    assert answer.json()["detail"].startswith(NOT_A_VARIABLE)
+    with pytest.raises(CommandError, match=f"^INVALID_VARIABLES: {NOT_A_VARIABLE}"):
+        call_command("trigger", "plain", "--var", "NODE_OPTIONS=x")
+    url = reverse("admin:builds_pipeline_trigger", args=(pipeline.pk,))
+    page = admin_client.post(url, {"variables": "NODE_OPTIONS=x"})
+    assert NOT_A_VARIABLE in page.text
+    assert not Build.objects.exists()
+    assert Pipeline.objects.get(pk=pipeline.pk).last_build_number == 0
+
+    build = services.trigger_build(pipeline, {"GREETING": "hi"})
+    assert stored(build) == {"GREETING": ("hi", "trigger")}
 
 
 @pytest.mark.parametrize(

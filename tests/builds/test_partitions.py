@@ -40,7 +40,9 @@ pytestmark = pytest.mark.usefixtures("no_old_partitions")
 def build_at(moment, name="p"):
     """A FAILED build created at `moment`, with a variable, in the partition of that time."""
     partitions.ensure(now=moment, ahead=0)
-    pipeline = make_pipeline(f"{name}-{moment:%Y%m%d}", one_step("true", runs_on="unit-tests"))
+    pipeline = make_pipeline(
+        f"{name}-{moment:%Y%m%d}", one_step("true", runs_on="unit-tests", variables="WHO")
+    )
     with time_machine.travel(moment, tick=False):
         build = services.trigger_build(pipeline, {"WHO": "old"})
     Build.objects.filter(pk=build.pk).update(status="FAILED")
@@ -185,7 +187,7 @@ def test_a_long_reader_makes_ensure_put_off_partitions_ahead_not_wait(settings):
 
 @pytest.mark.django_db(transaction=True)
 def test_variables_land_in_the_partition_of_their_build():
-    pipeline = make_pipeline("p", one_step("true", runs_on="unit-tests"))
+    pipeline = make_pipeline("p", one_step("true", runs_on="unit-tests", variables="A"))
     build = services.trigger_build(pipeline, {"A": "1"})
     start, _ = partitions.bounds_for(build.created_at)
     assert partition_of(build) == partitions.name_for(start)
@@ -457,7 +459,7 @@ def test_a_refused_retry_changes_nothing():
 
 @pytest.mark.django_db(transaction=True)
 def test_a_write_with_no_partition_is_refused_and_stores_nothing():
-    pipeline = make_pipeline("far", one_step("true", runs_on="unit-tests"))
+    pipeline = make_pipeline("far", one_step("true", runs_on="unit-tests", variables="A"))
     later = timezone.now() + 30 * DAY
     with time_machine.travel(later, tick=False), pytest.raises(VariablePartitionMissing) as missing:
         services.trigger_build(pipeline, {"A": "1"})
@@ -519,7 +521,9 @@ def test_a_job_whose_variables_were_purged_fails_saying_so_and_runs_nothing(sett
     moment = timezone.now() - 60 * DAY
     partitions.ensure(now=moment, ahead=0)
     marker = tmp_path / "ran"
-    pipeline = make_pipeline("purged", one_step(f"touch {marker}", runs_on="unit-tests"))
+    pipeline = make_pipeline(
+        "purged", one_step(f"touch {marker}", runs_on="unit-tests", variables="WHO")
+    )
     with time_machine.travel(moment, tick=False):
         build = services.trigger_build(pipeline, {"WHO": "old"})  # RUNNING, its job QUEUED
     with raw_connection() as admin:

@@ -14,6 +14,7 @@ from concurrency.models import ConcurrencyPolicy
 from tests.builds.test_admin import parse_forms
 
 DEFINITION = """\
+variables: {BRANCH: main}
 stages:
   - name: build
     jobs:

@@ -78,7 +78,8 @@ def test_queue_length_zero_with_evict_still_rejects():
 @pytest.mark.django_db
 def test_rendered_keys_group_builds_across_pipelines():
     shared = policy(group_key="deploy-${BRANCH}", max_running=1, queue_length=5)
-    web, api = governed("web", shared), governed("api", shared)
+    with_branch = "variables: {BRANCH: main}\n" + PARALLEL
+    web, api = governed("web", shared, with_branch), governed("api", shared, with_branch)
     a = services.trigger_build(web, {"BRANCH": "main"})
     b = services.trigger_build(api, {"BRANCH": "main"})
     c = services.trigger_build(api, {"BRANCH": "dev"})

@@ -12,6 +12,7 @@ from tests.support import wait_until
 # the restart. At most two of these builds run at once; the others wait in the policy's queue.
 PIPELINE = f"""
 concurrency: broker-restart
+variables: {{RUNS: ""}}
 stages:
   - name: build
     jobs:

@@ -18,6 +18,7 @@ def step(name: str) -> str:
 SWEPT = re.compile(r"Task agents\.tasks\.mark_lost_agents\[[^\]]+\] succeeded")
 
 PIPELINE = f"""
+variables: {{RUNS: ""}}
 stages:
   - name: build
     jobs:

@@ -12,6 +12,7 @@ from tests.support import wait_until
 
 GATE = 'until [ -e "$RUNS.go" ]; do sleep 0.1; done'  # a runs until the test lets it end
 PIPELINE = f"""
+variables: {{RUNS: ""}}
 stages:
   - name: first
     jobs:

@@ -67,9 +67,19 @@ BAD_NAMES = [
 ]
 
 
+TAKES = dict.fromkeys(["A", "B", "N", "F", "ROCKET"], "")
+
+
 @pytest.fixture
 def pipeline(db):
-    return make_pipeline("p", "stages: [{name: s, jobs: [{id: j, steps: [{run: 'true'}]}]}]")
+    # The names the accepted triggers below set (a pipeline without parameters takes only its
+    # own variables); the refused ones are refused before that rule, for what they are.
+    variables = ", ".join(f"{name}: ''" for name in TAKES)
+    return make_pipeline(
+        "p",
+        f"variables: {{{variables}}}\n"
+        f"stages: [{{name: s, jobs: [{{id: j, steps: [{{run: x}}]}}]}}]",
+    )
 
 
 def nothing_triggered(pipeline) -> bool:
@@ -235,7 +245,7 @@ def test_a_surrogate_pair_and_big_numbers_are_text(pipeline):
         f"/api/pipelines/{pipeline.pk}/builds/", body, content_type="application/json"
     )
     assert response.status_code == 201
-    assert services.build_variables(response.json()["id"]) == {
+    assert services.build_variables(response.json()["id"]) == TAKES | {
         "ROCKET": "🚀",
         "N": "12345678901234567890123",
         "F": "1.5",
@@ -249,7 +259,7 @@ def test_admin_undecodable_bytes_become_replacement_characters(admin_client, pip
     response = admin_client.post(url, body, content_type="application/x-www-form-urlencoded")
     assert response.status_code == 302
     build = Build.objects.get()
-    assert services.build_variables(build.pk) == {"A": "a\ufffdb", "B": "\ufffd" * 3}
+    assert services.build_variables(build.pk) == TAKES | {"A": "a\ufffdb", "B": "\ufffd" * 3}
 
 
 @pytest.mark.parametrize("separator", ["\x0b", "\x0c", "\x1c", "\x1e", "\x85", "\u2028", "\u2029"])
@@ -257,7 +267,7 @@ def test_admin_values_keep_characters_that_are_not_line_breaks(admin_client, pip
     url = reverse("admin:builds_pipeline_trigger", args=(pipeline.pk,))
     value = f"a{separator}B=c"  # str.splitlines() would have made this two variables
     assert admin_client.post(url, {"variables": f"A={value}"}).status_code == 302
-    assert services.build_variables(Build.objects.get().pk) == {"A": value}
+    assert services.build_variables(Build.objects.get().pk) == TAKES | {"A": value}
 
 
 # What reaches the step ----------------------------------------------------------------------
@@ -269,10 +279,13 @@ def agent(settings, tmp_path):
     agents.register_agent("a1", "host", ["unit-tests"], 1, "1")
 
 
-def steps_pipeline(*commands: str):
+def steps_pipeline(*commands: str, takes=()):
+    """A pipeline of one job of `commands`, whose trigger may set the variables `takes`."""
     steps = ", ".join(f"{{run: {_yaml(c)}}}" for c in commands)
+    variables = ", ".join(f"{name}: ''" for name in takes)
     return make_pipeline(
         f"run{Build.objects.count()}",
+        f"variables: {{{variables}}}\n"
         f"stages: [{{name: s, jobs: [{{id: j, runs-on: unit-tests, steps: [{steps}]}}]}}]",
     )
 
@@ -298,7 +311,7 @@ def test_injections_reach_the_steps_as_data_through_every_door(agent, admin_clie
     first.append(r"printf '::set-variable name=RAW::a\377\355\240\200\000b\n'")
     second = [f'printf %s "$S{n}" > {out}/$CI_BUILD_ID-S{n}' for n in one_line]
     second.append(f'printf %s "$RAW" > {out}/$CI_BUILD_ID-RAW')
-    pipeline = steps_pipeline("\n".join(first), "\n".join(second))
+    pipeline = steps_pipeline("\n".join(first), "\n".join(second), takes=values)
     set_by_step = {f"S{n}": v for n, v in one_line.items()}
     set_by_step["RAW"] = "a" + "\ufffd" * 5 + "b"  # each undecodable byte, and the NUL
 
@@ -312,7 +325,7 @@ def test_injections_reach_the_steps_as_data_through_every_door(agent, admin_clie
         sent[Build.objects.latest("id")] = variables
     for build, variables in sent.items():
         assert run_build(build) == "SUCCEEDED"
-        expected = {**variables, **set_by_step}
+        expected = {**dict.fromkeys(values, ""), **variables, **set_by_step}
         got = {n: (out / f"{build.pk}-{n}").read_bytes() for n in expected}
         assert got == {n: v.encode() for n, v in expected.items()}
         assert services.build_variables(build.pk) == expected
@@ -326,7 +339,8 @@ def test_values_at_the_limits_reach_the_step_whole(agent, tmp_path):
     values["B" * MAX_VARIABLE_NAME] = "é" * (MAX_VARIABLE_VALUE // 2)  # 32 KiB exactly
     assert sum(len(n) + len(v.encode()) for n, v in values.items()) <= MAX_VARIABLES_TOTAL
     pipeline = steps_pipeline(
-        f'printf %s "${"B" * MAX_VARIABLE_NAME}" > {out}-big; env | grep -c "^V[0-9]" > {out}-n'
+        f'printf %s "${"B" * MAX_VARIABLE_NAME}" > {out}-big; env | grep -c "^V[0-9]" > {out}-n',
+        takes=values,
     )
     build = services.trigger_build(pipeline, values)
     assert run_build(build) == "SUCCEEDED"

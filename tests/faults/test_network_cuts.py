@@ -30,6 +30,7 @@ AGENTS = {"host-a": "netns", "host-b": "netns"}
 # `<build number> start|tick|end <time>`.
 TICKER = """
 concurrency: cut
+variables: {MARKS: "", RUN_FOR: "0"}
 stages:
   - name: only
     jobs:

@@ -10,6 +10,7 @@ from tests.support import process_alive, wait_until
 
 # `j` leases its agent to the build: `then` runs there after it, in its workspace.
 SLEEPER = f"""
+variables: {{RUNS: "", SLEEP: "0"}}
 stages:
   - name: first
     jobs:
@@ -23,6 +24,7 @@ stages:
 """
 
 TWO_STAGES = f"""
+variables: {{RUNS: ""}}
 stages:
   - name: first
     jobs:

@@ -163,6 +163,7 @@ def test_set_variable_flows_to_later_steps_and_jobs():
         """
 variables:
   GREETING: hello
+  WHO: nobody
 stages:
   - name: build
     jobs:
@@ -215,7 +216,7 @@ def test_cli_loads_triggers_and_waits(worker_env, tmp_path):
 
     for name, command in [("cli-ok", "true"), ("cli-bad", "false")]:
         definition = tmp_path / f"{name}.yaml"
-        definition.write_text(one_step(command))
+        definition.write_text(one_step(command, variables="A"))
         loaded = manage("loadpipeline", name, str(definition))
         assert loaded.returncode == 0, loaded.stderr
         assert f"pipeline {name!r} created" in loaded.stdout

@@ -16,6 +16,7 @@ def test_retry_reruns_the_failed_jobs_with_the_builds_variables():
     pipeline = make_pipeline(
         "retried",
         """
+variables: {WHO: nobody}
 stages:
   - name: build
     jobs:

@@ -35,6 +35,7 @@ REFUSALS = {
     "build retry": {"BUILD_NOT_RETRYABLE", "PIPELINE_QUEUE_FULL"},
 }
 POLICY = ("soak-queue", 2, 6)  # name, max_running, queue_length
+TAKES = {"variables": dict.fromkeys(["FAIL_AT", "FAIL_TIMES", "SLEEP", "RUNS"], "")}
 
 
 def step(name: str, retry: int = 0, sleep: bool = False) -> dict:
@@ -233,7 +234,7 @@ def test_soak(soak_stack):
     print(f"\nsoak: {BUILDS} builds on {len(stack.AGENTS)} agents, SOAK_SEED={SEED}")
     stack.policy(*POLICY)
     pipelines = {
-        name: (stack.pipeline(name, json.dumps(definition)), retries_of(definition))
+        name: (stack.pipeline(name, json.dumps(TAKES | definition)), retries_of(definition))
         for name, (definition, _) in PIPELINES.items()
     }
     governed = pipelines["soak-queue"][0]
