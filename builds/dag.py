@@ -96,6 +96,7 @@ class Plan:
     start: list[str] = field(default_factory=list)  # PENDING runs to queue now
     skip: dict[str, str] = field(default_factory=dict)  # PENDING runs to skip, with reasons
     cancel: dict[str, str] = field(default_factory=dict)  # fail-fast: runs to stop, why
+    clean: list[str] = field(default_factory=list)  # QUEUED runs that go on after the cancel
     outcome: str | None = None  # SUCCEEDED or FAILED once every run has ended
 
 
@@ -103,16 +104,20 @@ def plan(
     runs: list[Run],
     matrices: Mapping[str, MatrixRule] | None = None,
     variables: Callable[[], Mapping[str, str]] = dict,
+    cancelled: bool = False,
 ) -> Plan:
-    """What to do now with a RUNNING build's runs. `variables` is called only when a
-    condition reads them (the build's variables as they are now)."""
+    """What to do now with a RUNNING build's runs, or a `cancelled` one's: then only the runs
+    whose condition holds after a cancel (always(), cancelled()) start, or go on if queued
+    (`clean`), once what they wait for has ended; the others are cancelled. `variables` is
+    called only when a condition reads them (the build's variables as they are now)."""
     matrices = matrices or {}
     result = Plan()
     status = {run.key: run.status for run in runs}
     by_job: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         by_job[run.job].append(run)
-    _fail_fast(by_job, matrices, status, result)
+    if not cancelled:
+        _fail_fast(by_job, matrices, status, result)
     live = {job: sum(status[r.key] in LIVE for r in group) for job, group in by_job.items()}
     read_variables = _once(variables)
     # The first failed run each run comes after (itself if it failed), if any: failure() is
@@ -128,11 +133,16 @@ def plan(
                 (failure[key] for key in waited),
                 [earlier.failure] if not explicit else [],
             )
-            if status[run.key] != RunStatus.PENDING:
+            waiting = status[run.key] == RunStatus.PENDING
+            if not waiting and not (cancelled and status[run.key] == RunStatus.QUEUED):
                 continue
-            if any(status[key] not in RUN_FINAL for key in waited) or not (
-                explicit or earlier.final
-            ):
+            over = not waiting or (
+                all(status[key] in RUN_FINAL for key in waited) and (explicit or earlier.final)
+            )
+            if cancelled:
+                _after_cancel(run, over, waited, status, failure, read_variables, result)
+                continue
+            if not over:
                 continue
             reason = _skip_reason(run, waited, status, failure, read_variables)
             if reason:
@@ -203,22 +213,54 @@ def _stages_in_order(runs: list[Run], by_job) -> list[list[Run]]:
     return list(stages.values())
 
 
+CANCELLED = "the build was cancelled"
+
+
+def _after_cancel(run: Run, over: bool, waited, status, failure, read_variables, result) -> None:
+    """A cancelled build's run that has not started: it starts (or goes on, if queued) when
+    its condition holds after the cancel; it waits while it may; otherwise it is cancelled."""
+    condition = conditions.stored(run.condition)
+    if condition.may_hold_after_cancel:
+        if not over:
+            return  # what it waits for is being stopped; then its condition decides
+        try:
+            context = _context(run, waited, status, failure, read_variables, cancelled=True)
+        except VariablesUnavailable as exc:
+            result.cancel[run.key], status[run.key] = f"{CANCELLED}; {exc}", RunStatus.CANCELED
+            return
+        if condition.evaluate(context):
+            (result.start if status[run.key] == RunStatus.PENDING else result.clean).append(run.key)
+            status[run.key] = RunStatus.QUEUED
+            return
+    unless = f", and if: {run.condition} was false" if run.condition else ""
+    result.cancel[run.key], status[run.key] = CANCELLED + unless, RunStatus.CANCELED
+
+
+def _context(run: Run, waited, status, failure, read_variables, cancelled=False):
+    """What the run's condition sees, once its wait is over. Through `needs`, a skipped job
+    stops what needs it (its default condition); a stage's skipped job does not stop the
+    stages after it: it was not wanted, as a rule that does not match."""
+    unmet = next((key for key in waited if status[key] != RunStatus.SUCCEEDED), None)
+    condition = conditions.stored(run.condition)
+    reads_vars = any(kind == "vars" for kind, _ in condition.names())
+    return conditions.Context(
+        failed=failure[run.key] is not None,
+        cancelled=cancelled,
+        skipped=unmet is not None,
+        vars=read_variables() if reads_vars else {},
+        matrix=run.matrix,
+    )
+
+
 def _skip_reason(run: Run, waited: list[str], status: dict, failure: dict, read_variables) -> str:
     """Why a run whose wait is over does not start ("" if it starts)."""
     upstream = failure[run.key]
-    # Through `needs`, a skipped job stops what needs it (its default condition); a stage's
-    # skipped job does not stop the stages after it: it was not wanted, as a rule that does
-    # not match.
     unmet = next((key for key in waited if status[key] != RunStatus.SUCCEEDED), None)
     condition = conditions.stored(run.condition)
     try:
-        reads_vars = any(kind == "vars" for kind, _ in condition.names())
-        variables = read_variables() if reads_vars else {}
+        context = _context(run, waited, status, failure, read_variables)
     except VariablesUnavailable as exc:
         return str(exc)
-    context = conditions.Context(
-        failed=upstream is not None, skipped=unmet is not None, vars=variables, matrix=run.matrix
-    )
     if condition.evaluate(context):
         return ""
     if run.condition and (condition.calls_status or not (upstream or unmet)):

@@ -131,7 +131,8 @@ def _run_started_job(agent, job: JobRun, stop: threading.Event) -> str:
         if fenced := agent.fence_reason(job.pk, job.attempt):
             status, reason = RunStatus.FAILED, fenced  # cut off, it stopped the job itself
         # Fenced: a stale attempt changes nothing.
-        recorded = persist(services.finish_job, job, status, reason)
+        after_cancel = job.cleanup_left is not None  # its own ending counts, unless forced
+        recorded = persist(services.finish_job, job, status, reason, after_cancel)
         log.info(
             "job %s attempt %s: ended %s%s%s",
             job.pk, job.attempt, status, f" ({reason})" if reason else "",
@@ -185,6 +186,14 @@ class JobExecution:
         self.deadline_cause = f"the job's timeout of {job.timeout} s ran out"
         # After a cancel's stop, its cleanup steps run until a forced stop (or their time).
         self.forced, self.cleaning = agent.forced_stop(job.pk, job.attempt), False
+        # A job started after its build's cancel (its condition runs it then) is all cleanup.
+        self.after_cancel = job.cleanup_left is not None
+        if self.after_cancel:
+            self.stop, self.cleaning = self.forced, True
+            ends = time.monotonic() + max(job.cleanup_left.total_seconds(), 0)
+            if self.deadline is None or ends < self.deadline:
+                self.deadline = ends
+                self.deadline_cause = f"its cleanup-timeout of {job.cleanup_timeout} s ran out"
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
         self.variables = services.build_variables(job.build_id)
@@ -239,7 +248,7 @@ class JobExecution:
         cancelled()) run now, in its workspace, within its cleanup-timeout; a forced stop (a
         second cancel, a fence) ends them. The job ends CANCELED whatever they do."""
         stopped = RunStatus.CANCELED, "stopped: the build is no longer running"
-        if self.forced.is_set():  # a fenced agent must not even ask the database
+        if self.forced.is_set() or self.after_cancel:  # a fenced agent must not even ask
             return stopped
         context = self.context(failed, cancelled=True)
         cleanup = [

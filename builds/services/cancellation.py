@@ -1,7 +1,8 @@
 """Cancelling a build. The request is one compare-and-set (QUEUED or RUNNING -> CANCELLING)
 whatever the build's size; the rest happens after the response, on the controller, in batched
-updates: queued messages are revoked, what has not started is CANCELED, the agents running
-its jobs are told to stop them, and once nothing runs the build ends CANCELED. A watchdog
+updates: queued messages are revoked, what has not started is CANCELED (or starts, when its
+condition runs it after a cancel), the agents running its jobs are told to stop them (their
+cleanup steps run then), and once nothing runs the build ends CANCELED. A watchdog
 finishes cancels the agents did not confirm."""
 
 import logging
@@ -15,6 +16,7 @@ from django.db.models.functions import Coalesce, Greatest, Now
 from django.utils import timezone
 
 from agents.models import Agent
+from builds import dag
 from builds.errors import BuildAlreadyFinished, BuildNotFound
 from builds.models import Build, JobRun, StepRun
 from builds.services.logs import add_late_note
@@ -86,20 +88,21 @@ def finish_cancel(build_id: int, skip_locked: bool = False) -> str | None:
         if build is None or build.status != BuildStatus.CANCELLING:
             return None
         forced = build.cancel_forced_at is not None
-        never_started = cancel_waiting_jobs(build_id)
         running = JobRun.objects.filter(build_id=build_id, status=RunStatus.RUNNING)
-        if not forced:  # a job running its cleanup steps goes on: it was stopped already
+        if not forced:  # a job running its cleanup (steps, or all of it) goes on
             running = running.filter(cleanup_deadline=None)
         running = list(running.values_list("id", "attempt", "agent"))
 
         log.info(
-            "build %s: cancel%s requested by %s; %d jobs never started, %d stopping",
+            "build %s: cancel%s requested by %s; %d jobs stopping",
             build_id, " (forced)" if forced else "", build.cancel_requested_by or "the system",
-            never_started, len(running),
+            len(running),
         )  # fmt: skip
         for job_id, attempt, agent in running:  # not forced: each may run its cleanup steps
             messages.stop_job(job_id, attempt, agent, force=forced)
-    return advance_build(build_id)  # ends it now when nothing was running
+    # What has not started is cancelled, or starts if its condition holds after a cancel;
+    # the build ends now when nothing was running.
+    return advance_build(build_id)
 
 
 # How long the normal path gets before the watchdog repeats it (a message may be lost).
@@ -154,8 +157,8 @@ def _with_due(builds):
     by the database's clock. It is due from the request, or from the end of the cleanup its
     jobs run (their agents end it by then), or from a forced cancel, which ends the cleanup;
     a step with a kill-grace longer than the agent's gets the difference too."""
-    running = JobRun.objects.filter(build=OuterRef("pk"), status=RunStatus.RUNNING)
-    cleanup_ends = running.values("build").annotate(latest=Max("cleanup_deadline"))
+    live = JobRun.objects.filter(build=OuterRef("pk"), status__in=dag.LIVE)
+    cleanup_ends = live.values("build").annotate(latest=Max("cleanup_deadline"))
     graces = StepRun.objects.filter(
         job__build=OuterRef("pk"), job__status=RunStatus.RUNNING, status=RunStatus.RUNNING
     )
@@ -203,6 +206,7 @@ def _force_cancel(build_id: int, requested_at) -> bool:
         JobRun.objects.filter(pk__in=[j.pk for j in jobs]).update(
             status=RunStatus.CANCELED, finished_at=now, reason=reason
         )
+        cancel_waiting_jobs(build_id)  # a job queued to run after the cancel too
         agents = {job.agent for job in jobs if job.agent}
         Agent.objects.filter(name__in=agents).update(
             suspect_since=now,

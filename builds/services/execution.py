@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Exists, F, OuterRef
+from django.db.models import DurationField, Exists, ExpressionWrapper, F, OuterRef
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -66,23 +66,25 @@ def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun |
             leases.pull_jobs(agent, job.build_id)
         # QUEUED only: a job is sent once its stage is queued, so a message for a PENDING job
         # (a duplicate, sent early) must not start it before the stages ahead of it end.
-        updated = JobRun.objects.filter(
-            _build_running(OuterRef("build_id")),
-            pk=job_id,
-            attempt=attempt,
-            status=RunStatus.QUEUED,
-        ).update(
-            status=RunStatus.RUNNING,
-            agent=agent,
-            reason="",
-            started_at=timezone.now(),
-            kept_workspace_on="",  # the job works in it again, or elsewhere from its first step
-            cleanup_deadline=None,
-        )
+        queued = JobRun.objects.filter(pk=job_id, attempt=attempt, status=RunStatus.QUEUED)
+        started = {
+            "status": RunStatus.RUNNING,
+            "agent": agent,
+            "reason": "",
+            "started_at": timezone.now(),
+            "kept_workspace_on": "",  # it works in it again, or elsewhere from its first step
+        }
+        updated = queued.filter(_build_running(OuterRef("build_id"))).update(
+            **started, cleanup_deadline=None
+        ) or queued.filter(  # a job that runs after its build's cancel, until its deadline
+            _build_cleaning(OuterRef("build_id")), cleanup_deadline__isnull=False
+        ).update(**started)
         if not updated:
             transaction.set_rollback(True)  # and with it any lease taken above
             return None
-    return JobRun.objects.select_related("build").get(pk=job_id)
+    # A job that runs after the cancel: how long it has, by the database's clock.
+    left = ExpressionWrapper(F("cleanup_deadline") - Now(), output_field=DurationField())
+    return JobRun.objects.select_related("build").annotate(cleanup_left=left).get(pk=job_id)
 
 
 def start_step(step: StepRun, cleanup: bool = False) -> bool:
@@ -191,7 +193,7 @@ def next_attempt(step: StepRun) -> bool:
 
 def _cancel_wins(build_id: int, status: str, cleanup: bool = False) -> str:
     """While its build is CANCELLING, whatever ends is recorded CANCELED (a cleanup step's
-    own ending counts, unless the cancel was forced). The build row lock orders this
+    or a job's that ran after the cancel own ending counts, unless the cancel was forced). The build row lock orders this
     against the cancel request: a step that ends after it is cancelled."""
     build_status, forced = (
         Build.objects.select_for_update(no_key=True)
@@ -250,14 +252,15 @@ def _stopped_by_server(job: JobRun) -> str:
     return stopped.values_list("reason", flat=True).first() or ""
 
 
-def finish_job(job: JobRun, status: str, reason: str = "") -> bool:
+def finish_job(job: JobRun, status: str, reason: str = "", after_cancel: bool = False) -> bool:
     """RUNNING -> final for this attempt; what is left of it is skipped; the controller is
     told to advance the build. True if recorded, or found recorded already with the same
-    status and reason (a write sent again after its commit went through)."""
+    status and reason (a write sent again after its commit went through). A job that ran
+    `after_cancel` of its build keeps its own ending, unless the cancel was forced."""
     with transaction.atomic():
         now = timezone.now()
         result = (status, reason)
-        if _cancel_wins(job.build_id, status) != status:
+        if _cancel_wins(job.build_id, status, cleanup=after_cancel) != status:
             status, reason = RunStatus.CANCELED, reason or "the build was cancelled"
         elif stopped := _stopped_by_server(job):
             status, reason = RunStatus.CANCELED, stopped

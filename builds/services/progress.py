@@ -3,8 +3,11 @@ skip those whose condition says so, finish the build, and start the queued build
 concurrency group has room for."""
 
 import logging
+from datetime import timedelta
 
 from django.db import connection, transaction
+from django.db.models import F
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from builds import dag
@@ -13,6 +16,7 @@ from builds.models import Build, JobRun, StepRun
 from builds.services.execution import build_variables
 from builds.statuses import (
     BUILD_FINAL,
+    RUN_FINAL,
     BuildStatus,
     RunStatus,
     build_allowed_from,
@@ -55,25 +59,48 @@ def advance_locked(build: Build) -> str:
 
 
 def _decide(build: Build) -> str:
-    if build.status == BuildStatus.CANCELLING:
-        live = JobRun.objects.filter(build_id=build.pk, status__in=dag.LIVE)
-        if live.exists():
-            return BuildStatus.CANCELLING
-        finish_build(build, BuildStatus.CANCELED)
-        return BuildStatus.CANCELED
+    cancelling = build.status == BuildStatus.CANCELLING
+    if cancelling and not _cleans_up(build):
+        cancel_waiting_jobs(build.pk)
+        return _cancelled_when_idle(build)
     runs = runs_of(build.pk)
-    plan = dag.plan(runs, _matrix_rules(build.spec), lambda: _variables(build))
+    plan = dag.plan(runs, _matrix_rules(build.spec), lambda: _variables(build), cancelling)
     if plan.cancel:
         _cancel_runs(build.pk, plan.cancel)
     for reason, keys in _by_reason(plan.skip).items():
         _skip_runs(build.pk, keys, reason)
     if plan.start:
         queue_jobs(build.pk, plan.start)
+    if cancelling:
+        _give_cleanup_time(build.pk, plan.start + plan.clean)
+        return _cancelled_when_idle(build)
     if plan.outcome is None:
         return BuildStatus.RUNNING
     outcome = BuildStatus.SUCCEEDED if plan.outcome == RunStatus.SUCCEEDED else BuildStatus.FAILED
     finish_build(build, outcome)
     return outcome
+
+
+def _cleans_up(build: Build) -> bool:
+    """Whether jobs may still start for a CANCELLING build (those whose condition holds after
+    a cancel): not once the cancel is forced, nor for a build that never left its queue."""
+    return build.cancel_forced_at is None and build.started_at is not None
+
+
+def _cancelled_when_idle(build: Build) -> str:
+    if JobRun.objects.filter(build_id=build.pk).exclude(status__in=RUN_FINAL).exists():
+        return BuildStatus.CANCELLING
+    finish_build(build, BuildStatus.CANCELED)
+    return BuildStatus.CANCELED
+
+
+def _give_cleanup_time(build_id: int, keys: list[str]) -> None:
+    """The jobs that run after their build's cancel have until their cleanup_deadline (by the
+    database's clock, as the cancel watchdog's), which also lets them start (start_job)."""
+    if keys:
+        JobRun.objects.filter(
+            build_id=build_id, key__in=keys, status=RunStatus.QUEUED, cleanup_deadline=None
+        ).update(cleanup_deadline=Now() + F("cleanup_timeout") * timedelta(seconds=1))
 
 
 def runs_of(build_id: int) -> list[dag.Run]:

@@ -73,6 +73,50 @@ def test_finish_cancel_ends_what_never_started_in_bulk():
     assert services.finish_cancel(build.pk) is None  # idempotent
 
 
+NOTIFY = """
+stages:
+  - name: s
+    jobs:
+      - {id: work, steps: [{run: 'true'}]}
+  - name: t
+    jobs:
+      - {id: notify, if: 'always()', cleanup-timeout: 30, steps: [{run: 'true'}]}
+"""
+
+
+@pytest.mark.django_db
+def test_a_job_that_holds_after_the_cancel_is_queued_with_its_deadline():
+    build = services.trigger_build(make_pipeline("notified", NOTIFY))
+    services.request_cancel(build.pk)
+    assert services.finish_cancel(build.pk) == "CANCELLING"  # `notify` runs now
+    jobs = {job.key: job for job in JobRun.objects.filter(build=build)}
+    assert (jobs["work"].status, jobs["notify"].status) == ("CANCELED", "QUEUED")
+    left = (jobs["notify"].cleanup_deadline - jobs["notify"].queued_at).total_seconds()
+    assert 29 < left <= 31
+    # An agent may start it, the build being cancelled: it is one that runs after the cancel.
+    started = services.start_job(jobs["notify"].pk, jobs["notify"].attempt, "a1")
+    assert started.status == "RUNNING"
+    assert 0 < started.cleanup_left.total_seconds() <= 30
+    assert services.finish_job(started, RunStatus.SUCCEEDED, after_cancel=True)
+    assert services.advance_build(build.pk) == "CANCELED"
+    assert JobRun.objects.get(pk=started.pk).status == "SUCCEEDED"  # its own ending
+
+
+@pytest.mark.django_db
+def test_a_forced_cancel_or_one_of_a_build_never_started_runs_nothing_more():
+    forced = services.trigger_build(make_pipeline("forced", NOTIFY))
+    services.request_cancel(forced.pk)
+    services.request_cancel(forced.pk)
+    queued = services.trigger_build(make_pipeline("queued", NOTIFY))
+    Build.objects.filter(pk=queued.pk).update(started_at=None)  # as one its queue held
+    services.request_cancel(queued.pk)
+    for build in (forced, queued):
+        assert services.finish_cancel(build.pk) == "CANCELED"
+        assert set(JobRun.objects.filter(build=build).values_list("status", flat=True)) == {
+            "CANCELED"
+        }
+
+
 @pytest.mark.django_db
 def test_a_step_ending_just_after_the_cancel_is_canceled():
     build = services.trigger_build(

@@ -52,6 +52,32 @@ def test_a_failure_skips_what_needs_it_and_the_later_stages_with_reasons():
     assert (plan.start, plan.outcome) == ([], F)
 
 
+def test_after_a_cancel_only_what_holds_then_runs_once_its_wait_is_over():
+    runs = [
+        run("work", status=R),  # being stopped
+        run("queued", status=Q, needs=()),
+        run("queued-notify", status=Q, needs=(), condition="always()"),
+        run("later", stage=1),
+        run("on-failure", stage=1, condition="failure()"),
+        run("not-cancelled", stage=1, condition="!cancelled()"),
+        run("notify", stage=1, condition="cancelled()"),
+    ]
+    plan = dag.plan(runs, cancelled=True)
+    assert plan.cancel == {
+        "queued": "the build was cancelled",
+        "later": "the build was cancelled",
+        "on-failure": "the build was cancelled, and if: failure() was false",
+    }  # at once: none of them can hold after a cancel
+    assert (plan.start, plan.clean, plan.skip) == ([], ["queued-notify"], {})  # notify waits
+    runs = [run("work", status="CANCELED"), run("not-cancelled", stage=1, condition="!cancelled()")]
+    runs.append(run("notify", stage=1, condition="cancelled() && vars.X == 'y'"))
+    plan = dag.plan(runs, variables=lambda: {"X": "y"}, cancelled=True)
+    assert plan.start == ["notify"]
+    assert plan.cancel == {
+        "not-cancelled": "the build was cancelled, and if: !cancelled() was false"
+    }
+
+
 def test_a_job_skipped_by_its_condition_skips_what_needs_it_not_later_stages():
     runs = [
         run("deploy", condition="vars.BRANCH == 'main'"),
@@ -118,8 +144,8 @@ def test_a_matrix_run_sees_its_values_in_conditions():
 
 # Generated pipelines: stages of jobs, each with needs on jobs of its own or earlier stages
 # (acyclic by construction: a job needs only jobs defined before it), conditions and
-# matrices. Whatever each run's outcome, planning and ending runs always ends the build, and
-# nothing starts before what it waits for has ended.
+# matrices. Whatever each run's outcome, and whenever the build is cancelled, planning and
+# ending runs always ends the build, and nothing starts before what it waits for has ended.
 
 
 @st.composite
@@ -133,7 +159,9 @@ def pipelines(draw):
             if defined and draw(st.booleans()):
                 job["needs"] = draw(st.lists(st.sampled_from(defined), unique=True, max_size=3))
             if draw(st.integers(0, 3)) == 0:
-                job["if"] = draw(st.sampled_from(["always()", "failure()", "success()"]))
+                job["if"] = draw(
+                    st.sampled_from(["always()", "failure()", "success()", "cancelled()"])
+                )
             if draw(st.integers(0, 4)) == 0:
                 job["matrix"] = {"a": [1, 2, 3], "max-parallel": draw(st.integers(1, 3))}
             jobs.append(job)
@@ -157,10 +185,15 @@ def test_generated_pipelines_never_deadlock(document, random):
                 runs.append(dag.Run(key, job["id"], s, P, needs, job["if"] or ""))
     status = {r.key: P for r in runs}
     ended_at: dict[str, int] = {}
+    cancelled = False
     for tick in range(50 * len(runs) + 2):
+        cancelled = cancelled or random.random() < 0.05
         plan = dag.plan(
-            [r.__class__(**{**r.__dict__, "status": status[r.key]}) for r in runs], rules
+            [r.__class__(**{**r.__dict__, "status": status[r.key]}) for r in runs],
+            rules,
+            cancelled=cancelled,
         )
+        assert not (cancelled and plan.skip)  # after a cancel, what does not run is CANCELED
         for key in plan.skip:
             status[key], ended_at[key] = "SKIPPED", tick
         for key in plan.cancel:

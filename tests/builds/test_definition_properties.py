@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from builds import parameters
-from builds.definition import parse_definition
+from builds.definition import is_reserved_variable_name, parse_definition
 from builds.errors import InvalidPipeline, InvalidVariables
 
 KEYS = [
@@ -114,8 +114,11 @@ def pipelines(draw):
         stages.append({"name": f"stage{len(stages)}", "jobs": jobs})
         at += size
     # Variables never start with P, which parameters do: a name is one or the other.
-    variables = draw(st.dictionaries(st.from_regex(r"[A-OQ-Z][A-Z0-9_]{0,8}", fullmatch=True),
-                                     PLAIN, max_size=4))  # fmt: skip
+    # (nor a reserved one: LD_*, CI_*, HOME, ...)
+    names = st.from_regex(r"[A-OQ-Z][A-Z0-9_]{0,8}", fullmatch=True).filter(
+        lambda name: not is_reserved_variable_name(name)
+    )
+    variables = draw(st.dictionaries(names, PLAIN, max_size=4))
     declared = draw(st.dictionaries(st.from_regex(r"P[A-Z0-9_]{0,8}", fullmatch=True),
                                     PARAMETERS, max_size=3))  # fmt: skip
     return {"variables": variables, "parameters": declared, "stages": stages}
@@ -152,4 +155,4 @@ def test_any_trigger_is_bound_or_refused_and_what_is_bound_is_allowed(pipeline, 
     for name, value in {**defaults, **values}.items():
         if name in declared:
             assert parameters.refusal(declared[name], value) is None
-    assert not declared or set(values) <= set(declared)
+    assert set(values) <= set(declared or spec["variables"])  # without parameters, its variables

@@ -137,13 +137,13 @@ def start_first_build(stack, marks, run_for: int) -> tuple[dict, dict, str]:
     Both agents answer on the broker first: each case starts from a whole stack."""
     stack.wait_ready(AGENTS)
     # And each agent's lease is fresh: a cut of the case before may have left its database
-    # connection reconnecting, and a fence that is nearly due would end this case's step.
-    fresh = (
-        "SELECT count(*) FROM agents_agent WHERE name = ANY(%s)"
-        " AND last_heartbeat > now() - interval '1 second'"
-    )
+    # connection reconnecting, and a fence that is nearly due would end this case's step. A
+    # heartbeat held up by that cut lands late, stamped fresh, yet renews the agent's lease
+    # only from when it was sent: wait for one sent after it (heartbeats are 1 s apart).
+    [(since,)] = stack.sql("SELECT now() + interval '1.5 seconds'")
+    fresh = "SELECT count(*) FROM agents_agent WHERE name = ANY(%s) AND last_heartbeat > %s"
     wait_until(
-        lambda: stack.sql(fresh, list(AGENTS))[0][0] == len(AGENTS),
+        lambda: stack.sql(fresh, list(AGENTS), since)[0][0] == len(AGENTS),
         timeout=30,
         message="every agent's heartbeat to reach the database",
     )
