@@ -192,9 +192,10 @@ def next_attempt(step: StepRun) -> bool:
 
 
 def _cancel_wins(build_id: int, status: str, cleanup: bool = False) -> str:
-    """While its build is CANCELLING, whatever ends is recorded CANCELED (a cleanup step's
-    or a job's that ran after the cancel own ending counts, unless the cancel was forced). The build row lock orders this
-    against the cancel request: a step that ends after it is cancelled."""
+    """While its build is CANCELLING, whatever ends is recorded CANCELED (the own ending of
+    a cleanup step, or of a job run after the cancel, counts unless the cancel was forced).
+    The build row lock orders this against the cancel request: a step that ends after it is
+    cancelled."""
     build_status, forced = (
         Build.objects.select_for_update(no_key=True)
         .values_list("status", "cancel_forced_at")
