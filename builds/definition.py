@@ -153,6 +153,8 @@ class JobSpec(_Strict):
     )
     # Expanded into its runs (builds.matrix.expand).
     matrix: dict[str, Any] | None = None
+    # The secrets its steps get in their environment (vault): those named, and no others.
+    secrets: Annotated[list[str], Field(max_length=MAX_VARIABLES)] = []
     steps: Annotated[list[StepSpec], Field(min_length=1, max_length=MAX_STEPS_PER_JOB)]
 
     @field_validator("runs_on")
@@ -170,6 +172,20 @@ class JobSpec(_Strict):
     def _needs_once(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and len(set(value)) != len(value):
             raise ValueError("a job is listed twice")
+        return value
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_names(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not VARIABLE_NAME_RE.fullmatch(name) or len(name) > MAX_VARIABLE_NAME:
+                raise ValueError(f"{name[:40]!r} is not a valid secret name")
+            if is_reserved_variable_name(name):
+                raise ValueError(
+                    f"{name}: reserved (set by the agent, or changes how the shell runs)"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("a secret is listed twice")
         return value
 
     @field_validator("matrix", mode="before")
@@ -468,6 +484,7 @@ def _normalize(spec: PipelineSpec) -> dict:
                         "matrix": job.matrix,
                         "timeout": job.timeout,
                         "cleanup_timeout": job.cleanup_timeout,
+                        "secrets": job.secrets,
                         "steps": [
                             {
                                 "name": step.name or f"step {n + 1}",

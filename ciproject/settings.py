@@ -25,6 +25,12 @@ def env_int(name: str, default: int) -> int:
 
 
 SECRET_KEY = os.environ.get("SECRET_KEY", "dev-insecure-change-me")
+# Pipeline secrets' own keys (vault.crypto): Fernet keys, newest first, comma-separated. Unset,
+# a key is made in SECRETS_KEY_FILE (development); web and the controller need them, agents not.
+SECRETS_KEYS = [
+    k.strip() for k in os.environ.get("CIPROJECT_SECRETS_KEYS", "").split(",") if k.strip()
+]
+SECRETS_KEY_FILE = Path(os.environ.get("CIPROJECT_SECRETS_KEY_FILE", VAR_DIR / "secrets.key"))
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = os.environ.get("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver").split(",")
 CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("CSRF_TRUSTED_ORIGINS", "").split(",") if o]
@@ -45,6 +51,7 @@ INSTALLED_APPS = [
     "builds",
     "agents",
     "concurrency",
+    "vault",
 ]
 
 MIDDLEWARE = [

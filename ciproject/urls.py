@@ -4,6 +4,7 @@ from drf_spectacular.views import SpectacularAPIView
 
 import agents.api  # noqa: F401  (each api module registers its views on the router)
 import builds.api  # noqa: F401
+import vault.api  # noqa: F401
 from ciproject.api import router
 from ciproject.monitoring import metrics_view
 

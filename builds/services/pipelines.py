@@ -8,6 +8,7 @@ from builds.definition import parse_definition
 from builds.errors import InvalidPipeline, PipelineNameTaken
 from builds.models import Pipeline
 from concurrency.models import ConcurrencyPolicy
+from vault import services as vault
 
 PIPELINE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
@@ -35,6 +36,21 @@ def policy_named_in(spec: dict) -> ConcurrencyPolicy | None:
     return policy
 
 
+def check_secrets_named(spec: dict, pipeline: Pipeline | None) -> None:
+    """Each secret a job names must be one the pipeline has (its own, or a scope's it may
+    use): a new pipeline has none until they are set."""
+    available = sorted(vault.available_to(pipeline)) if pipeline else []
+    for s, stage in enumerate(spec["stages"]):
+        for j, job in enumerate(stage["jobs"]):
+            for n, name in enumerate(job.get("secrets", [])):
+                if name not in available:
+                    raise InvalidPipeline(
+                        f"stages[{s}].jobs[{j}].secrets[{n}]: no secret {name!r} for this"
+                        f" pipeline (its secrets: {', '.join(available) or 'none'}; set one"
+                        " with PUT /api/pipelines/ID/secrets/NAME/ or `manage.py secret set`)"
+                    )
+
+
 def save_pipeline(
     name: str, definition: str, pipeline: Pipeline | None = None, policy=KEEP
 ) -> Pipeline:
@@ -45,6 +61,7 @@ def save_pipeline(
     spec = parse_definition(definition)
     named = policy_named_in(spec)
     creating = pipeline is None or pipeline.pk is None
+    check_secrets_named(spec, None if creating else pipeline)
     pipeline = pipeline or Pipeline()
     pipeline.name, pipeline.definition, pipeline.spec = name, definition, spec
     if named is not None:

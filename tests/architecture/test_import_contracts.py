@@ -4,12 +4,15 @@ break when one of the old cycles is put back, even through an import inside a fu
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["agents", "builds", "ciproject", "concurrency", "dispatch"]
+PACKAGES = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"][
+    "root_packages"
+]
 LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
