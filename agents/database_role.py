@@ -22,6 +22,7 @@ GRANTS = {
     ("builds", "StepLogChunk"): "SELECT, INSERT",
     ("builds", "BuildVariable"): "SELECT, INSERT, UPDATE",  # reads them, set-variable
     ("django_celery_results", "TaskResult"): "SELECT, INSERT, UPDATE",  # run_job's result
+    ("vault", "SealedSecrets"): "SELECT, UPDATE (id), DELETE",  # takes its job's, sealed to it
 }
 
 

@@ -20,6 +20,8 @@ class Agent(models.Model):
     version = models.CharField(max_length=32, blank=True, default="")
     started_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
+    # Its process's X25519 key (base64): secrets are sealed to it (vault.sealing).
+    public_key = models.CharField(max_length=64, blank=True, default="")
     # Set when the agent failed to confirm a stop in time: look at the machine.
     suspect_since = models.DateTimeField(null=True, blank=True)
     suspect_reason = models.TextField(blank=True, default="")

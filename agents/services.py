@@ -17,10 +17,16 @@ from dispatch import leases
 
 
 def register_agent(
-    name: str, hostname: str, labels: list[str], capacity: int, version: str, starting=True
+    name: str,
+    hostname: str,
+    labels: list[str],
+    capacity: int,
+    version: str,
+    starting=True,
+    public_key: str = "",
 ):
     """An agent's row, created or refreshed. When its process is `starting`, whatever the
-    previous process was running is lost."""
+    previous process was running is lost. `public_key`: what its secrets are sealed to."""
     now = timezone.now()
     if starting:
         fail_jobs_of_lost_agent(name, "restarted while running this job")
@@ -32,6 +38,7 @@ def register_agent(
             "capacity": capacity,
             "version": version,
             "started_at": now,
+            "public_key": public_key,
         },
     )
     Agent.objects.filter(pk=agent.pk).update(last_heartbeat=DatabaseNow())

@@ -8,6 +8,7 @@ CONTROLLER_QUEUE = "controller"
 # Tasks, by the names their modules give them (agents.tasks, builds.tasks).
 RUN_JOB = "agents.tasks.run_job"
 ADVANCE_BUILD = "builds.tasks.advance_build"
+SEAL_SECRETS = "vault.tasks.seal_secrets"
 FINISH_CANCEL = "builds.tasks.finish_cancel"
 
 # Remote-control commands an agent answers (agents.process.control).

@@ -48,6 +48,14 @@ def finish_cancel(build_id: int) -> None:
     _to_controller(protocol.FINISH_CANCEL, build_id, retry=False)
 
 
+def seal_secrets(job_id: int, attempt: int) -> None:
+    """An agent asks the controller for its job attempt's secrets, sealed to it."""
+    publish(
+        app.send_task, protocol.SEAL_SECRETS, args=(job_id, attempt),
+        queue=protocol.CONTROLLER_QUEUE,
+    )  # fmt: skip
+
+
 def _to_controller(task: str, build_id: int, **options) -> None:
     queue = protocol.CONTROLLER_QUEUE
     transaction.on_commit(

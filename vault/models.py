@@ -5,7 +5,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from builds.models import Build, Pipeline
+from builds.models import Build, JobRun, Pipeline
 
 
 class SecretScope(models.Model):
@@ -96,3 +96,23 @@ class SecretEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.action} {self.name} ({self.owner})"
+
+
+class SealedSecrets(models.Model):
+    """A job attempt's secrets, sealed by the controller for the agent process running it
+    (vault.sealing), which takes them (and deletes the row) before its first step; or why
+    it gets none (`error`)."""
+
+    job = models.ForeignKey(JobRun, on_delete=models.CASCADE, related_name="+")
+    attempt = models.PositiveIntegerField()
+    sealed = models.BinaryField(default=b"")
+    error = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["job", "attempt"], name="sealed_once_per_attempt")
+        ]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} attempt {self.attempt}"

@@ -2,18 +2,22 @@
 in encrypted and comes out only for a job that names it (values_for); every change leaves a
 SecretEvent, with names only."""
 
+import json
+
 from django.db import transaction
 
+from agents.models import Agent
 from builds.definition import (
     MAX_VARIABLE_NAME,
     MAX_VARIABLE_VALUE,
     VARIABLE_NAME_RE,
     is_reserved_variable_name,
 )
-from builds.models import Pipeline
-from vault import crypto
+from builds.models import JobRun, Pipeline
+from builds.statuses import RunStatus
+from vault import crypto, sealing
 from vault.errors import InvalidSecret, SecretNotFound
-from vault.models import Secret, SecretEvent, SecretScope
+from vault.models import SealedSecrets, Secret, SecretEvent, SecretScope
 
 # Masking a shorter value would mask everything: `ab` is in every other word.
 MIN_VALUE_LENGTH = 4
@@ -141,3 +145,54 @@ def _record(action: str, secret: Secret, user, source: str) -> None:
     SecretEvent.objects.create(
         action=action, name=secret.name, owner=secret.owner, user=user, source=source
     )
+
+
+def names_for(job: JobRun) -> list[str]:
+    """The secrets a job names in its pipeline's definition (as its build has it)."""
+    wanted = job.matrix_of or job.key
+    for stage in job.build.spec["stages"]:
+        for spec in stage["jobs"]:
+            if spec["id"] == wanted:
+                return spec.get("secrets", [])
+    return []
+
+
+def context(job_id: int, attempt: int) -> bytes:
+    return f"job {job_id} attempt {attempt}".encode()
+
+
+def seal_for_job(job_id: int, attempt: int) -> bool:
+    """Seal the secrets a running job attempt names for the agent process running it (the
+    controller, when that agent asks). False, sealing nothing, for an attempt that is not
+    running (stale) or an agent whose key is not registered yet (its row is put back by its
+    next heartbeat; it asks again)."""
+    job = JobRun.objects.select_related("build__pipeline").filter(
+        pk=job_id, attempt=attempt, status=RunStatus.RUNNING
+    )
+    job = job.first()
+    if job is None:
+        return False
+    key = Agent.objects.filter(name=job.agent).values_list("public_key", flat=True).first()
+    if not key:
+        return False
+    sealed, error = b"", ""
+    try:
+        values = values_for(job.build.pipeline, names_for(job), job.build)
+        sealed = sealing.seal(key, json.dumps(values).encode(), context(job_id, attempt))
+    except SecretNotFound as exc:
+        error = exc.detail
+    SealedSecrets.objects.update_or_create(
+        job_id=job_id, attempt=attempt, defaults={"sealed": sealed, "error": error}
+    )
+    return True
+
+
+def take_sealed(job_id: int, attempt: int) -> tuple[bytes, str] | None:
+    """The agent's side: what was sealed for this attempt (and why not, if it was not),
+    removed as it is taken; None while the controller has not answered."""
+    with transaction.atomic():
+        row = SealedSecrets.objects.select_for_update().filter(job_id=job_id, attempt=attempt)
+        found = row.values_list("sealed", "error").first()
+        if found is not None:
+            row.delete()
+    return None if found is None else (bytes(found[0]), found[1])

@@ -25,6 +25,7 @@ from builds import services as builds
 from ciproject import __version__
 from ciproject.celery import app
 from ciproject.protocol import agent_queue, job_queue, node_name, retry_queue
+from vault import sealing
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class AgentProcess:
         self.name, self.labels, self.capacity = name, labels, capacity
         self.step_user = step_user  # agents.process.step_user.StepUser, or None: the agent's
         self.hostname = socket.gethostname()
+        self.opener = sealing.Opener()  # secrets are sealed to this process's key
         self.nodename = node_name(name, self.hostname)
         self.pool_queues = [retry_queue(label) for label in labels]
         self.pool_queues += [job_queue(label) for label in labels]
@@ -179,8 +181,9 @@ class AgentProcess:
 
     def register(self, starting: bool = False) -> None:
         services.register_agent(
-            self.name, self.hostname, self.labels, self.capacity, __version__, starting=starting
-        )
+            self.name, self.hostname, self.labels, self.capacity, __version__,
+            starting=starting, public_key=self.opener.public_key,
+        )  # fmt: skip
 
     def heartbeat_loop(self) -> None:
         pause = settings.AGENT_HEARTBEAT_SECONDS

@@ -4,6 +4,7 @@ retries, logs streamed to PostgreSQL, and the results recorded through builds.se
 
 import contextlib
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -22,12 +23,19 @@ from builds.statuses import RunStatus
 from ciproject import metrics
 from ciproject.log_format import log_context
 from ciproject.sizes import format_size
+from dispatch import messages
+from vault import services as vault
+from vault.masking import Masker
 
 log = logging.getLogger(__name__)
 
 DATABASE_ERRORS = (OperationalError, InterfaceError)
 # How often a running step looks whether it was asked to stop: a cancel waits for the next look.
 STOP_TICK_SECONDS = 0.02
+# How long a job waits for the controller to seal its secrets, and how often it looks.
+SECRETS_WAIT_SECONDS = 30
+SECRETS_POLL_SECONDS = 0.02
+SECRETS_ASK_AGAIN_SECONDS = 1
 
 
 def persist(write, *args):
@@ -197,6 +205,8 @@ class JobExecution:
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
         self.variables = services.build_variables(job.build_id)
+        # The secrets it names, in its steps' environment only, masked in their logs.
+        self.opener, self.secrets, self.masker = agent.opener, {}, Masker()
 
     def run(self) -> tuple[str, str]:
         status, reason = RunStatus.FAILED, ""
@@ -225,6 +235,10 @@ class JobExecution:
         ):
             return RunStatus.CANCELED, "stopped: the build is no longer running"
         workspaces.make(self.workspace, self.step_user)
+        if vault.names_for(self.job) and (refused := self.receive_secrets()):
+            return (
+                (RunStatus.CANCELED, refused) if self.stop.is_set() else (RunStatus.FAILED, refused)
+            )
         failure = None  # the first failed step's ending: the job's
         for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
             step.job = self.job
@@ -241,6 +255,31 @@ class JobExecution:
         if failure:
             return failure
         return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
+
+    def receive_secrets(self) -> str:
+        """Ask the controller for the job's secrets, sealed to this agent process, and wait
+        for them (no step runs without them). Returns why they did not come, or ""."""
+        job_id, attempt = self.job.pk, self.job.attempt
+        started = asked = time.monotonic()
+        messages.seal_secrets(job_id, attempt)
+        while not self.stop.wait(SECRETS_POLL_SECONDS):
+            if taken := persist(vault.take_sealed, job_id, attempt):
+                sealed, error = taken
+                if error:
+                    return f"no secrets: {error}"
+                opened = self.opener.open(sealed, vault.context(job_id, attempt))
+                self.secrets = json.loads(opened)
+                self.masker = Masker(self.secrets.values())
+                return ""
+            if time.monotonic() - started > SECRETS_WAIT_SECONDS:
+                return (
+                    "no secrets: the controller did not seal them for this agent within"
+                    f" {SECRETS_WAIT_SECONDS} s"
+                )
+            if time.monotonic() - asked > SECRETS_ASK_AGAIN_SECONDS:  # a message lost, or
+                asked = time.monotonic()  # this agent's key not registered yet: ask again
+                messages.seal_secrets(job_id, attempt)
+        return "stopped while waiting for its secrets"
 
     def clean_up(self, failed: bool) -> tuple[str, str]:
         """The job was stopped (or its build stopped running): if that was its build's
@@ -384,7 +423,7 @@ class JobExecution:
 
     def run_attempt(self, step: StepRun, writer: LogWriter) -> tuple[StepOutcome, str]:
         env = step_environment(
-            self.variables,
+            {**self.variables, **self.secrets},
             {
                 "CI": "true",
                 "CI_BUILD_ID": str(self.build.pk),
@@ -397,7 +436,7 @@ class JobExecution:
                 **matrix.environment(self.job.matrix or {}),
             },
         )
-        output = StepOutput(settings.STEP_LOG_MAX_BYTES)
+        output = StepOutput(settings.STEP_LOG_MAX_BYTES, self.masker)
 
         def on_tick() -> bool:
             if writer.due():

@@ -29,6 +29,7 @@ from builds.definition import (
     VARIABLE_NAME_RE,
     is_reserved_variable_name,
 )
+from vault.masking import Masker
 
 SET_VARIABLE_RE = re.compile(rb"^::set-variable name=([^:]*)::(.*?)\r?$")
 # Longer than any valid set-variable line (name and value are capped far below). Output with
@@ -60,10 +61,13 @@ class StepOutcome:
 class StepOutput:
     """Collects a step's output: keeps up to `max_bytes`, counts what it drops, and picks out
     `::set-variable name=KEY::value` lines. Written by the reader thread, drained by the
-    runner's loop; once closed it changes no more, even if a reader outlived its step."""
+    runner's loop; once closed it changes no more, even if a reader outlived its step.
+    What it keeps has the job's secrets masked (`masker`), a line at a time, so a value split
+    across two reads of the pipe is whole when it is masked."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, masker: Masker | None = None):
         self.max_bytes = max_bytes
+        self.masker = masker or Masker()
         self.kept = 0
         self.dropped = 0
         self.variables: dict[str, str] = {}
@@ -80,12 +84,19 @@ class StepOutput:
         with self._lock:
             if self._closed:
                 return
-            *lines, self._partial = (self._partial + data).split(b"\n")
-            for line in lines:
-                self._line(line + b"\n")
+            buffer = self._partial + data
+            end = buffer.rfind(b"\n") + 1
+            complete, self._partial = buffer[:end], buffer[end:]
+            if b"::set-variable" in complete:
+                for line in complete[:-1].split(b"\n"):
+                    self._line(line + b"\n")
+            elif complete:  # no line to pick out: masked and kept at once
+                self._overlong = False
+                self._keep(self.masker.mask(complete))
             if len(self._partial) > MAX_LINE:
-                self._keep(self._partial)
-                self._partial, self._overlong = b"", True
+                cut = self._safe_cut(self._partial)
+                self._keep(self.masker.mask(self._partial[:cut]))
+                self._partial, self._overlong = self._partial[cut:], True
 
     def close(self) -> None:
         with self._lock:
@@ -98,13 +109,25 @@ class StepOutput:
             if self._unreported:
                 self.warnings.append(f"{self._unreported} more set-variable lines ignored")
 
+    def _safe_cut(self, partial: bytes) -> int:
+        """Where an overlong line may be cut: never inside a secret. What stays behind (the
+        longest secret's length, less one) holds the start of any that is not whole yet."""
+        cut = len(partial) - max(self.masker.longest - 1, 0)
+        for start, end in self.masker.spans(partial):
+            if start < cut < end:
+                return end
+        return cut
+
     def _line(self, raw: bytes) -> None:
         # The tail of an overlong line is not the start of a line: never a set-variable.
         match = not self._overlong and SET_VARIABLE_RE.match(raw.rstrip(b"\n"))
         self._overlong = False
-        if match:
+        if match and self.masker.holds_secret(raw):
+            name = self.masker.mask(match.group(1)).decode("utf-8", "replace")
+            self._warn(f"{name[:40]}: the line holds a secret, which a variable may not")
+        elif match:
             self._set_variable(match.group(1), match.group(2))
-        self._keep(raw)
+        self._keep(self.masker.mask(raw))
 
     def _keep(self, raw: bytes) -> None:
         room = self.max_bytes - self.kept

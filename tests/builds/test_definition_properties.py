@@ -119,8 +119,10 @@ def pipelines(draw):
         lambda name: not is_reserved_variable_name(name)
     )
     variables = draw(st.dictionaries(names, PLAIN, max_size=4))
-    declared = draw(st.dictionaries(st.from_regex(r"P[A-Z0-9_]{0,8}", fullmatch=True),
-                                    PARAMETERS, max_size=3))  # fmt: skip
+    parameter_names = st.from_regex(r"P[A-Z0-9_]{0,8}", fullmatch=True).filter(
+        lambda name: not is_reserved_variable_name(name)  # PS4, PATH, ...
+    )
+    declared = draw(st.dictionaries(parameter_names, PARAMETERS, max_size=3))
     return {"variables": variables, "parameters": declared, "stages": stages}
 
 

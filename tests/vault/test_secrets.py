@@ -3,19 +3,22 @@ never readable back at any door; encrypted at rest under keys of their own, rota
 by jobs only as the pipeline has them; every change on the trail, with names only."""
 
 import io
+import json
 
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.fernet import Fernet
 from django.contrib.admin.models import LogEntry
 from django.core.management import CommandError, call_command
 from django.db import connection
 from django.urls import reverse
 
+from agents.services import register_agent
 from builds import services as builds
 from builds.errors import InvalidPipeline
-from builds.models import Pipeline
+from builds.models import JobRun, Pipeline
 from tests.support import client_for, one_step
-from vault import crypto, services
+from vault import crypto, sealing, services
 from vault.errors import SecretNotFound
 from vault.models import Secret, SecretEvent, SecretScope
 
@@ -219,3 +222,37 @@ def test_bad_secret_names_in_the_yaml_are_refused(secrets, detail):
         builds.save_pipeline(
             "p", one_step("true").replace("{id: j,", f"{{id: j, secrets: {secrets},")
         )
+
+
+def test_sealed_secrets_open_only_for_their_agent_process_and_attempt():
+    agent, other = sealing.Opener(), sealing.Opener()
+    sealed = sealing.seal(agent.public_key, b'{"A": "value"}', b"job 1 attempt 1")
+    assert agent.open(sealed, b"job 1 attempt 1") == b'{"A": "value"}'
+    for opener, context in ((other, b"job 1 attempt 1"), (agent, b"job 1 attempt 2")):
+        with pytest.raises(InvalidTag):
+            opener.open(sealed, context)
+    assert b"value" not in sealed
+
+
+def test_the_controller_seals_a_running_attempts_secrets_for_its_agent(pipeline):
+    services.set_secret(pipeline, "DEPLOY_TOKEN", VALUE)
+    builds.save_pipeline("web", NAMING.replace("runs-on: default", "runs-on: unit-tests"), pipeline)
+    opener = sealing.Opener()
+    register_agent("a1", "host", ["unit-tests"], 1, "1", public_key=opener.public_key)
+    job = JobRun.objects.get(build=builds.trigger_build(pipeline))
+    assert not services.seal_for_job(job.pk, job.attempt)  # not running yet: stale
+    started = builds.start_job(job.pk, job.attempt, "a1")
+    assert services.seal_for_job(job.pk, job.attempt)
+    sealed, error = services.take_sealed(job.pk, job.attempt)
+    assert error == ""
+    opened = opener.open(sealed, services.context(job.pk, job.attempt))
+    assert json.loads(opened) == {"DEPLOY_TOKEN": VALUE}
+    assert services.take_sealed(job.pk, job.attempt) is None  # taken once
+    delivered = SecretEvent.objects.get(action="DELIVERED")
+    assert (delivered.name, delivered.build_id) == ("DEPLOY_TOKEN", started.build_id)
+    services.delete_secret(pipeline, "DEPLOY_TOKEN")
+    assert services.seal_for_job(job.pk, job.attempt)
+    assert services.take_sealed(job.pk, job.attempt) == (
+        b"",
+        "no secret 'DEPLOY_TOKEN' for pipeline web (its secrets: none)",
+    )

@@ -1,0 +1,46 @@
+"""Masking figures (`make bench`): a step printing 100 MB of log lines with 20 secrets to
+mask (each twentieth line holds one), against the same step unmasked (the reference, same
+run). Target: masked at most 20% slower."""
+
+import secrets
+import time
+
+from agents.process.runner import StepOutput, run_step, step_environment
+from vault.masking import Masker
+
+SIZE = 100 * 1024 * 1024
+VALUES = [secrets.token_urlsafe(24) for _ in range(20)]
+
+
+def timed(tmp_path, masker: Masker) -> tuple[float, str]:
+    # 100-byte lines; every twentieth shows one of the secrets.
+    script = tmp_path / "print.py"
+    script.write_text(
+        "import os, sys\n"
+        "values = os.environ['VALUES'].split()\n"
+        "filler = 'x' * 99 + '\\n'\n"
+        "block = ''.join(filler if n % 20 else f'token {values[n // 20 % 20]} used'.ljust(99)"
+        " + '\\n' for n in range(4000))\n"
+        f"for _ in range({SIZE} // len(block)): sys.stdout.write(block)\n"
+    )
+    output = StepOutput(SIZE * 2, masker)
+    started = time.perf_counter()
+    outcome = run_step(
+        f"python3 {script}", cwd=str(tmp_path), timeout=600, output=output, grace=5,
+        env=step_environment({"VALUES": " ".join(VALUES)}, {}),
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    assert outcome.exit_code == 0
+    return seconds, output.take()
+
+
+def test_masking_overhead(tmp_path):
+    bare, plain = timed(tmp_path, Masker())
+    masked, log = timed(tmp_path, Masker(VALUES))
+    assert not any(value in log for value in VALUES)
+    assert VALUES[0] in plain
+    print(
+        f"\nmasking: 100 MB step log with 20 secrets: {masked:.2f} s masked,"
+        f" {bare:.2f} s unmasked (reference), overhead {100 * (masked / bare - 1):.0f}%"
+        " (target <= 20%)"
+    )
