@@ -96,17 +96,7 @@ class Condition:
     text: str
     tree: Node = field(repr=False)
     reads: frozenset[tuple[str, str]] = field(repr=False)
-    statuses: frozenset[str] = field(repr=False)  # the status functions it calls
-
-    @property
-    def calls_status(self) -> bool:
-        return bool(self.statuses)
-
-    @property
-    def may_hold_after_cancel(self) -> bool:
-        """Whether it can be true once the build is cancelled (success() and failure() are
-        false then)."""
-        return bool(self.statuses & {"always", "cancelled"})
+    calls_status: bool = field(repr=False)
 
     def names(self) -> frozenset[tuple[str, str]]:
         return self.reads
@@ -160,7 +150,7 @@ class _Parser:
     def __init__(self, text: str):
         self.tokens, self.i, self.depth = _tokenize(text), 0, 0
         self.reads: set[tuple[str, str]] = set()
-        self.statuses: set[str] = set()
+        self.calls_status = False
 
     def peek(self) -> _Token:
         if (tok := self.tokens[min(self.i, len(self.tokens) - 1)]).kind == "bad":
@@ -206,7 +196,7 @@ class _Parser:
                 raise self.fail(close, f": {tok.text}() takes no arguments")
             if self.peek().kind in ("==", "!="):
                 raise InvalidCondition(f"{tok.text}() at column {tok.col} cannot be compared")
-            self.statuses.add(tok.text)
+            self.calls_status = True
             return Status(tok.text)
         left, op = self.operand(tok), self.take()
         if op.kind in ("==", "!="):
@@ -265,7 +255,7 @@ def _parse(text: str) -> Condition:
     if (extra := parser.peek()).kind != "end":
         starts = extra.kind in ("word", "str", "(", "!")
         raise parser.fail(extra, ": join conditions with && or ||" if starts else "")
-    return Condition(text.strip(), tree, frozenset(parser.reads), frozenset(parser.statuses))
+    return Condition(text.strip(), tree, frozenset(parser.reads), parser.calls_status)
 
 
 parse.cache_info, parse.cache_clear = _parse.cache_info, _parse.cache_clear

@@ -95,7 +95,7 @@ class MatrixRule:
 class Plan:
     start: list[str] = field(default_factory=list)  # PENDING runs to queue now
     skip: dict[str, str] = field(default_factory=dict)  # PENDING runs to skip, with reasons
-    cancel: dict[str, str] = field(default_factory=dict)  # fail-fast: runs to stop, why
+    cancel: dict[str, str] = field(default_factory=dict)  # fail-fast, a cancel: runs to end, why
     clean: list[str] = field(default_factory=list)  # QUEUED runs that go on after the cancel
     outcome: str | None = None  # SUCCEEDED or FAILED once every run has ended
 
@@ -140,12 +140,14 @@ def plan(
                 all(status[key] in RUN_FINAL for key in waited) and (explicit or earlier.final)
             )
             if cancelled:
-                _after_cancel(run, over, waited, status, failure, read_variables, result)
+                holds = _after_cancel(run, over, waited, status, failure, read_variables, result)
+                if not holds or not waiting:  # cancelled, waiting, or queued: it goes on
+                    if holds:
+                        result.clean.append(run.key)
+                    continue
+            elif not over:
                 continue
-            if not over:
-                continue
-            reason = _skip_reason(run, waited, status, failure, read_variables)
-            if reason:
+            elif reason := _skip_reason(run, waited, status, failure, read_variables):
                 result.skip[run.key] = reason
                 status[run.key] = RunStatus.SKIPPED
                 continue
@@ -216,24 +218,25 @@ def _stages_in_order(runs: list[Run], by_job) -> list[list[Run]]:
 CANCELLED = "the build was cancelled"
 
 
-def _after_cancel(run: Run, over: bool, waited, status, failure, read_variables, result) -> None:
-    """A cancelled build's run that has not started: it starts (or goes on, if queued) when
-    its condition holds after the cancel; it waits while it may; otherwise it is cancelled."""
+def _after_cancel(run: Run, over: bool, waited, status, failure, read_variables, result) -> bool:
+    """A cancelled build's run that has not started: True once its wait is over and its
+    condition holds after the cancel (it starts, or goes on if queued); False while it waits
+    for that, or once it is cancelled (in `result`)."""
     condition = conditions.stored(run.condition)
-    if condition.may_hold_after_cancel:
-        if not over:
-            return  # what it waits for is being stopped; then its condition decides
+    explicit = bool(run.condition) and condition.calls_status  # always(), !success(), ...
+    if explicit and not over:
+        return False  # what it waits for is being stopped; then its condition decides
+    if explicit:
         try:
             context = _context(run, waited, status, failure, read_variables, cancelled=True)
         except VariablesUnavailable as exc:
             result.cancel[run.key], status[run.key] = f"{CANCELLED}; {exc}", RunStatus.CANCELED
-            return
+            return False
         if condition.evaluate(context):
-            (result.start if status[run.key] == RunStatus.PENDING else result.clean).append(run.key)
-            status[run.key] = RunStatus.QUEUED
-            return
-    unless = f", and if: {run.condition} was false" if run.condition else ""
+            return True
+    unless = f", and if: {run.condition} was false" if explicit else ""
     result.cancel[run.key], status[run.key] = CANCELLED + unless, RunStatus.CANCELED
+    return False
 
 
 def _context(run: Run, waited, status, failure, read_variables, cancelled=False):

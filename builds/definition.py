@@ -178,12 +178,8 @@ class JobSpec(_Strict):
     @classmethod
     def _secret_names(cls, value: list[str]) -> list[str]:
         for name in value:
-            if not VARIABLE_NAME_RE.fullmatch(name) or len(name) > MAX_VARIABLE_NAME:
-                raise ValueError(f"{name[:40]!r} is not a valid secret name")
-            if is_reserved_variable_name(name):
-                raise ValueError(
-                    f"{name}: reserved (set by the agent, or changes how the shell runs)"
-                )
+            if why := secret_name_refusal(name):
+                raise ValueError(why)
         if len(set(value)) != len(value):
             raise ValueError("a secret is listed twice")
         return value
@@ -514,6 +510,17 @@ def _retry(retry: RetrySpec) -> dict:
     rule = {"on": sorted(set(retry.on)), "on_exit_codes": retry.on_exit_codes}
     rule["backoff"] = retry.backoff
     return {"retry": retry.max, "retry_rule": None if rule == DEFAULT_RETRY_RULE else rule}
+
+
+def secret_name_refusal(name) -> str | None:
+    """Why `name` cannot name a secret (it becomes an environment variable), or None."""
+    if not isinstance(name, str) or not VARIABLE_NAME_RE.fullmatch(name):
+        return f"{str(name)[:40]!r} is not a valid secret name ([A-Za-z_][A-Za-z0-9_]*)"
+    if len(name) > MAX_VARIABLE_NAME:
+        return f"{name[:40]}...: a secret's name is at most {MAX_VARIABLE_NAME} characters"
+    if is_reserved_variable_name(name):
+        return f"{name}: reserved (set by the agent, or changes how the shell runs)"
+    return None
 
 
 def is_reserved_variable_name(name: str) -> bool:

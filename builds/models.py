@@ -30,7 +30,8 @@ class Pipeline(models.Model):
 
     @property
     def parameters(self) -> dict:
-        """What a trigger may set, by name (builds.parameters); empty: any variable."""
+        """What a trigger may set, by name (builds.parameters); empty: the names of its
+        `variables:`, with any value."""
         return (self.spec or {}).get("parameters", {})
 
 
@@ -59,6 +60,9 @@ class Build(models.Model):
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     # A second cancel of a CANCELLING build: its cleanup steps are stopped too.
     cancel_forced_at = models.DateTimeField(null=True, blank=True)
+    # Its status when the cancel came: only a build that was RUNNING (holding its slot) runs
+    # the jobs whose condition holds after a cancel.
+    cancelled_from = models.CharField(max_length=16, blank=True, default="", editable=False)
     cancel_requested_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,

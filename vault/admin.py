@@ -4,6 +4,7 @@ see who set which secret when, and the trail; scopes and the pipelines they are 
 from django import forms
 from django.contrib import admin
 
+from ciproject.admin_mixins import ReadOnlyAdmin
 from vault import services
 from vault.errors import InvalidSecret
 from vault.models import Secret, SecretEvent, SecretScope
@@ -74,7 +75,7 @@ class SecretScopeAdmin(admin.ModelAdmin):
 
 
 @admin.register(SecretEvent)
-class SecretEventAdmin(admin.ModelAdmin):
+class SecretEventAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     """Read only: the trail is written by the services."""
 
     list_display = ["at", "action", "name", "owner", "user", "source", "build"]
@@ -82,12 +83,3 @@ class SecretEventAdmin(admin.ModelAdmin):
     search_fields = ["name", "owner"]
     date_hierarchy = "at"
     list_select_related = ["user", "build"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

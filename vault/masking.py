@@ -12,6 +12,9 @@ import re2
 MASK = b"***"
 MIN_FORM = 4  # a line of a value shorter than this is not masked on its own (`}` would be)
 MIN_ENCODED = 6  # nor such a short piece of an encoding
+# A longer form is masked as its pieces of this size, one after the other: RE2's automaton
+# stays small (a 32 KiB value is 96 KiB URL-encoded), and so does what a line holds back.
+PIECE = 1024
 
 
 def forms(value: str) -> set[bytes]:
@@ -28,9 +31,21 @@ def forms(value: str) -> set[bytes]:
         head = (0, 2, 3)[offset]
         tail = (offset + len(raw)) % 3  # 1 or 2: that many bytes in the last group
         piece = encoded[head : len(encoded) - (1 if tail else 0)]
-        if len(piece) >= MIN_ENCODED:
-            found |= {piece, piece.replace(b"+", b"-").replace(b"/", b"_")}
-    return {form for form in found if form}
+        # `base64` wraps at 76 columns: each line of the value's own encoding is a form.
+        lines = [piece[at : at + 76] for at in range(0, len(piece), 76)] if not offset else []
+        for form in [piece, *lines]:
+            if len(form) >= MIN_ENCODED:
+                found |= {form, form.replace(b"+", b"-").replace(b"/", b"_")}
+    return {piece for form in found if form for piece in _pieces(form)}
+
+
+def _pieces(form: bytes) -> list[bytes]:
+    if len(form) <= PIECE:
+        return [form]
+    pieces = [form[at : at + PIECE] for at in range(0, len(form), PIECE)]
+    if len(pieces[-1]) < MIN_FORM:  # too short alone: with the piece before it
+        pieces[-2:] = [pieces[-2] + pieces[-1]]
+    return pieces
 
 
 class Masker:

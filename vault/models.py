@@ -99,8 +99,8 @@ class SecretEvent(models.Model):
 
 
 class SealedSecrets(models.Model):
-    """A job attempt's secrets, sealed by the controller for the agent process running it
-    (vault.sealing), which takes them (and deletes the row) before its first step; or why
+    """A job attempt's secrets, sealed once by the controller for the agent process running
+    it (vault.sealing), which takes them before its first step (emptying `sealed`); or why
     it gets none (`error`)."""
 
     job = models.ForeignKey(JobRun, on_delete=models.CASCADE, related_name="+")
@@ -108,6 +108,7 @@ class SealedSecrets(models.Model):
     sealed = models.BinaryField(default=b"")
     error = models.TextField(blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
+    taken_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         constraints = [

@@ -4,17 +4,13 @@ SecretEvent, with names only."""
 
 import json
 
-from django.db import transaction
+from django.db import connection, transaction
 
 from agents.models import Agent
-from builds.definition import (
-    MAX_VARIABLE_NAME,
-    MAX_VARIABLE_VALUE,
-    VARIABLE_NAME_RE,
-    is_reserved_variable_name,
-)
+from builds.definition import MAX_VARIABLE_VALUE, secret_name_refusal
 from builds.models import JobRun, Pipeline
 from builds.statuses import RunStatus
+from ciproject.errors import CIError
 from vault import crypto, sealing
 from vault.errors import InvalidSecret, SecretNotFound
 from vault.models import SealedSecrets, Secret, SecretEvent, SecretScope
@@ -32,16 +28,8 @@ def secrets_of(owner: Owner):
 
 
 def check_name(name) -> str:
-    if not isinstance(name, str) or not VARIABLE_NAME_RE.fullmatch(name):
-        raise InvalidSecret(
-            f"{str(name)[:40]!r} is not a valid secret name ([A-Za-z_][A-Za-z0-9_]*)"
-        )
-    if len(name) > MAX_VARIABLE_NAME:
-        raise InvalidSecret(
-            f"{name[:40]}...: a secret's name is at most {MAX_VARIABLE_NAME} characters"
-        )
-    if is_reserved_variable_name(name):
-        raise InvalidSecret(f"{name}: reserved (set by the agent, or changes how the shell runs)")
+    if why := secret_name_refusal(name):
+        raise InvalidSecret(why)
     return name
 
 
@@ -50,12 +38,16 @@ def check_value(name: str, value) -> str:
         raise InvalidSecret(f"{name}: the value must be text")
     if "\0" in value:
         raise InvalidSecret(f"{name}: the value holds a NUL character")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:  # a lone surrogate: not text a step could print
+        raise InvalidSecret(f"{name}: the value is not valid Unicode text") from None
     if len(value.strip()) < MIN_VALUE_LENGTH:
         raise InvalidSecret(
             f"{name}: the value is shorter than {MIN_VALUE_LENGTH} characters, too short to be"
             " masked in logs without masking everything else"
         )
-    if len(value.encode()) > MAX_VARIABLE_VALUE:
+    if size > MAX_VARIABLE_VALUE:
         raise InvalidSecret(f"{name}: the value is over {MAX_VARIABLE_VALUE} bytes")
     return value
 
@@ -163,36 +155,41 @@ def context(job_id: int, attempt: int) -> bytes:
 
 def seal_for_job(job_id: int, attempt: int) -> bool:
     """Seal the secrets a running job attempt names for the agent process running it (the
-    controller, when that agent asks). False, sealing nothing, for an attempt that is not
-    running (stale) or an agent whose key is not registered yet (its row is put back by its
-    next heartbeat; it asks again)."""
-    job = JobRun.objects.select_related("build__pipeline").filter(
-        pk=job_id, attempt=attempt, status=RunStatus.RUNNING
-    )
-    job = job.first()
-    if job is None:
-        return False
-    key = Agent.objects.filter(name=job.agent).values_list("public_key", flat=True).first()
-    if not key:
-        return False
-    sealed, error = b"", ""
-    try:
-        values = values_for(job.build.pipeline, names_for(job), job.build)
-        sealed = sealing.seal(key, json.dumps(values).encode(), context(job_id, attempt))
-    except SecretNotFound as exc:
-        error = exc.detail
-    SealedSecrets.objects.update_or_create(
-        job_id=job_id, attempt=attempt, defaults={"sealed": sealed, "error": error}
-    )
+    controller, when that agent asks), once per attempt: asked again, it changes nothing.
+    False, sealing nothing, for an attempt that is not running (stale) or an agent whose key
+    is not registered yet (its next heartbeat puts its row back; it asks again)."""
+    with transaction.atomic():  # the job's row locked: one seal at a time for it
+        job = JobRun.objects.select_for_update(no_key=True, of=("self",))
+        job = job.select_related("build__pipeline").filter(
+            pk=job_id, attempt=attempt, status=RunStatus.RUNNING
+        )
+        job = job.first()
+        if job is None:
+            return False
+        key = Agent.objects.filter(name=job.agent).values_list("public_key", flat=True).first()
+        if not key:
+            return False
+        if SealedSecrets.objects.filter(job=job, attempt=attempt).exists():
+            return True  # sealed already (this is a second ask)
+        sealed, error = b"", ""
+        try:
+            values = values_for(job.build.pipeline, names_for(job), job.build)
+            sealed = sealing.seal(key, json.dumps(values).encode(), context(job_id, attempt))
+        except CIError as exc:  # a secret gone, no key to decrypt with: the job says why
+            error = exc.detail
+        SealedSecrets.objects.create(job=job, attempt=attempt, sealed=sealed, error=error)
     return True
 
 
 def take_sealed(job_id: int, attempt: int) -> tuple[bytes, str] | None:
     """The agent's side: what was sealed for this attempt (and why not, if it was not),
-    removed as it is taken; None while the controller has not answered."""
-    with transaction.atomic():
-        row = SealedSecrets.objects.select_for_update().filter(job_id=job_id, attempt=attempt)
-        found = row.values_list("sealed", "error").first()
-        if found is not None:
-            row.delete()
+    emptied as it is taken, once; None while the controller has not answered."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE vault_sealedsecrets new SET sealed = '', taken_at = now()"
+            " FROM vault_sealedsecrets old WHERE new.id = old.id AND new.job_id = %s"
+            " AND new.attempt = %s AND new.taken_at IS NULL RETURNING old.sealed, old.error",
+            [job_id, attempt],
+        )
+        found = cursor.fetchone()
     return None if found is None else (bytes(found[0]), found[1])

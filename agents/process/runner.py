@@ -93,8 +93,7 @@ class StepOutput:
             elif complete:  # no line to pick out: masked and kept at once
                 self._overlong = False
                 self._keep(self.masker.mask(complete))
-            if len(self._partial) > MAX_LINE:
-                cut = self._safe_cut(self._partial)
+            if len(self._partial) > MAX_LINE and (cut := self._safe_cut(self._partial)):
                 self._keep(self.masker.mask(self._partial[:cut]))
                 self._partial, self._overlong = self._partial[cut:], True
 
@@ -112,7 +111,7 @@ class StepOutput:
     def _safe_cut(self, partial: bytes) -> int:
         """Where an overlong line may be cut: never inside a secret. What stays behind (the
         longest secret's length, less one) holds the start of any that is not whole yet."""
-        cut = len(partial) - max(self.masker.longest - 1, 0)
+        cut = max(len(partial) - max(self.masker.longest - 1, 0), 0)
         for start, end in self.masker.spans(partial):
             if start < cut < end:
                 return end

@@ -41,6 +41,7 @@ def request_cancel(build_id: int, user=None) -> str:
             pk=build_id, status__in=build_allowed_from(BuildStatus.CANCELLING)
         ).update(
             status=BuildStatus.CANCELLING,
+            cancelled_from=F("status"),  # the value before this UPDATE
             cancel_requested_at=Now(),  # the database's clock, as the watchdog's
             cancel_requested_by=user if user and user.is_authenticated else None,
         )
@@ -68,7 +69,10 @@ def cancel_at_once(build: Build, reason: str) -> bool:
     """Cancel a QUEUED build, of which nothing runs, within the caller's transaction: for
     eviction from a full queue and for cancel-in-progress."""
     updated = Build.objects.filter(pk=build.pk, status=BuildStatus.QUEUED).update(
-        status=BuildStatus.CANCELLING, cancel_requested_at=Now(), reason=reason
+        status=BuildStatus.CANCELLING,
+        cancelled_from=BuildStatus.QUEUED,
+        cancel_requested_at=Now(),
+        reason=reason,
     )
     if updated:
         finish_cancel(build.pk)

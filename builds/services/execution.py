@@ -77,7 +77,7 @@ def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun |
         updated = queued.filter(_build_running(OuterRef("build_id"))).update(
             **started, cleanup_deadline=None
         ) or queued.filter(  # a job that runs after its build's cancel, until its deadline
-            _build_cleaning(OuterRef("build_id")), cleanup_deadline__isnull=False
+            _build_cleaning(OuterRef("build_id")), cleanup_deadline__gt=Now()
         ).update(**started)
         if not updated:
             transaction.set_rollback(True)  # and with it any lease taken above

@@ -83,8 +83,8 @@ def _decide(build: Build) -> str:
 
 def _cleans_up(build: Build) -> bool:
     """Whether jobs may still start for a CANCELLING build (those whose condition holds after
-    a cancel): not once the cancel is forced, nor for a build that never left its queue."""
-    return build.cancel_forced_at is None and build.started_at is not None
+    a cancel): not once the cancel is forced, nor for a build its queue held (no slot)."""
+    return build.cancel_forced_at is None and build.cancelled_from == BuildStatus.RUNNING
 
 
 def _cancelled_when_idle(build: Build) -> str:
@@ -154,8 +154,9 @@ def _skip_runs(build_id: int, keys: list[str], reason: str) -> None:
 
 
 def _cancel_runs(build_id: int, runs: dict[str, str]) -> None:
-    """Fail-fast: a matrix's other runs end CANCELED; those on an agent are stopped there
-    (finish_job records them CANCELED with this reason)."""
+    """Fail-fast (a matrix's other runs) or a cancel (what may not run after it): these runs
+    end CANCELED; those on an agent are stopped there (finish_job records them CANCELED
+    with this reason)."""
     for reason, keys in _by_reason(runs).items():
         cancel_waiting_jobs(build_id, reason, keys)
         with connection.cursor() as cursor:

@@ -13,6 +13,7 @@ from builds.errors import BuildAlreadyFinished
 from builds.models import Build, JobRun, StepRun
 from builds.services import cancellation
 from builds.statuses import BuildStatus, RunStatus
+from concurrency.models import ConcurrencyPolicy
 from dispatch import messages
 from tests.support import make_pipeline
 
@@ -103,13 +104,17 @@ def test_a_job_that_holds_after_the_cancel_is_queued_with_its_deadline():
 
 
 @pytest.mark.django_db
-def test_a_forced_cancel_or_one_of_a_build_never_started_runs_nothing_more():
+def test_a_forced_cancel_or_one_of_a_build_its_queue_held_runs_nothing_more():
     forced = services.trigger_build(make_pipeline("forced", NOTIFY))
     services.request_cancel(forced.pk)
     services.request_cancel(forced.pk)
-    queued = services.trigger_build(make_pipeline("queued", NOTIFY))
-    Build.objects.filter(pk=queued.pk).update(started_at=None)  # as one its queue held
-    services.request_cancel(queued.pk)
+    governed = make_pipeline("governed", NOTIFY)
+    governed.policy = ConcurrencyPolicy.objects.create(name="one", max_running=1, queue_length=1)
+    governed.save()
+    running, queued = services.trigger_build(governed), services.trigger_build(governed)
+    assert (running.status, queued.status) == ("RUNNING", "QUEUED")
+    services.request_cancel(queued.pk)  # no slot: its always() job must not run
+    assert Build.objects.get(pk=queued.pk).cancelled_from == "QUEUED"
     for build in (forced, queued):
         assert services.finish_cancel(build.pk) == "CANCELED"
         assert set(JobRun.objects.filter(build=build).values_list("status", flat=True)) == {

@@ -58,24 +58,34 @@ def test_after_a_cancel_only_what_holds_then_runs_once_its_wait_is_over():
         run("queued", status=Q, needs=()),
         run("queued-notify", status=Q, needs=(), condition="always()"),
         run("later", stage=1),
+        run("by-vars", stage=1, condition="vars.X == 'y'"),
         run("on-failure", stage=1, condition="failure()"),
-        run("not-cancelled", stage=1, condition="!cancelled()"),
         run("notify", stage=1, condition="cancelled()"),
     ]
     plan = dag.plan(runs, cancelled=True)
     assert plan.cancel == {
         "queued": "the build was cancelled",
         "later": "the build was cancelled",
-        "on-failure": "the build was cancelled, and if: failure() was false",
-    }  # at once: none of them can hold after a cancel
-    assert (plan.start, plan.clean, plan.skip) == ([], ["queued-notify"], {})  # notify waits
-    runs = [run("work", status="CANCELED"), run("not-cancelled", stage=1, condition="!cancelled()")]
+        "by-vars": "the build was cancelled",
+    }  # at once: without a status function, a condition cannot hold after a cancel
+    assert (plan.start, plan.clean, plan.skip) == ([], ["queued-notify"], {})  # the rest waits
+    runs = [run("work", status="CANCELED"), run("on-failure", stage=1, condition="failure()")]
+    runs += [run("not-cancelled", stage=1, condition="!cancelled()")]
+    runs += [run("not-success", stage=1, condition="!success()")]
     runs.append(run("notify", stage=1, condition="cancelled() && vars.X == 'y'"))
     plan = dag.plan(runs, variables=lambda: {"X": "y"}, cancelled=True)
-    assert plan.start == ["notify"]
+    assert plan.start == ["not-success", "notify"]
     assert plan.cancel == {
-        "not-cancelled": "the build was cancelled, and if: !cancelled() was false"
+        "on-failure": "the build was cancelled, and if: failure() was false",
+        "not-cancelled": "the build was cancelled, and if: !cancelled() was false",
     }
+
+
+def test_after_a_cancel_max_parallel_still_bounds_a_matrix():
+    runs = [run("work", status="CANCELED")]
+    runs += [run(f"t{n}", stage=1, condition="always()", job="t") for n in range(4)]
+    plan = dag.plan(runs, {"t": dag.MatrixRule(max_parallel=2)}, cancelled=True)
+    assert plan.start == ["t0", "t1"]
 
 
 def test_a_job_skipped_by_its_condition_skips_what_needs_it_not_later_stages():

@@ -95,3 +95,24 @@ def test_a_masked_text_never_shows_the_secret(secret, before, after):
     masked = Masker([secret]).mask(before + secret.encode() + after)
     assert secret.encode() not in masked
     assert MASK in masked
+
+
+def test_a_long_secret_in_base64_wrapped_at_76_columns_is_masked(tmp_path):
+    long = "L0ng-" + "k3y" * 40  # 125 bytes: three lines of `base64` output
+    log, _ = run_masked('printf %s "$S" | base64; base64 <<<"$S"', tmp_path, {"S": long})
+    for line in base64.encodebytes(long.encode()).decode().splitlines():
+        assert line[:-4] not in log
+    assert log.count("***") >= 6
+
+
+def test_a_secret_longer_than_a_line_is_masked_whole(tmp_path):
+    # Its URL-encoded form (3 bytes a character) is longer than MAX_LINE: masked piece by
+    # piece, never cut inside one.
+    huge = "%" * 30000
+    log, _ = run_masked(
+        "python3 -c \"import os, sys, urllib.parse; s = urllib.parse.quote(os.environ['S'])\n"
+        'for i in range(0, len(s), 1000): sys.stdout.write(s[i:i + 1000]); sys.stdout.flush()"',
+        tmp_path,
+        {"S": huge},
+    )
+    assert set(log) == {"*"}

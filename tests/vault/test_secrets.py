@@ -19,7 +19,7 @@ from builds.errors import InvalidPipeline
 from builds.models import JobRun, Pipeline
 from tests.support import client_for, one_step
 from vault import crypto, sealing, services
-from vault.errors import SecretNotFound
+from vault.errors import InvalidSecret, SecretNotFound
 from vault.models import Secret, SecretEvent, SecretScope
 
 pytestmark = pytest.mark.django_db
@@ -107,6 +107,16 @@ def test_bad_secrets_are_refused_and_nothing_is_stored(pipeline, name, value, de
     assert detail in answer.json()["detail"]
     assert not Secret.objects.exists()
     assert not SecretEvent.objects.exists()
+
+
+def test_a_value_that_is_not_text_is_refused_at_every_door(pipeline):
+    with pytest.raises(InvalidSecret, match="TOKEN: the value is not valid Unicode text"):
+        services.set_secret(pipeline, "TOKEN", "abcd\udc80")
+    api = client_for("builds.view_pipeline", "vault.add_secret", "vault.change_secret")
+    body = b'{"value": "abcd\\udc80"}'  # a lone surrogate, escaped in JSON
+    answer = api.put(url(pipeline, "TOKEN"), body, content_type="application/json")
+    assert answer.status_code == 400  # never a 500 (that would show the value)
+    assert not Secret.objects.exists()
 
 
 def test_each_action_needs_its_permission(pipeline):
@@ -250,7 +260,12 @@ def test_the_controller_seals_a_running_attempts_secrets_for_its_agent(pipeline)
     assert services.take_sealed(job.pk, job.attempt) is None  # taken once
     delivered = SecretEvent.objects.get(action="DELIVERED")
     assert (delivered.name, delivered.build_id) == ("DEPLOY_TOKEN", started.build_id)
+    assert services.seal_for_job(job.pk, job.attempt)  # asked again: sealed once, taken once
+    assert services.take_sealed(job.pk, job.attempt) is None
+    assert SecretEvent.objects.filter(action="DELIVERED").count() == 1
     services.delete_secret(pipeline, "DEPLOY_TOKEN")
+    job = JobRun.objects.get(build=builds.trigger_build(pipeline))
+    builds.start_job(job.pk, job.attempt, "a1")
     assert services.seal_for_job(job.pk, job.attempt)
     assert services.take_sealed(job.pk, job.attempt) == (
         b"",
