@@ -267,6 +267,8 @@ class PipelineSpec(_Strict):
     variables: dict[str, Scalar] = Field(default_factory=dict)
     parameters: dict[str, ParameterSpec] = Field(default_factory=dict)
     concurrency: Annotated[str, Field(min_length=1, max_length=100)] | None = None
+    # Its builds get no secrets (code from outside the team runs in them).
+    untrusted: bool = False
     # Its builds' place in their concurrency group's queue (higher first); a trigger may ask
     # for up to max-priority (by default, only the pipeline's own).
     priority: Annotated[int, Field(ge=0, le=MAX_PRIORITY)] = 0
@@ -465,6 +467,7 @@ def _normalize(spec: PipelineSpec) -> dict:
         "variables": spec.variables,
         "parameters": {name: p.model_dump() for name, p in spec.parameters.items()},
         "concurrency": spec.concurrency,
+        "untrusted": spec.untrusted,
         "priority": spec.priority,
         "max_priority": spec.priority if spec.max_priority is None else spec.max_priority,
         "stages": [

@@ -60,6 +60,8 @@ class Build(models.Model):
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     # A second cancel of a CANCELLING build: its cleanup steps are stopped too.
     cancel_forced_at = models.DateTimeField(null=True, blank=True)
+    # Gets no secrets (the pipeline's `untrusted: true`; later, a pull request from a fork).
+    untrusted = models.BooleanField(default=False, editable=False)
     # Its status when the cancel came: only a build that was RUNNING (holding its slot) runs
     # the jobs whose condition holds after a cancel.
     cancelled_from = models.CharField(max_length=16, blank=True, default="", editable=False)

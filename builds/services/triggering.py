@@ -105,6 +105,7 @@ def _trigger(
             idempotency_key=key,
             idempotency_fingerprint=fingerprint,
             priority=priority,
+            untrusted=spec.get("untrusted", False),  # absent from definitions stored before
         )
         if policy_id is not None:
             _admit(build, policy_id, {**defaults, **overrides})

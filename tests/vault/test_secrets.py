@@ -271,3 +271,22 @@ def test_the_controller_seals_a_running_attempts_secrets_for_its_agent(pipeline)
         b"",
         "no secret 'DEPLOY_TOKEN' for pipeline web (its secrets: none)",
     )
+
+
+def test_an_untrusted_build_gets_no_secrets(pipeline):
+    services.set_secret(pipeline, "DEPLOY_TOKEN", VALUE)
+    untrusted = "untrusted: true\n" + NAMING.replace("runs-on: default", "runs-on: unit-tests")
+    builds.save_pipeline("web", untrusted, pipeline)
+    opener = sealing.Opener()
+    register_agent("a1", "host", ["unit-tests"], 1, "1", public_key=opener.public_key)
+    build = builds.trigger_build(pipeline)
+    assert build.untrusted
+    job = JobRun.objects.get(build=build)
+    builds.start_job(job.pk, job.attempt, "a1")
+    assert services.seal_for_job(job.pk, job.attempt)
+    sealed, error = services.take_sealed(job.pk, job.attempt)
+    assert (json.loads(opener.open(sealed, services.context(job.pk, job.attempt))), error) == (
+        {},
+        "",
+    )
+    assert not SecretEvent.objects.filter(action="DELIVERED").exists()
