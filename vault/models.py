@@ -25,6 +25,17 @@ class SecretScope(models.Model):
         return self.name
 
 
+def owned_by(owner: "Pipeline | SecretScope") -> dict:
+    """The Secret field that holds `owner`, as a filter."""
+    return {"pipeline": owner} if isinstance(owner, Pipeline) else {"scope": owner}
+
+
+def owner_label(owner: "Pipeline | SecretScope") -> str:
+    """How the trail and messages name an owner: "pipeline web", "scope deploy-keys"."""
+    [kind] = owned_by(owner)
+    return f"{kind} {owner.name}"
+
+
 class Secret(models.Model):
     """A pipeline's own secret, or a scope's. Its value is only ever in `ciphertext`."""
 
@@ -66,7 +77,7 @@ class Secret(models.Model):
 
     @property
     def owner(self) -> str:
-        return f"pipeline {self.pipeline}" if self.pipeline_id else f"scope {self.scope}"
+        return owner_label(self.pipeline or self.scope)
 
 
 class SecretEvent(models.Model):

@@ -13,7 +13,7 @@ from builds.statuses import RunStatus
 from ciproject.errors import CIError
 from vault import crypto, sealing
 from vault.errors import InvalidSecret, SecretNotFound
-from vault.models import SealedSecrets, Secret, SecretEvent, SecretScope
+from vault.models import SealedSecrets, Secret, SecretEvent, SecretScope, owned_by, owner_label
 
 # Masking a shorter value would mask everything: `ab` is in every other word.
 MIN_VALUE_LENGTH = 4
@@ -22,9 +22,12 @@ Owner = Pipeline | SecretScope
 
 
 def secrets_of(owner: Owner):
-    if isinstance(owner, Pipeline):
-        return Secret.objects.filter(pipeline=owner)
-    return Secret.objects.filter(scope=owner)
+    return Secret.objects.filter(**owned_by(owner))
+
+
+def _person(user):
+    """Who acts, for the trail: nobody for the system or an anonymous request."""
+    return user if user is not None and user.is_authenticated else None
 
 
 def check_name(name) -> str:
@@ -56,10 +59,10 @@ def check_value(name: str, value) -> str:
 def set_secret(owner: Owner, name: str, value: str, user=None, source: str = "") -> bool:
     """Set or replace a secret; True if it replaced one."""
     check_value(check_name(name), value)
-    user = user if user is not None and user.is_authenticated else None
-    kind = "pipeline" if isinstance(owner, Pipeline) else "scope"
+    user = _person(user)
     secret, made = Secret.objects.select_for_update().get_or_create(
-        **{kind: owner, "name": name},
+        **owned_by(owner),
+        name=name,
         defaults={"ciphertext": crypto.encrypt(value), "updated_by": user},
     )
     if not made:
@@ -74,10 +77,9 @@ def set_secret(owner: Owner, name: str, value: str, user=None, source: str = "")
 def delete_secret(owner: Owner, name: str, user=None, source: str = "") -> None:
     secret = secrets_of(owner).select_for_update().filter(name=name).first()
     if secret is None:
-        raise SecretNotFound(f"{_owner_text(owner)} has no secret {str(name)[:130]!r}")
+        raise SecretNotFound(f"{owner_label(owner)} has no secret {str(name)[:130]!r}")
     secret.delete()
-    user = user if user is not None and user.is_authenticated else None
-    _record(SecretEvent.Action.DELETED, secret, user, source)
+    _record(SecretEvent.Action.DELETED, secret, _person(user), source)
 
 
 def names_of(owner: Owner) -> list[str]:
@@ -127,10 +129,6 @@ def rotate_all() -> int:
             _record(SecretEvent.Action.ROTATED, secret, None, "cli")
             count += 1
     return count
-
-
-def _owner_text(owner: Owner) -> str:
-    return f"pipeline {owner.name}" if isinstance(owner, Pipeline) else f"scope {owner.name}"
 
 
 def _record(action: str, secret: Secret, user, source: str) -> None:

@@ -109,12 +109,16 @@ def start_step(step: StepRun, cleanup: bool = False) -> bool:
     return bool(updated)
 
 
+def cleanup_deadline():
+    """When a job's cleanup must be over: its cleanup-timeout from now, by the database's
+    clock (as the cancel watchdog's)."""
+    return Now() + F("cleanup_timeout") * timedelta(seconds=1)
+
+
 def begin_cleanup(job: JobRun) -> bool:
     """A job stopped by its build's cancel runs its cleanup steps now, until its
     cleanup_deadline (the cancel watchdog waits for it). False if the cancel was forced, or
     the attempt is no longer this agent's."""
-    # The database's clock, as the cancel watchdog's.
-    deadline = Now() + timedelta(seconds=job.cleanup_timeout)
     return bool(
         JobRun.objects.filter(
             _build_cleaning(job.build_id),
@@ -122,7 +126,7 @@ def begin_cleanup(job: JobRun) -> bool:
             attempt=job.attempt,
             status=RunStatus.RUNNING,
             agent=job.agent,
-        ).update(cleanup_deadline=deadline)
+        ).update(cleanup_deadline=cleanup_deadline())
     )
 
 

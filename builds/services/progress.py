@@ -3,17 +3,14 @@ skip those whose condition says so, finish the build, and start the queued build
 concurrency group has room for."""
 
 import logging
-from datetime import timedelta
 
 from django.db import connection, transaction
-from django.db.models import F
-from django.db.models.functions import Now
 from django.utils import timezone
 
 from builds import dag
 from builds.errors import BuildVariablesMissing
 from builds.models import Build, JobRun, StepRun
-from builds.services.execution import build_variables
+from builds.services.execution import build_variables, cleanup_deadline
 from builds.statuses import (
     BUILD_FINAL,
     RUN_FINAL,
@@ -100,7 +97,7 @@ def _give_cleanup_time(build_id: int, keys: list[str]) -> None:
     if keys:
         JobRun.objects.filter(
             build_id=build_id, key__in=keys, status=RunStatus.QUEUED, cleanup_deadline=None
-        ).update(cleanup_deadline=Now() + F("cleanup_timeout") * timedelta(seconds=1))
+        ).update(cleanup_deadline=cleanup_deadline())
 
 
 def runs_of(build_id: int) -> list[dag.Run]:
