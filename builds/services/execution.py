@@ -151,6 +151,23 @@ def run_steps_again(steps) -> None:
     )
 
 
+def run_jobs_again(steps, jobs, **job_fields) -> int:
+    """Steps and jobs that run again: PENDING, their results cleared, each job at attempt + 1
+    (the steps: see run_steps_again), with `job_fields` besides. Returns the jobs updated."""
+    run_steps_again(steps)
+    again = {
+        "status": RunStatus.PENDING,
+        "attempt": F("attempt") + 1,
+        "reason": "",
+        "queued_at": None,
+        "started_at": None,
+        "finished_at": None,
+        "stop_requested_at": None,
+        "cleanup_deadline": None,
+    }
+    return jobs.update(**again | job_fields)
+
+
 def rerun_from_first_step(job: JobRun, note: str) -> bool:
     """A job continued by a step retry finds the workspace its earlier steps worked in gone:
     those steps run again first (each that had started at attempt + 1), the first one's log

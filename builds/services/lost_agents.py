@@ -4,10 +4,9 @@ the jobs bound to it fail rather than wait, its lease goes, the builds move on. 
 registry (agents.services) decides when an agent is lost."""
 
 from django.db import transaction
-from django.db.models import F
 
 from builds.models import Build, JobRun, StepRun
-from builds.services.execution import finish_job, run_steps_again
+from builds.services.execution import finish_job, run_jobs_again
 from builds.services.logs import add_late_note
 from builds.services.progress import advance_after_commit, fail_queued_job
 from builds.statuses import BuildStatus, RunStatus
@@ -60,18 +59,13 @@ def run_again_elsewhere(job: JobRun, reason: str) -> bool:
         if not running.select_for_update(no_key=True).exists():
             return False
         again = JobRun.objects.filter(pk=job.pk, attempt=job.attempt, status=RunStatus.RUNNING)
-        updated = again.update(
-            status=RunStatus.PENDING,
-            attempt=F("attempt") + 1,
+        if not again.select_for_update(no_key=True).exists():  # ended meanwhile
+            return False
+        run_jobs_again(
+            StepRun.objects.filter(job=job),
+            again,
             agent="",
             reason=f"{reason}; running again on another agent (retry: on agent-lost)",
-            queued_at=None,
-            started_at=None,
-            stop_requested_at=None,
-            cleanup_deadline=None,
         )
-        if not updated:
-            return False
-        run_steps_again(StepRun.objects.filter(job=job))
         advance_after_commit(job.build_id)
     return True

@@ -28,7 +28,7 @@ from builds.errors import (
 )
 from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services.cancellation import cancel_at_once
-from builds.services.execution import run_steps_again
+from builds.services.execution import run_jobs_again
 from builds.services.progress import advance_locked, runs_of
 from builds.statuses import (
     BUILD_FINAL,
@@ -93,26 +93,9 @@ def check_step_retryable(build: Build, job: JobRun, step: StepRun) -> None:
         )
 
 
-def _run_again(steps, jobs, **job_fields) -> int:
-    """Steps and jobs that run again: PENDING, their results cleared, each job at attempt + 1
-    (the steps: see run_steps_again). Returns the jobs updated."""
-    run_steps_again(steps)
-    return jobs.update(
-        status=RunStatus.PENDING,
-        attempt=F("attempt") + 1,
-        reason="",
-        queued_at=None,
-        started_at=None,
-        finished_at=None,
-        stop_requested_at=None,
-        cleanup_deadline=None,
-        **job_fields,
-    )
-
-
 def _reset_job_from(job: JobRun, step: StepRun) -> None:
     """The step and the steps after it run again; the steps before it keep their results."""
-    updated = _run_again(
+    updated = run_jobs_again(
         StepRun.objects.filter(job=job, index__gte=step.index),
         JobRun.objects.filter(
             pk=job.pk, status__in=RUN_RETRY_TRANSITIONS[RunStatus.QUEUED] | {RunStatus.SUCCEEDED}
@@ -133,7 +116,7 @@ def _reset_dependents(build: Build, job: JobRun) -> None:
         Q(key__in=keys)
         | Q(matrix_of=job.matrix_of, reason__startswith=dag.FAIL_FAST) & ~Q(matrix_of="")
     )
-    _run_again(StepRun.objects.filter(job__in=jobs, status__in=not_run), jobs)
+    run_jobs_again(StepRun.objects.filter(job__in=jobs, status__in=not_run), jobs)
 
 
 def _take_back(build: Build) -> None:
@@ -281,7 +264,7 @@ def _reset_for_retry(build: Build, failed_only: bool) -> None:
             triggered_value=None,
             triggered_source="",
         )
-    _run_again(StepRun.objects.filter(job__in=jobs), jobs, agent="")
+    run_jobs_again(StepRun.objects.filter(job__in=jobs), jobs, agent="")
 
 
 def _failed_and_after(build: Build, jobs: list[JobRun]) -> set[int]:
