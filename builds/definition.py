@@ -9,7 +9,16 @@ from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from builds import conditions, dag, matrix, parameters
 from builds.errors import InvalidPipeline, InvalidVariables
@@ -31,6 +40,10 @@ MAX_VARIABLES_TOTAL = 256 * 1024
 # A step's own limits (agents.process.containment enforces them with cgroup controllers).
 MAX_STEP_PROCESSES = 4 * 1024 * 1024  # the kernel's pid_max at most
 MIN_STEP_MEMORY, MAX_STEP_MEMORY = 1024**2, 1024**4
+# Artifacts: how long they are kept (`expire-in`), and how many patterns a job may give.
+DEFAULT_ARTIFACT_EXPIRY, MAX_ARTIFACT_EXPIRY = 30 * 86400, 365 * 86400  # seconds
+MAX_ARTIFACT_PATHS = 100
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # Names a build may not set: ours (CI_*), and those the shell, the dynamic linker or every
 # program resolve before the step's own command runs, which would turn data into code.
 RESERVED_PREFIXES = ("CI_", "BASH_", "LD_")
@@ -131,6 +144,93 @@ class StepSpec(_Strict):
         return size
 
 
+def workspace_pattern_refusal(pattern: str) -> str | None:
+    """Why `pattern` (an artifact or cache path) does not name something inside the
+    workspace, or None. The agent checks again where the files really lead (symlinks)."""
+    if not pattern or "\\" in pattern or pattern.startswith(("/", "~")):
+        return f"{pattern!r}: a path relative to the workspace (no /, ~ or \\ in front)"
+    if ".." in pattern.split("/"):
+        return f"{pattern!r}: '..' would leave the workspace"
+    return None
+
+
+def parse_duration(text: str) -> int:
+    """Seconds from `7d`, `12h`, `30m`, `2w`, `90s` or a number of seconds."""
+    match = re.fullmatch(r"(\d+)\s*([smhdw]?)", str(text).strip())
+    if not match:
+        raise ValueError(f"{str(text)[:40]!r} is not a duration: a number with s, m, h, d or w")
+    return int(match.group(1)) * DURATION_UNITS[match.group(2) or "s"]
+
+
+WorkspacePattern = Annotated[str, Field(min_length=1, max_length=1000)]
+
+
+def _workspace_patterns(value: list[str]) -> list[str]:
+    for pattern in value:
+        if why := workspace_pattern_refusal(pattern):
+            raise ValueError(why)
+    if len(set(value)) != len(value):
+        raise ValueError("a path is listed twice")
+    return value
+
+
+class ArtifactsSpec(_Strict):
+    """`artifacts: {paths: [dist/*.whl, "reports/**"], when: on_success, expire-in: 7d}`:
+    what the agent uploads after the job's steps, for the jobs that need it."""
+
+    paths: Annotated[list[WorkspacePattern], Field(min_length=1, max_length=MAX_ARTIFACT_PATHS)]
+    _paths = field_validator("paths")(_workspace_patterns)
+    when: Literal["on_success", "on_failure", "always"] = "on_success"
+    expire_in: int = Field(default=DEFAULT_ARTIFACT_EXPIRY, alias="expire-in")  # seconds
+    # A pattern matching nothing is an error (else it uploads what matched, maybe nothing).
+    required: bool = False
+
+    @field_validator("expire_in", mode="before")
+    @classmethod
+    def _expiry(cls, value: Any) -> int:
+        seconds = parse_duration(value)
+        if not 60 <= seconds <= MAX_ARTIFACT_EXPIRY:
+            raise ValueError(
+                f"{value!r} is out of range: from 1m to {MAX_ARTIFACT_EXPIRY // 86400}d"
+            )
+        return seconds
+
+
+class CacheSpec(_Strict):
+    """`cache: {key: "deps-{hash:requirements.lock}", paths: [.venv, ~/.cache/pip]}`: kept
+    on each build node, restored before the job's first step when the key matches."""
+
+    key: Annotated[str, Field(min_length=1, max_length=200)]
+    paths: Annotated[list[Annotated[str, Field(min_length=1, max_length=1000)]],
+                     Field(min_length=1, max_length=MAX_ARTIFACT_PATHS)]  # fmt: skip
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not CACHE_KEY_RE.fullmatch(value):
+            raise ValueError(
+                f"{value[:40]!r}: letters, digits, . _ - and {{hash:FILE}} (FILE in the workspace)"
+            )
+        for name in CACHE_HASH_RE.findall(value):
+            if why := workspace_pattern_refusal(name):
+                raise ValueError(f"{{hash:...}}: {why}")
+        return value
+
+    @field_validator("paths")
+    @classmethod
+    def _paths(cls, value: list[str]) -> list[str]:
+        # `~/x` is the step user's home; anything else is in the workspace.
+        return _workspace_patterns([p.removeprefix("~/") for p in value]) and value
+
+
+# The tags of a union's members, left out of an error's place: `artifacts.paths`, not
+# `artifacts.uploads.paths`.
+_UPLOADS, _TAKES_NONE = "uploads", "takes-none"
+UNION_TAGS = {_UPLOADS, _TAKES_NONE}
+CACHE_HASH_RE = re.compile(r"\{hash:([^{}]+)\}")
+CACHE_KEY_RE = re.compile(r"(?:[A-Za-z0-9._-]|\{hash:[^{}]+\})+")
+
+
 class JobSpec(_Strict):
     id: Annotated[str, Field(pattern=JOB_ID_PATTERN)]
     # A label; a matrix job's may name its axes: `linux-${matrix.db}`.
@@ -155,6 +255,25 @@ class JobSpec(_Strict):
     matrix: dict[str, Any] | None = None
     # The secrets its steps get in their environment (vault): those named, and no others.
     secrets: Annotated[list[str], Field(max_length=MAX_VARIABLES)] = []
+    # What it uploads for the jobs that need it; `false`: it takes none of theirs.
+    artifacts: (
+        Annotated[
+            Annotated[ArtifactsSpec, Tag(_UPLOADS)] | Annotated[Literal[False], Tag(_TAKES_NONE)],
+            Discriminator(lambda v: _TAKES_NONE if v in (False, "false") else _UPLOADS),
+        ]
+        | None
+    ) = None
+
+    @field_validator("artifacts", mode="before")
+    @classmethod
+    def _no_artifacts(cls, value: Any) -> Any:
+        if value in (False, "false"):  # YAML scalars arrive as text
+            return False
+        if value is not None and not isinstance(value, dict):
+            raise ValueError("a mapping (paths, when, expire-in, required), or false")
+        return value
+
+    cache: CacheSpec | None = None
     steps: Annotated[list[StepSpec], Field(min_length=1, max_length=MAX_STEPS_PER_JOB)]
 
     @field_validator("runs_on")
@@ -451,6 +570,8 @@ def parse_definition(text: Any) -> dict:
 def _describe(error: dict) -> str:
     path = ""
     for part in error["loc"]:
+        if part in UNION_TAGS:
+            continue
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
@@ -484,6 +605,8 @@ def _normalize(spec: PipelineSpec) -> dict:
                         "timeout": job.timeout,
                         "cleanup_timeout": job.cleanup_timeout,
                         "secrets": job.secrets,
+                        "artifacts": _artifacts(job.artifacts),
+                        "cache": job.cache.model_dump() if job.cache else None,
                         "steps": [
                             {
                                 "name": step.name or f"step {n + 1}",
@@ -505,6 +628,10 @@ def _normalize(spec: PipelineSpec) -> dict:
             for stage in spec.stages
         ],
     }
+
+
+def _artifacts(artifacts: ArtifactsSpec | Literal[False] | None) -> dict | bool | None:
+    return artifacts.model_dump() if isinstance(artifacts, ArtifactsSpec) else artifacts
 
 
 def _retry(retry: RetrySpec) -> dict:

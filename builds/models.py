@@ -200,6 +200,24 @@ class JobRun(models.Model):
         )
 
     @property
+    def definition(self) -> dict:
+        """The job's definition as its build has it (a matrix run's: its job's)."""
+        wanted = self.matrix_of or self.key
+        for stage in self.build.spec["stages"]:
+            for spec in stage["jobs"]:
+                if spec["id"] == wanted:
+                    return spec
+        raise LookupError(f"job {wanted!r} is not in the definition of {self.build}")
+
+    def waits_for(self) -> models.QuerySet:
+        """The jobs of its build it waits for directly (its `needs`, or without them every
+        job of the earlier stages), a matrix job's runs each."""
+        others = JobRun.objects.filter(build_id=self.build_id)
+        if self.needs is None:
+            return others.filter(stage_index__lt=self.stage_index)
+        return others.filter(models.Q(key__in=self.needs) | models.Q(matrix_of__in=self.needs))
+
+    @property
     def bound(self) -> bool:
         """The rule "this job runs on one agent only": it reuses another job's agent, or it
         is a lease-taking job that ran before (its workspace is on that agent)."""

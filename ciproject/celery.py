@@ -51,6 +51,11 @@ app.conf.beat_schedule = {
         "schedule": 3600.0,
         "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
     },
+    "expire-artifacts": {
+        "task": "artifacts.tasks.expire_artifacts",
+        "schedule": 3600.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
+    },
     "sweep-queues": {
         "task": "builds.tasks.sweep_queues",
         "schedule": 5.0,

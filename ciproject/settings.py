@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     "agents",
     "concurrency",
     "vault",
+    "artifacts",
 ]
 
 MIDDLEWARE = [
@@ -102,7 +103,22 @@ STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", VAR_DIR / "static"))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    # Artifacts (artifacts.storage): files under ARTIFACTS_ROOT, or any Django storage, e.g.
+    # S3-compatible object storage with ARTIFACT_STORAGE_BACKEND=storages.backends.s3.S3Storage
+    # and ARTIFACT_STORAGE_OPTIONS='{"bucket_name": "ci", "endpoint_url": "https://..."}'
+    # (django-storages; credentials from boto3's usual AWS_* environment variables).
+    "artifacts": {
+        "BACKEND": os.environ.get(
+            "ARTIFACT_STORAGE_BACKEND", "django.core.files.storage.FileSystemStorage"
+        ),
+        "OPTIONS": json.loads(os.environ.get("ARTIFACT_STORAGE_OPTIONS") or "null")
+        or {"location": os.environ.get("ARTIFACTS_ROOT", str(VAR_DIR / "artifacts"))},
+    },
 }
+# Caps on what a job uploads: each file, all of a job attempt's, and how many files.
+ARTIFACT_MAX_FILE_BYTES = parse_size(os.environ.get("ARTIFACT_MAX_FILE_BYTES") or "1G")
+ARTIFACT_MAX_JOB_BYTES = parse_size(os.environ.get("ARTIFACT_MAX_JOB_BYTES") or "4G")
+ARTIFACT_MAX_FILES = env_int("ARTIFACT_MAX_FILES", 1000)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
@@ -227,6 +243,13 @@ AGENT_KEEP_FAILED_WORKSPACE_SECONDS = env_int("AGENT_KEEP_FAILED_WORKSPACE_SECON
 # network cut RabbitMQ drops the agent's old connection, and the control queue it holds,
 # within about this, so the agent can consume again soon after the cut heals.
 AGENT_BROKER_HEARTBEAT_SECONDS = float(os.environ.get("AGENT_BROKER_HEARTBEAT_SECONDS", 10))
+# Web as the agents reach it: they upload and download artifacts there (nothing else of an
+# agent calls web).
+AGENT_SERVER_URL = os.environ.get("AGENT_SERVER_URL", "http://127.0.0.1:8000").rstrip("/")
+# Where an agent keeps its caches (`cache:` of a job), and how much they may take in all:
+# the least recently used go first.
+AGENT_CACHE_ROOT = Path(os.environ.get("AGENT_CACHE_ROOT", VAR_DIR / "caches"))
+AGENT_CACHE_MAX_BYTES = parse_size(os.environ.get("AGENT_CACHE_MAX_BYTES") or "10G")
 # How long an agent keeps retrying a result it could not write (PostgreSQL restarting).
 AGENT_DB_RETRY_SECONDS = float(os.environ.get("AGENT_DB_RETRY_SECONDS", 120))
 

@@ -18,7 +18,7 @@ from django.utils import timezone
 from agents.process import containment
 from builds import partitions
 from ciproject.celery import app
-from tests.processes import Workers
+from tests.processes import Workers, free_port
 from tests.support import raw_connection, wait_until
 
 TEST_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
@@ -90,6 +90,9 @@ def worker_env(django_db_setup, tmp_path_factory):
     host = db.get("HOST") or "127.0.0.1"
     port = db.get("PORT") or 5432
     return {
+        # Web, which the agents reach for artifacts (Workers.start_web).
+        "AGENT_SERVER_URL": f"http://127.0.0.1:{free_port()}",
+        "ARTIFACTS_ROOT": str(tmp_path_factory.mktemp("artifacts")),
         **os.environ,
         "DATABASE_URL": f"postgres://{auth}{host}:{port}/{db['NAME']}",
         "CELERY_BROKER_URL": TEST_BROKER_URL,
@@ -109,10 +112,12 @@ def workers(worker_env, tmp_path_factory, django_db_blocker):
     group = Workers(worker_env, tmp_path_factory.mktemp("worker-logs"))
     group.start_controller()
     group.start_beat()
+    group.start_web()
     for name, labels in AGENTS.items():
         group.start_agent(name, labels)
     try:
         group.wait_ready(["controller", *AGENTS])
+        group.wait_web()
         yield group
     finally:
         group.stop_all()

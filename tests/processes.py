@@ -12,6 +12,7 @@ from pathlib import Path
 import kombu.exceptions
 import pytest
 import redis
+import requests
 from celery import Celery
 
 from ciproject.celery import app
@@ -66,6 +67,23 @@ class Workers:
         schedule = self.log_dir / "beat-schedule"
         argv = f"-m celery -A ciproject beat --schedule {schedule}"
         self.start("beat", [sys.executable, *argv.split()])
+
+    def start_web(self) -> None:
+        """gunicorn as deploy/Procfile runs it, at the env's AGENT_SERVER_URL."""
+        bind = self.env["AGENT_SERVER_URL"].removeprefix("http://")
+        argv = f"-m gunicorn ciproject.wsgi --bind {bind} --workers 1 --threads 8"
+        self.start("web", [sys.executable, *argv.split()])
+
+    def wait_web(self, timeout: float = 60) -> None:
+        def answers():
+            self.check_alive()
+            try:
+                url = f"{self.env['AGENT_SERVER_URL']}/api/agent/artifacts/"
+                return requests.get(url, timeout=2).status_code == 401  # no token: ours
+            except requests.RequestException:
+                return False
+
+        wait_until(answers, timeout, interval=0.2, message="web to answer")
 
     def check_alive(self) -> None:
         for name, proc in self.procs.items():

@@ -11,7 +11,7 @@ from builds.definition import MAX_VARIABLE_VALUE, secret_name_refusal
 from builds.models import JobRun, Pipeline
 from builds.statuses import RunStatus
 from ciproject.errors import CIError
-from vault import crypto, sealing
+from vault import crypto, sealing, tokens
 from vault.errors import InvalidSecret, SecretNotFound
 from vault.models import SealedSecrets, Secret, SecretEvent, SecretScope, owned_by, owner_label
 
@@ -139,12 +139,7 @@ def _record(action: str, secret: Secret, user, source: str) -> None:
 
 def names_for(job: JobRun) -> list[str]:
     """The secrets a job names in its pipeline's definition (as its build has it)."""
-    wanted = job.matrix_of or job.key
-    for stage in job.build.spec["stages"]:
-        for spec in stage["jobs"]:
-            if spec["id"] == wanted:
-                return spec.get("secrets", [])
-    return []
+    return job.definition.get("secrets", [])
 
 
 def context(job_id: int, attempt: int) -> bytes:
@@ -152,10 +147,11 @@ def context(job_id: int, attempt: int) -> bytes:
 
 
 def seal_for_job(job_id: int, attempt: int) -> bool:
-    """Seal the secrets a running job attempt names for the agent process running it (the
-    controller, when that agent asks), once per attempt: asked again, it changes nothing.
-    False, sealing nothing, for an attempt that is not running (stale) or an agent whose key
-    is not registered yet (its next heartbeat puts its row back; it asks again)."""
+    """Seal the secrets a running job attempt names, and its credential (vault.tokens), for
+    the agent process running it (the controller, when that agent asks), once per attempt:
+    asked again, it changes nothing. False, sealing nothing, for an attempt that is not
+    running (stale) or an agent whose key is not registered yet (its next heartbeat puts its
+    row back; it asks again)."""
     with transaction.atomic():  # the job's row locked: one seal at a time for it
         job = JobRun.objects.select_for_update(no_key=True, of=("self",))
         job = job.select_related("build__pipeline").filter(
@@ -173,7 +169,8 @@ def seal_for_job(job_id: int, attempt: int) -> bool:
         try:  # an untrusted build's job runs without them
             names = [] if job.build.untrusted else names_for(job)
             values = values_for(job.build.pipeline, names, job.build)
-            sealed = sealing.seal(key, json.dumps(values).encode(), context(job_id, attempt))
+            given = {"secrets": values, "token": tokens.for_attempt(job_id, attempt)}
+            sealed = sealing.seal(key, json.dumps(given).encode(), context(job_id, attempt))
         except CIError as exc:  # a secret gone, no key to decrypt with: the job says why
             error = exc.detail
         SealedSecrets.objects.create(job=job, attempt=attempt, sealed=sealed, error=error)

@@ -13,8 +13,10 @@ from pathlib import Path
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
+from agents.process import artifacts as agent_artifacts
 from agents.process import containment, orphans, workspaces
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
+from artifacts import services as artifacts
 from builds import conditions, matrix, services
 from builds.definition import DEFAULT_RETRY_RULE, MAX_RETRY_BACKOFF
 from builds.errors import BuildVariablesMissing
@@ -205,13 +207,19 @@ class JobExecution:
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
         self.variables = services.build_variables(job.build_id)
-        # The secrets it names, in its steps' environment only, masked in their logs.
-        self.opener, self.secrets, self.masker = agent.opener, {}, Masker()
+        # The secrets it names, in its steps' environment only, masked in their logs; and
+        # the attempt's token for web (its artifacts), both sealed to this agent process.
+        self.opener, self.secrets, self.masker, self.token = agent.opener, {}, Masker(), ""
+        self.uploads = artifacts.uploads(job)  # its `artifacts:`, or None
+        # What the job's log says of what came before its first step and after its last:
+        # written at the start of the first step's log, and at the end of the last's.
+        self.notes, self.last_log = "", None
 
     def run(self) -> tuple[str, str]:
         status, reason = RunStatus.FAILED, ""
         try:
             status, reason = self._run()
+            status, reason = self.upload_artifacts(status, reason)
         except Exception as exc:
             log.exception("job %s attempt %s failed on the agent", self.job.pk, self.job.attempt)
             reason = agent_error(self.job.agent, exc)
@@ -235,10 +243,15 @@ class JobExecution:
         ):
             return RunStatus.CANCELED, "stopped: the build is no longer running"
         workspaces.make(self.workspace, self.step_user)
-        if vault.names_for(self.job) and (refused := self.receive_secrets()):
+        takes = artifacts.takes_artifacts(self.job)
+        if (vault.names_for(self.job) or self.uploads or takes) and (
+            refused := self.receive_sealed()
+        ):
             return (
                 (RunStatus.CANCELED, refused) if self.stop.is_set() else (RunStatus.FAILED, refused)
             )
+        if takes and (refused := self.download_artifacts()):
+            return refused
         failure = None  # the first failed step's ending: the job's
         for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
             step.job = self.job
@@ -256,9 +269,10 @@ class JobExecution:
             return failure
         return RunStatus.SUCCEEDED, self.job.reason if self.job.reason == RERUN_NOTE else ""
 
-    def receive_secrets(self) -> str:
-        """Ask the controller for the job's secrets, sealed to this agent process, and wait
-        for them (no step runs without them). Returns why they did not come, or ""."""
+    def receive_sealed(self) -> str:
+        """Ask the controller for the job's secrets and token, sealed to this agent process,
+        and wait for them (no step runs without them). Returns why they did not come, or
+        ""."""
         job_id, attempt = self.job.pk, self.job.attempt
         started = asked = time.monotonic()
         messages.seal_secrets(job_id, attempt)
@@ -267,8 +281,8 @@ class JobExecution:
                 sealed, error = taken
                 if error:
                     return f"no secrets: {error}"
-                opened = self.opener.open(sealed, vault.context(job_id, attempt))
-                self.secrets = json.loads(opened)
+                given = json.loads(self.opener.open(sealed, vault.context(job_id, attempt)))
+                self.secrets, self.token = given["secrets"], given["token"]
                 self.masker = Masker(self.secrets.values())
                 return ""
             if time.monotonic() - started > SECRETS_WAIT_SECONDS:
@@ -280,6 +294,53 @@ class JobExecution:
                 asked = time.monotonic()  # this agent's key not registered yet: ask again
                 messages.seal_secrets(job_id, attempt)
         return "stopped while waiting for its secrets"
+
+    def download_artifacts(self) -> tuple[str, str] | None:
+        """The artifacts of the jobs it waits for, into its workspace; the job's ending if
+        that failed (or it was stopped meanwhile)."""
+        client = agent_artifacts.Client(self.token, self.stop)
+        try:
+            self.notes += (
+                f"[ciproject] {agent_artifacts.download(client, self.workspace, self.step_user)}\n"
+            )
+        except agent_artifacts.Stopped as exc:
+            return RunStatus.CANCELED, f"stopped: {exc}"
+        except agent_artifacts.ArtifactError as exc:
+            return RunStatus.FAILED, f"artifacts: {exc}"
+        finally:
+            client.close()
+        return None
+
+    def upload_artifacts(self, status: str, reason: str) -> tuple[str, str]:
+        """After the steps: the job's artifacts, when its `when` asks for this ending (none
+        after a cancel or a fence). A job that could not upload them has failed."""
+        when = {RunStatus.SUCCEEDED: ("on_success", "always")}
+        when |= dict.fromkeys((RunStatus.FAILED, RunStatus.TIMED_OUT), ("on_failure", "always"))
+        if not self.uploads or self.uploads["when"] not in when.get(status, ()):
+            return status, reason
+        if self.stop.is_set() or self.fence_reason(self.job.pk, self.job.attempt):
+            return status, reason
+        client = agent_artifacts.Client(self.token, self.stop)
+        try:
+            note = agent_artifacts.upload(client, self.workspace, self.uploads)
+        except agent_artifacts.Stopped:
+            return status, reason
+        except agent_artifacts.ArtifactError as exc:
+            note = f"artifacts not uploaded: {exc}"
+            if status == RunStatus.SUCCEEDED:
+                status, reason = RunStatus.FAILED, f"artifacts: {exc}"
+            else:
+                reason += f"; its {note}"
+        finally:
+            client.close()
+        self.note_after(note)
+        return status, reason
+
+    def note_after(self, note: str) -> None:
+        """A line at the end of the last step's log (or the agent's, when none ran)."""
+        log.info("job %s attempt %s: %s", self.job.pk, self.job.attempt, note)
+        if self.last_log is not None:
+            self.last_log.write(f"[ciproject] {note}\n", final=True)
 
     def clean_up(self, failed: bool) -> tuple[str, str]:
         """The job was stopped (or its build stopped running): if that was its build's
@@ -379,7 +440,10 @@ class JobExecution:
         retries_left = 0 if self.cleaning else step.max_retries
         while True:
             with log_context(step_attempt=step.attempt):
-                writer = LogWriter(step)
+                writer = self.last_log = LogWriter(step)
+                if self.notes:  # what came before the first step
+                    writer.write(self.notes)
+                    self.notes = ""
                 started = time.monotonic()
                 outcome, notice = self.run_attempt(step, writer)
                 status, self.cause = _status_of(outcome), outcome.cause

@@ -131,6 +131,7 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
                 f"{self.admin_site.name}:builds_build_cancel", args=(obj.pk,)
             )
             context["variables"] = self._variables(obj)
+            context["artifacts"] = obj.artifacts.select_related("job")
             context["tree"] = tree = self._tree(request, obj)
             context["retry_forms"] = [
                 (entry.retry_form_id, entry.retry_url)

@@ -116,7 +116,12 @@ def test_api_answers_every_generated_request_without_5xx_and_with_codes(api_sche
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 15, [op.label for op in operations]  # none lost from the schema
     for operation in operations:
-        for mode in GenerationMode:
+        takes_input = len(operation.body.items) > 0 or any(
+            p.name != "Authorization" for p in operation.iter_parameters()
+        )
+        # An operation that takes nothing but its credentials (any string) has no invalid
+        # input to generate (hypothesis finds it Unsatisfiable); its positive cases still run.
+        for mode in GenerationMode if takes_input else [GenerationMode.POSITIVE]:
 
             @SETTINGS
             @given(case=operation.as_strategy(generation_mode=mode))

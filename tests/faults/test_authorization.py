@@ -173,6 +173,7 @@ ROWS = [
     Row("GET", "/api/builds/", VB, 200),
     Row("GET", "/api/builds/{b}/", VB, 200),
     Row("GET", "/api/builds/{b}/steps/{s}/log/", VB, 200),
+    Row("GET", "/api/builds/{b}/artifacts/", VB, 200),  # as the build's logs
     Row("POST", "/api/builds/{b}/cancel/", XB, 202, "running", dict, acts=True),
     Row("POST", "/api/builds/{b}/steps/{s}/retry/", RB, 202, "running", dict, acts=True),
     Row("POST", "/api/builds/{f}/retry/", RB, 202, "failed", failed_only, acts=True),
@@ -196,6 +197,7 @@ ROWS = [
     Row("POST", "/admin/builds/build/{b}/change/", "-", 403, "running", dict),
     Row("POST", "/admin/builds/build/{b}/delete/", "-", 403, "running", lambda t: {"post": "yes"}),
     Row("GET", "/admin/builds/build/{b}/steps/{s}/log/", VB, 200),
+    Row("GET", "/admin/artifacts/artifact/", VB, 200),
     Row(
         "POST",
         "/admin/builds/build/",

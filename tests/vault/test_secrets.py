@@ -18,7 +18,7 @@ from builds import services as builds
 from builds.errors import InvalidPipeline
 from builds.models import JobRun, Pipeline
 from tests.support import client_for, one_step
-from vault import crypto, sealing, services
+from vault import crypto, sealing, services, tokens
 from vault.errors import InvalidSecret, SecretNotFound
 from vault.models import Secret, SecretEvent, SecretScope
 
@@ -255,8 +255,9 @@ def test_the_controller_seals_a_running_attempts_secrets_for_its_agent(pipeline)
     assert services.seal_for_job(job.pk, job.attempt)
     sealed, error = services.take_sealed(job.pk, job.attempt)
     assert error == ""
-    opened = opener.open(sealed, services.context(job.pk, job.attempt))
-    assert json.loads(opened) == {"DEPLOY_TOKEN": VALUE}
+    opened = json.loads(opener.open(sealed, services.context(job.pk, job.attempt)))
+    assert opened["secrets"] == {"DEPLOY_TOKEN": VALUE}
+    assert tokens.attempt_of(opened["token"]) == (job.pk, job.attempt)  # for web (artifacts)
     assert services.take_sealed(job.pk, job.attempt) is None  # taken once
     delivered = SecretEvent.objects.get(action="DELIVERED")
     assert (delivered.name, delivered.build_id) == ("DEPLOY_TOKEN", started.build_id)
@@ -285,8 +286,6 @@ def test_an_untrusted_build_gets_no_secrets(pipeline):
     builds.start_job(job.pk, job.attempt, "a1")
     assert services.seal_for_job(job.pk, job.attempt)
     sealed, error = services.take_sealed(job.pk, job.attempt)
-    assert (json.loads(opener.open(sealed, services.context(job.pk, job.attempt))), error) == (
-        {},
-        "",
-    )
+    opened = json.loads(opener.open(sealed, services.context(job.pk, job.attempt)))
+    assert (opened["secrets"], error) == ({}, "")
     assert not SecretEvent.objects.filter(action="DELIVERED").exists()
