@@ -14,7 +14,7 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 from agents.process import artifacts as agent_artifacts
-from agents.process import containment, orphans, workspaces
+from agents.process import caches, containment, orphans, workspaces
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
 from artifacts import services as artifacts
 from builds import conditions, matrix, services
@@ -214,11 +214,15 @@ class JobExecution:
         # What the job's log says of what came before its first step and after its last:
         # written at the start of the first step's log, and at the end of the last's.
         self.notes, self.last_log = "", None
+        # Its `cache:` on this agent: the entry to save after a success, when it missed.
+        self.cache_spec, self.cache_missed = job.definition.get("cache"), None
 
     def run(self) -> tuple[str, str]:
         status, reason = RunStatus.FAILED, ""
         try:
             status, reason = self._run()
+            if status == RunStatus.SUCCEEDED and self.cache_missed:
+                self.save_cache()
             status, reason = self.upload_artifacts(status, reason)
         except Exception as exc:
             log.exception("job %s attempt %s failed on the agent", self.job.pk, self.job.attempt)
@@ -229,6 +233,7 @@ class JobExecution:
 
     def _run(self) -> tuple[str, str]:
         # Never run a step in a workspace that silently lacks what it should hold.
+        fresh = False  # a workspace of its own, from nothing: the cache's to fill
         if self.job.reuse_of:
             if not workspaces.claim(self.workspace):  # gone with the build's lease
                 return RunStatus.FAILED, (
@@ -237,6 +242,7 @@ class JobExecution:
                     " build retry runs that job again"
                 )
         elif self.fresh_start():  # a first run or a full job retry: a clean workspace
+            fresh = True
             workspaces.remove(self.workspace)  # (what a failed attempt left here is not wanted)
         elif not workspaces.claim(self.workspace) and not persist(  # a step retry, it is gone
             services.rerun_from_first_step, self.job, RERUN_NOTE
@@ -252,6 +258,8 @@ class JobExecution:
             )
         if takes and (refused := self.download_artifacts()):
             return refused
+        if fresh and self.cache_spec:
+            self.restore_cache()
         failure = None  # the first failed step's ending: the job's
         for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
             step.job = self.job
@@ -335,6 +343,31 @@ class JobExecution:
             client.close()
         self.note_after(note)
         return status, reason
+
+    def restore_cache(self) -> None:
+        """The job's cache, if this agent has an entry of its key; the job goes on without
+        it otherwise (and saves one after a success)."""
+        try:
+            cache = caches.for_job(
+                self.cache_spec,
+                self.workspace,
+                self.job.agent,
+                self.build.pipeline_id,
+                self.step_user,
+            )
+            note = caches.restore(cache)
+        except caches.CacheError as exc:
+            self.notes += f"[ciproject] cache not used: {exc}\n"
+            return
+        if note is None:
+            self.cache_missed, note = cache, f"cache {cache.key}: miss"
+        self.notes += f"[ciproject] {note}\n"
+
+    def save_cache(self) -> None:
+        try:
+            self.note_after(caches.save(self.cache_missed))
+        except caches.CacheError as exc:
+            self.note_after(str(exc))
 
     def note_after(self, note: str) -> None:
         """A line at the end of the last step's log (or the agent's, when none ran)."""

@@ -4,6 +4,7 @@ download whose bytes were corrupted in storage is refused; `artifacts: false` op
 `required` pattern that matches nothing fails its job, naming the pattern."""
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,53 @@ stages:
         build, "make"
     )
     assert not Artifact.objects.filter(build=build).exists()  # all or nothing, checked first
+
+
+def test_a_cache_misses_then_saves_then_hits_on_its_agent_and_never_saves_a_failure(
+    dedicated, tmp_path
+):
+    root = tmp_path / "caches"
+    dedicated("agent-cached", "cached", env={"AGENT_CACHE_ROOT": str(root)})
+    definition = """
+stages:
+  - name: lock
+    jobs:
+      - id: lock
+        runs-on: cached
+        artifacts: {paths: [requirements.lock]}
+        steps:
+          - {name: locks, run: 'echo "django==5.2" > requirements.lock'}
+  - name: test
+    jobs:
+      - id: test
+        runs-on: cached
+        cache: {key: "deps-{hash:requirements.lock}", paths: [.venv]}
+        steps:
+          - name: installs
+            run: >-
+              if [ -e .venv/installed ]; then echo "from the cache: $(cat .venv/installed)";
+              else mkdir -p .venv && echo "build $BUILD" > .venv/installed && sleep 1; fi
+"""
+    pipeline = make_pipeline("cached", definition.replace("$BUILD", "one"))
+    first = wait_for_build(services.trigger_build(pipeline), 60)
+    assert first.status == "SUCCEEDED", [(j.key, j.status, j.reason) for j in first.jobs.all()]
+    key = f"deps-{hashlib.sha256(b'django==5.2' + bytes([10])).hexdigest()}"
+    miss = log_of(first, "test")
+    assert f"[ciproject] cache {key}: miss\n" in miss
+    assert re.search(rf"\[ciproject\] cache {key}: saved 1 files \(.*\) in \d+\.\d\d s", miss)
+    assert "from the cache" not in miss
+    services.save_pipeline("cached", definition.replace("$BUILD", "two"), pipeline)
+    second = wait_for_build(services.trigger_build(pipeline), 60)
+    hit = log_of(second, "test")
+    assert re.search(
+        rf"\[ciproject\] cache {key}: hit, restored 1 files \(.*\) in \d+\.\d\d s", hit
+    )
+    assert "from the cache: build one" in hit  # what the first build installed
+    assert "saved" not in hit  # a hit is not saved again
+    assert len(list((root / "agent-cached").glob("*.tar"))) == 1
+
+    failing = make_pipeline("cache-fails", definition.replace("sleep 1", "exit 3"))
+    failed = wait_for_build(services.trigger_build(failing), 60)
+    assert failed.status == "FAILED"
+    assert f"[ciproject] cache {key}: miss\n" in log_of(failed, "test")  # its pipeline's own
+    assert len(list((root / "agent-cached").glob("*.tar"))) == 1  # and saved nothing
