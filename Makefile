@@ -39,6 +39,8 @@ ifeq ($(shell id -u),0)
 run: export AGENT_STEP_USER ?= nobody
 run: export AGENT_WORKSPACE_ROOT ?= /var/tmp/ciproject-$(PORT)/workspaces
 endif
+# web, as the agents reach it for artifacts (honcho gives each process a PORT of its own).
+run: export AGENT_SERVER_URL ?= http://127.0.0.1:$(PORT)
 run: prepare
 	@echo "ciproject: http://127.0.0.1:$(PORT)/admin/ (user $(ADMIN_USER), password $(ADMIN_PASSWORD))"
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/honcho -d . -f deploy/Procfile start --port $(PORT)

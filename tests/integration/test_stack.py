@@ -258,6 +258,7 @@ def test_procfile_stack_runs_a_pipeline_and_stops_cleanly(
         CELERY_BROKER_URL=broker_url,
         VAR_DIR=str(tmp_path / "var"),
         PORT=str(port),
+        AGENT_SERVER_URL=f"http://127.0.0.1:{port}",  # as `make run` sets it
         ADMIN_PASSWORD=secrets.token_hex(8),
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         PYTHONUNBUFFERED="1",  # honcho's output reaches its log file at once
@@ -319,6 +320,8 @@ def test_procfile_stack_runs_a_pipeline_and_stops_cleanly(
         unit = jobs["unit"]["steps"][0]
         log_text = api.get(f"/api/builds/{build['id']}/steps/{unit['id']}/log/")
         assert f"testing version 1.0.{build['number']}" in log_text  # a variable passed on
+        # and a file, as an artifact through web (AGENT_SERVER_URL, as `make run` sets it)
+        assert f"compile said: {greeting} from build {build['number']}" in log_text
         ran = time.monotonic()
 
         # Down: SIGTERM to honcho, which passes it on to each process.
