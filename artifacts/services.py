@@ -113,24 +113,32 @@ class _Counted(File):
         pass
 
 
-def _check_caps(job: JobRun, path: str, length: int) -> None:
-    if length > settings.ARTIFACT_MAX_FILE_BYTES:
-        raise ArtifactTooLarge(
-            f"{path}: {format_size(length)}, over the cap of"
+def cap_refusal(path: str, size: int, files_before: int, bytes_before: int) -> str | None:
+    """Why a job attempt's next file, after `files_before` files of `bytes_before` bytes,
+    goes over a cap, or None. The agent asks before it sends anything, web as each arrives."""
+    if size > settings.ARTIFACT_MAX_FILE_BYTES:
+        return (
+            f"{path}: {format_size(size)}, over the cap of"
             f" {format_size(settings.ARTIFACT_MAX_FILE_BYTES)} per file (ARTIFACT_MAX_FILE_BYTES)"
         )
-    others = Artifact.objects.filter(job=job, attempt=job.attempt).exclude(path=path)
-    if others.count() >= settings.ARTIFACT_MAX_FILES:
-        raise ArtifactTooLarge(
+    if files_before >= settings.ARTIFACT_MAX_FILES:
+        return (
             f"{path}: over the cap of {settings.ARTIFACT_MAX_FILES} files per job"
             " (ARTIFACT_MAX_FILES)"
         )
-    used = others.aggregate(total=Sum("size"))["total"] or 0
-    if used + length > settings.ARTIFACT_MAX_JOB_BYTES:
-        raise ArtifactTooLarge(
-            f"{path}: with the {format_size(used)} already uploaded, over the cap of"
+    if bytes_before + size > settings.ARTIFACT_MAX_JOB_BYTES:
+        return (
+            f"{path}: with the {format_size(bytes_before)} before it, over the cap of"
             f" {format_size(settings.ARTIFACT_MAX_JOB_BYTES)} per job (ARTIFACT_MAX_JOB_BYTES)"
         )
+    return None
+
+
+def _check_caps(job: JobRun, path: str, length: int) -> None:
+    others = Artifact.objects.filter(job=job, attempt=job.attempt).exclude(path=path)
+    used = others.aggregate(total=Sum("size"))["total"] or 0
+    if refusal := cap_refusal(path, length, others.count(), used):
+        raise ArtifactTooLarge(refusal)
 
 
 def receive(job_id: int, attempt: int, path, stream, length, sha256) -> Artifact:

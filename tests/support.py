@@ -99,6 +99,14 @@ stages:
 """
 
 
+def running_job(build, key: str) -> JobRun:
+    """As an agent starting it would leave it: job `key` RUNNING on an agent."""
+    job = JobRun.objects.get(build=build, key=key)
+    JobRun.objects.filter(pk=job.pk).update(status="RUNNING", agent="a1", started_at=timezone.now())
+    job.refresh_from_db()
+    return job
+
+
 def fail_fast_job(build) -> StepRun:
     """As an agent would record it: job `fast` ran and failed."""
     job = JobRun.objects.get(build=build, key="fast")

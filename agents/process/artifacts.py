@@ -22,6 +22,7 @@ from pathlib import Path
 import requests
 from django.conf import settings
 
+from artifacts import services
 from ciproject.sizes import format_size
 
 log = logging.getLogger(__name__)
@@ -150,25 +151,11 @@ def _take(root: Path, rel: str, found: dict[str, Found]) -> None:
 
 def check_caps(files: list[Found]) -> None:
     """The server's caps, checked before anything is sent, so the job says which file."""
-    if len(files) > settings.ARTIFACT_MAX_FILES:
-        raise ArtifactError(
-            f"{len(files)} files; at most {settings.ARTIFACT_MAX_FILES} per job"
-            " (ARTIFACT_MAX_FILES)"
-        )
     total = 0
-    for file in files:
-        if file.size > settings.ARTIFACT_MAX_FILE_BYTES:
-            raise ArtifactError(
-                f"{file.path}: {format_size(file.size)}, over the cap of"
-                f" {format_size(settings.ARTIFACT_MAX_FILE_BYTES)} per file"
-                " (ARTIFACT_MAX_FILE_BYTES)"
-            )
+    for n, file in enumerate(files):
+        if refusal := services.cap_refusal(file.path, file.size, n, total):
+            raise ArtifactError(refusal)
         total += file.size
-    if total > settings.ARTIFACT_MAX_JOB_BYTES:
-        raise ArtifactError(
-            f"{format_size(total)} in all, over the cap of"
-            f" {format_size(settings.ARTIFACT_MAX_JOB_BYTES)} per job (ARTIFACT_MAX_JOB_BYTES)"
-        )
 
 
 def sha256_of(path: Path) -> str:

@@ -20,7 +20,7 @@ from builds import services as builds
 from builds.errors import InvalidPipeline
 from builds.models import JobRun
 from builds.statuses import RunStatus
-from tests.support import client_for
+from tests.support import client_for, running_job
 from vault import tokens
 
 pytestmark = pytest.mark.django_db
@@ -64,16 +64,6 @@ def build():
     return builds.trigger_build(builds.save_pipeline("wheels", PIPELINE))
 
 
-def running(build, key: str) -> JobRun:
-    """As an agent starting it would leave it."""
-    job = JobRun.objects.get(build=build, key=key)
-    JobRun.objects.filter(pk=job.pk).update(
-        status=RunStatus.RUNNING, agent="a1", started_at=timezone.now()
-    )
-    job.refresh_from_db()
-    return job
-
-
 def agent_client(job: JobRun) -> APIClient:
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION=f"Job {tokens.for_attempt(job.pk, job.attempt)}")
@@ -93,7 +83,7 @@ WHEEL = b"PK\x03\x04 a wheel" * 1000
 
 
 def test_an_upload_is_stored_whole_and_reaches_the_jobs_that_need_its_job(build, storage_root):
-    make = running(build, "make")
+    make = running_job(build, "make")
     answer = put(agent_client(make), "dist/app-1.0-py3-none-any.whl", WHEEL)
     assert answer.status_code == 201, answer.content
     assert answer.json()["size"] == len(WHEEL)
@@ -102,20 +92,20 @@ def test_an_upload_is_stored_whole_and_reaches_the_jobs_that_need_its_job(build,
     assert round((artifact.expires_at - artifact.created_at).total_seconds()) == 2 * 86400
     assert [p.read_bytes() for p in stored_files(storage_root)] == [WHEEL]
     JobRun.objects.filter(pk=make.pk).update(status=RunStatus.SUCCEEDED)
-    check = agent_client(running(build, "check"))
+    check = agent_client(running_job(build, "check"))
     [listed] = check.get("/api/agent/artifacts/").json()
     assert (listed["job"], listed["sha256"]) == ("make", hashlib.sha256(WHEEL).hexdigest())
     got = check.get(f"/api/agent/artifacts/{listed['id']}/")
     assert b"".join(got.streaming_content) == WHEEL
     assert got["X-Artifact-Sha256"] == listed["sha256"]
     # `artifacts: false` takes none; a job of the same build that does not wait for it neither.
-    lint = agent_client(running(build, "lint"))
+    lint = agent_client(running_job(build, "lint"))
     assert lint.get("/api/agent/artifacts/").json() == []
     assert lint.get(f"/api/agent/artifacts/{listed['id']}/").json()["code"] == "ARTIFACT_NOT_FOUND"
 
 
 def test_an_upload_cut_half_way_or_not_matching_its_checksum_leaves_nothing(build, storage_root):
-    make = running(build, "make")
+    make = running_job(build, "make")
     with pytest.raises(ArtifactIncomplete, match="after 9 of its 100 bytes"):
         services.receive(
             make.pk, make.attempt, "dist/a.whl", io.BytesIO(b"half way "), 100, "0" * 64
@@ -130,7 +120,7 @@ def test_an_upload_cut_half_way_or_not_matching_its_checksum_leaves_nothing(buil
 def test_only_a_running_attempts_token_within_the_caps_may_upload(
     build, settings, storage_root, django_capture_on_commit_callbacks
 ):
-    make = running(build, "make")
+    make = running_job(build, "make")
     client = agent_client(make)
     forged = APIClient()
     forged.credentials(HTTP_AUTHORIZATION=f"Job {make.pk}.{make.attempt}:forged")
@@ -159,7 +149,7 @@ def test_only_a_running_attempts_token_within_the_caps_may_upload(
 
 
 def test_people_list_and_download_a_builds_artifacts_with_view_build(build, admin_client):
-    make = running(build, "make")
+    make = running_job(build, "make")
     assert put(agent_client(make), "dist/app.whl", WHEEL).status_code == 201
     artifact = Artifact.objects.get()
     assert client_for().get(f"/api/builds/{build.pk}/artifacts/").status_code == 403
@@ -181,7 +171,7 @@ def test_people_list_and_download_a_builds_artifacts_with_view_build(build, admi
 def test_expiry_deletes_the_files_and_says_what_it_freed(
     build, storage_root, django_capture_on_commit_callbacks
 ):
-    make = running(build, "make")
+    make = running_job(build, "make")
     for path in ("dist/old.whl", "dist/new.whl"):
         assert put(agent_client(make), path, WHEEL).status_code == 201
     Artifact.objects.filter(path="dist/old.whl").update(expires_at=timezone.now())
@@ -258,3 +248,18 @@ def test_a_download_never_writes_through_a_link_in_the_workspace(tmp_path):
         agent_artifacts._place(ws, "f", None)
     assert agent_artifacts._place(ws, "new/deep/a.whl", None) == ws / "new/deep/a.whl"
     assert (ws / "new/deep").is_dir()
+
+
+def test_the_agent_checks_the_servers_caps_before_it_sends(tmp_path, settings):
+    files = [agent_artifacts.Found(f"f{n}", tmp_path, 600) for n in range(3)]
+    settings.ARTIFACT_MAX_FILE_BYTES, settings.ARTIFACT_MAX_JOB_BYTES = 500, 10**6
+    with pytest.raises(agent_artifacts.ArtifactError, match=r"^f0: 600 bytes, over the cap"):
+        agent_artifacts.check_caps(files)
+    settings.ARTIFACT_MAX_FILE_BYTES, settings.ARTIFACT_MAX_FILES = 1000, 2
+    with pytest.raises(agent_artifacts.ArtifactError, match=r"^f2: over the cap of 2 files"):
+        agent_artifacts.check_caps(files)
+    settings.ARTIFACT_MAX_FILES, settings.ARTIFACT_MAX_JOB_BYTES = 10, 1500
+    with pytest.raises(agent_artifacts.ArtifactError, match=r"^f2: with the 1200 bytes before"):
+        agent_artifacts.check_caps(files)
+    settings.ARTIFACT_MAX_JOB_BYTES = 1800
+    agent_artifacts.check_caps(files)  # exactly at the caps: taken

@@ -14,9 +14,9 @@ from moto.server import ThreadedMotoServer
 from artifacts import services
 from artifacts.models import Artifact
 from builds import services as builds
-from tests.artifacts.test_artifacts import PIPELINE, agent_client, put, running
+from tests.artifacts.test_artifacts import PIPELINE, agent_client, put
 from tests.processes import free_port
-from tests.support import client_for
+from tests.support import client_for, running_job
 
 pytestmark = pytest.mark.django_db
 
@@ -81,7 +81,7 @@ def build():
 @pytest.mark.parametrize("data", [WHEEL, BIG], ids=["small", "multipart"])
 def test_an_upload_lands_whole_in_the_bucket_and_downloads_the_same(build, bucket, data):
     assert type(services.storage()).__name__ == "S3Storage"
-    make = running(build, "make")
+    make = running_job(build, "make")
     answer = put(agent_client(make), "dist/app.whl", data)
     assert answer.status_code == 201, answer.content
     artifact = Artifact.objects.get()
@@ -94,7 +94,7 @@ def test_an_upload_lands_whole_in_the_bucket_and_downloads_the_same(build, bucke
 
 
 def test_a_checksum_mismatch_leaves_no_object_in_the_bucket(build, bucket):
-    make = running(build, "make")
+    make = running_job(build, "make")
     answer = put(agent_client(make), "dist/a.whl", WHEEL, sha="0" * 64)
     assert (answer.status_code, answer.json()["code"]) == (400, "ARTIFACT_CHECKSUM_MISMATCH")
     assert not Artifact.objects.exists()
@@ -102,7 +102,7 @@ def test_a_checksum_mismatch_leaves_no_object_in_the_bucket(build, bucket):
 
 
 def test_expiry_deletes_the_object(build, bucket, django_capture_on_commit_callbacks):
-    make = running(build, "make")
+    make = running_job(build, "make")
     for path in ("dist/old.whl", "dist/new.whl"):
         assert put(agent_client(make), path, WHEEL).status_code == 201
     old = Artifact.objects.get(path="dist/old.whl")

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from django.utils import timezone
 
 from agents.process import artifacts as agent_artifacts
 from artifacts.models import Artifact
@@ -21,7 +20,7 @@ from builds.models import JobRun
 from builds.statuses import RunStatus
 from tests.conftest import _wait_for_sessions_to_close
 from tests.processes import Workers
-from tests.support import make_pipeline
+from tests.support import make_pipeline, running_job
 from vault import tokens
 
 pytestmark = pytest.mark.django_db(transaction=True)  # web, another process, sees the rows
@@ -59,16 +58,6 @@ def web(worker_env, tmp_path, settings):
         _wait_for_sessions_to_close()  # before the flush, and the test database's drop
 
 
-def running(build, key: str) -> JobRun:
-    """As an agent starting it would leave it."""
-    job = JobRun.objects.get(build=build, key=key)
-    JobRun.objects.filter(pk=job.pk).update(
-        status=RunStatus.RUNNING, agent="bench", started_at=timezone.now()
-    )
-    job.refresh_from_db()
-    return job
-
-
 def client_of(job: JobRun) -> agent_artifacts.Client:
     return agent_artifacts.Client(tokens.for_attempt(job.pk, job.attempt), threading.Event())
 
@@ -97,7 +86,7 @@ def test_artifact_upload_and_download_throughput(web, worker_env, tmp_path):
     (tmp_path / "copy.bin").unlink()
 
     build = services.trigger_build(make_pipeline("bench-artifacts", PIPELINE))
-    make = running(build, "make")
+    make = running_job(build, "make")
     [found] = agent_artifacts.collect(workspace, ["dist/big.bin"], required=True)
     client = client_of(make)
     started = time.perf_counter()
@@ -109,7 +98,7 @@ def test_artifact_upload_and_download_throughput(web, worker_env, tmp_path):
     assert (Path(worker_env["ARTIFACTS_ROOT"]) / artifact.stored_as).stat().st_size == SIZE
 
     JobRun.objects.filter(pk=make.pk).update(status=RunStatus.SUCCEEDED)
-    client = client_of(running(build, "use"))
+    client = client_of(running_job(build, "use"))
     [listed] = client.listing()
     assert (listed["id"], listed["sha256"]) == (artifact.pk, sha)
     into = tmp_path / "downloaded.bin"
