@@ -127,7 +127,7 @@ class BuildSerializer(BuildSummarySerializer):
     stages = serializers.SerializerMethodField()
 
     class Meta(BuildSummarySerializer.Meta):
-        fields = [*BuildSummarySerializer.Meta.fields, "reason", "variables", "stages"]
+        fields = [*BuildSummarySerializer.Meta.fields, "reason", "source", "variables", "stages"]
 
     @extend_schema_field({"type": "object", "additionalProperties": {"type": "string"}})
     def get_variables(self, build) -> dict:

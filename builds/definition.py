@@ -24,6 +24,7 @@ from builds import conditions, dag, matrix, parameters
 from builds.errors import InvalidPipeline, InvalidVariables
 from ciproject.sizes import parse_size
 from concurrency import keys
+from forge import cron
 
 MAX_DEFINITION_BYTES = 256 * 1024
 MAX_STAGES = 50
@@ -43,6 +44,8 @@ MIN_STEP_MEMORY, MAX_STEP_MEMORY = 1024**2, 1024**4
 # Artifacts: how long they are kept (`expire-in`), and how many patterns a job may give.
 DEFAULT_ARTIFACT_EXPIRY, MAX_ARTIFACT_EXPIRY = 30 * 86400, 365 * 86400  # seconds
 MAX_ARTIFACT_PATHS = 100
+MAX_REF_PATTERNS, MAX_SCHEDULES = 50, 20
+MAX_CHECKOUT_DEPTH = 1_000_000
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # Names a build may not set: ours (CI_*), and those the shell, the dynamic linker or every
 # program resolve before the step's own command runs, which would turn data into code.
@@ -223,6 +226,74 @@ class CacheSpec(_Strict):
         return _workspace_patterns([p.removeprefix("~/") for p in value]) and value
 
 
+class CheckoutSpec(_Strict):
+    """`checkout: {depth: 1, submodules: true}`: how the agent puts the build's commit in the
+    job's workspace (agents.process.checkout)."""
+
+    depth: Annotated[int, Field(ge=1, le=MAX_CHECKOUT_DEPTH)] | None = None  # None: all
+    submodules: bool = False
+
+
+# A branch or tag glob of `on:` (forge.filters): `*` within a name part, `**` across `/`.
+RefPattern = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[^\s\x00-\x1f]+$")]
+RefPatterns = Annotated[list[RefPattern], Field(min_length=1, max_length=MAX_REF_PATTERNS)]
+
+
+class PushFilter(_Strict):
+    """`push: {branches: [main, "release/*"], tags: ["v*"]}`: which pushes build. Giving
+    only one of the two builds only that kind (as GitHub Actions does); neither, every push."""
+
+    branches: RefPatterns | None = None
+    tags: RefPatterns | None = None
+
+
+class PullRequestFilter(_Strict):
+    """`pull_request: {branches: [main]}`: pull requests into those branches build."""
+
+    branches: RefPatterns | None = None
+
+
+class OnSpec(_Strict):
+    """`on:`: which forge events make a build (forge.filters). Without `on:`, every push and
+    pull request does; with it, only the events it lists."""
+
+    push: PushFilter | None = None
+    pull_request: PullRequestFilter | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keys_given(cls, value: Any) -> Any:
+        if isinstance(value, dict):  # `push:` alone is a key with a null value: every push
+            return {k: {} if v is None else v for k, v in value.items()}
+        return value
+
+
+class ScheduleSpec(_Strict):
+    """`schedules: [{cron: "0 3 * * *", timezone: Europe/Berlin, branch: main}]`: builds by
+    the clock (forge.cron; beat fires them)."""
+
+    cron: Annotated[str, Field(min_length=1, max_length=200)]
+    timezone: Annotated[str, Field(min_length=1, max_length=64)] = "UTC"
+    # The branch whose head it builds (None: the repository's default branch; a pipeline
+    # without a repository builds no commit).
+    branch: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+    variables: dict[str, Scalar] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _when(self) -> "ScheduleSpec":
+        if why := cron.validate(self.cron, self.timezone):
+            raise ValueError(why)
+        return self
+
+    @field_validator("variables")
+    @classmethod
+    def _variables(cls, value: dict[str, Scalar]) -> dict[str, str]:
+        try:
+            return normalize_variables(value)
+        except InvalidVariables as exc:
+            raise ValueError(exc.detail) from None
+
+
 # The tags of a union's members, left out of an error's place: `artifacts.paths`, not
 # `artifacts.uploads.paths`.
 _UPLOADS, _TAKES_NONE = "uploads", "takes-none"
@@ -274,6 +345,21 @@ class JobSpec(_Strict):
         return value
 
     cache: CacheSpec | None = None
+    # The build's commit in its workspace before the first step (a build from a forge);
+    # `false`: none.
+    checkout: CheckoutSpec | Literal[False] = Field(default_factory=lambda: CheckoutSpec())
+
+    @field_validator("checkout", mode="before")
+    @classmethod
+    def _no_checkout(cls, value: Any) -> Any:
+        if value in (False, "false"):  # YAML scalars arrive as text
+            return False
+        if value is None or value in (True, "true"):
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("a mapping (depth, submodules), or false")
+        return value
+
     steps: Annotated[list[StepSpec], Field(min_length=1, max_length=MAX_STEPS_PER_JOB)]
 
     @field_validator("runs_on")
@@ -394,6 +480,8 @@ class PipelineSpec(_Strict):
     max_priority: Annotated[int, Field(ge=0, le=MAX_PRIORITY)] | None = Field(
         default=None, alias="max-priority"
     )
+    on: OnSpec | None = None
+    schedules: Annotated[list[ScheduleSpec], Field(max_length=MAX_SCHEDULES)] = []
     stages: Annotated[list[StageSpec], Field(min_length=1, max_length=MAX_STAGES)]
 
     @field_validator("variables")
@@ -564,7 +652,13 @@ def parse_definition(text: Any) -> dict:
     except ValidationError as exc:
         errors = [_describe(e) for e in exc.errors()]
         raise InvalidPipeline("; ".join(errors[:5]), errors=errors) from None
-    return _normalize(spec)
+    normalized = _normalize(spec)
+    for n, schedule in enumerate(normalized["schedules"]):
+        try:  # a schedule's variables are a trigger's: refused now rather than at 3 a.m.
+            parameters.bind(normalized, schedule["variables"])
+        except InvalidVariables as exc:
+            raise InvalidPipeline(f"schedules[{n}].{exc.detail}") from None
+    return normalized
 
 
 def _describe(error: dict) -> str:
@@ -591,6 +685,8 @@ def _normalize(spec: PipelineSpec) -> dict:
         "untrusted": spec.untrusted,
         "priority": spec.priority,
         "max_priority": spec.priority if spec.max_priority is None else spec.max_priority,
+        "on": spec.on.model_dump() if spec.on else None,
+        "schedules": [schedule.model_dump() for schedule in spec.schedules],
         "stages": [
             {
                 "name": stage.name,
@@ -607,6 +703,7 @@ def _normalize(spec: PipelineSpec) -> dict:
                         "secrets": job.secrets,
                         "artifacts": _artifacts(job.artifacts),
                         "cache": job.cache.model_dump() if job.cache else None,
+                        "checkout": job.checkout and job.checkout.model_dump(),
                         "steps": [
                             {
                                 "name": step.name or f"step {n + 1}",

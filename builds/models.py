@@ -60,8 +60,11 @@ class Build(models.Model):
     cancel_requested_at = models.DateTimeField(null=True, blank=True)
     # A second cancel of a CANCELLING build: its cleanup steps are stopped too.
     cancel_forced_at = models.DateTimeField(null=True, blank=True)
-    # Gets no secrets (the pipeline's `untrusted: true`; later, a pull request from a fork).
+    # Gets no secrets (the pipeline's `untrusted: true`, or a pull request from a fork).
     untrusted = models.BooleanField(default=False, editable=False)
+    # The commit it builds, when a forge's webhook, a schedule or a run-now made it
+    # (builds.source.Source); empty for a build of no commit.
+    source = models.JSONField(default=dict, blank=True, editable=False)
     # Its status when the cancel came: only a build that was RUNNING (holding its slot) runs
     # the jobs whose condition holds after a cancel.
     cancelled_from = models.CharField(max_length=16, blank=True, default="", editable=False)

@@ -56,6 +56,16 @@ app.conf.beat_schedule = {
         "schedule": 3600.0,
         "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
     },
+    "deliver-commit-statuses": {
+        "task": "forge.tasks.deliver_statuses",
+        "schedule": 2.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 2},
+    },
+    "fire-schedules": {
+        "task": "forge.tasks.fire_schedules",
+        "schedule": 20.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 20},
+    },
     "sweep-queues": {
         "task": "builds.tasks.sweep_queues",
         "schedule": 5.0,

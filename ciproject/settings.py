@@ -53,6 +53,7 @@ INSTALLED_APPS = [
     "concurrency",
     "vault",
     "artifacts",
+    "forge",
 ]
 
 MIDDLEWARE = [
@@ -138,6 +139,11 @@ REST_FRAMEWORK = {
 # through request.body, where Django's DATA_UPLOAD_MAX_MEMORY_SIZE (also the admin's form
 # limit, default 2.5 MB) applies first; keep it no lower so this is the limit that holds.
 API_MAX_BODY_BYTES = env_int("API_MAX_BODY_BYTES", 1024 * 1024)
+# A forge's webhook body (a push of many commits is large; GitHub caps its at 25 MB): above
+# this, 413 WEBHOOK_TOO_LARGE and nothing is stored.
+WEBHOOK_MAX_BODY_BYTES = env_int("WEBHOOK_MAX_BODY_BYTES", 5 * 1024 * 1024)
+# Where people reach web: commit statuses link to a build's page there.
+PUBLIC_URL = os.environ.get("PUBLIC_URL", "http://127.0.0.1:8000").rstrip("/")
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(API_MAX_BODY_BYTES, 2_621_440)
 SPECTACULAR_SETTINGS = {
     "TITLE": "ciproject API",
@@ -250,6 +256,9 @@ AGENT_SERVER_URL = os.environ.get("AGENT_SERVER_URL", "http://127.0.0.1:8000").r
 # the least recently used go first.
 AGENT_CACHE_ROOT = Path(os.environ.get("AGENT_CACHE_ROOT", VAR_DIR / "caches"))
 AGENT_CACHE_MAX_BYTES = parse_size(os.environ.get("AGENT_CACHE_MAX_BYTES") or "10G")
+# Where a build node keeps its bare mirrors of the repositories it checks out (one per
+# repository, shared by its agents): a second build fetches only what is new.
+AGENT_MIRROR_ROOT = Path(os.environ.get("AGENT_MIRROR_ROOT", VAR_DIR / "mirrors"))
 # How long an agent keeps retrying a result it could not write (PostgreSQL restarting).
 AGENT_DB_RETRY_SECONDS = float(os.environ.get("AGENT_DB_RETRY_SECONDS", 120))
 

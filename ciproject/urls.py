@@ -12,6 +12,7 @@ from ciproject.monitoring import metrics_view
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/", include("forge.api")),  # before the router's catch-all 404
     path("api/", include(router.urls)),
     path("metrics", metrics_view, name="metrics"),
 ]

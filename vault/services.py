@@ -11,6 +11,7 @@ from builds.definition import MAX_VARIABLE_VALUE, secret_name_refusal
 from builds.models import JobRun, Pipeline
 from builds.statuses import RunStatus
 from ciproject.errors import CIError
+from forge.models import Repository
 from vault import crypto, sealing, tokens
 from vault.errors import InvalidSecret, SecretNotFound
 from vault.models import SealedSecrets, Secret, SecretEvent, SecretScope, owned_by, owner_label
@@ -116,6 +117,15 @@ def values_for(pipeline: Pipeline, names: list[str], build=None) -> dict[str, st
     return values
 
 
+def server_value(pipeline: Pipeline, name: str) -> str:
+    """A secret the server itself uses for `pipeline` (the token it posts commit statuses
+    with): never given to a build, so not in the trail. Raises SecretNotFound."""
+    secret = available_to(pipeline).get(name)
+    if secret is None:
+        raise SecretNotFound(f"no secret {name!r} for pipeline {pipeline.name}")
+    return crypto.decrypt(secret.ciphertext)
+
+
 def rotate_all() -> int:
     """Re-encrypt every secret under the first key; returns how many."""
     count = 0
@@ -170,11 +180,25 @@ def seal_for_job(job_id: int, attempt: int) -> bool:
             names = [] if job.build.untrusted else names_for(job)
             values = values_for(job.build.pipeline, names, job.build)
             given = {"secrets": values, "token": tokens.for_attempt(job_id, attempt)}
+            given["git"] = _git_credentials(job)
             sealed = sealing.seal(key, json.dumps(given).encode(), context(job_id, attempt))
         except CIError as exc:  # a secret gone, no key to decrypt with: the job says why
             error = exc.detail
         SealedSecrets.objects.create(job=job, attempt=attempt, sealed=sealed, error=error)
     return True
+
+
+def _git_credentials(job: JobRun) -> dict | None:
+    """What git clones the build's commit with (agents.process.checkout): the repository's
+    clone secret, for a job that checks out; never in a step's environment. An untrusted
+    build gets it too: it reads the same repository, and no step sees the value."""
+    if not job.build.source or job.definition.get("checkout") is False:
+        return None
+    repository = Repository.objects.filter(pipeline_id=job.build.pipeline_id).first()
+    if repository is None or not repository.clone_secret:
+        return None
+    [password] = values_for(job.build.pipeline, [repository.clone_secret], job.build).values()
+    return {"username": repository.git_username, "password": password}
 
 
 def take_sealed(job_id: int, attempt: int) -> tuple[bytes, str] | None:

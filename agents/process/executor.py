@@ -14,10 +14,10 @@ from django.conf import settings
 from django.db import InterfaceError, OperationalError, connection
 
 from agents.process import artifacts as agent_artifacts
-from agents.process import caches, containment, orphans, workspaces
+from agents.process import caches, checkout, containment, orphans, workspaces
 from agents.process.runner import StepOutcome, StepOutput, run_step, step_environment
 from artifacts import services as artifacts
-from builds import conditions, matrix, services
+from builds import conditions, matrix, services, source
 from builds.definition import DEFAULT_RETRY_RULE, MAX_RETRY_BACKOFF
 from builds.errors import BuildVariablesMissing
 from builds.models import JobRun, StepRun
@@ -216,6 +216,12 @@ class JobExecution:
         self.notes, self.last_log = "", None
         # Its `cache:` on this agent: the entry to save after a success, when it missed.
         self.cache_spec, self.cache_missed = job.definition.get("cache"), None
+        # The build's commit, put in a new workspace before anything else (None: no checkout:
+        # a build of no commit, `checkout: false`, or a job in another job's workspace).
+        self.commit, self.git_credentials = source.Source.of(job.build.source), None
+        self.checkout_spec = job.definition.get("checkout", {})  # absent from older ones
+        if self.commit is None or self.checkout_spec is False or job.reuse_of:
+            self.checkout_spec = None
 
     def run(self) -> tuple[str, str]:
         status, reason = RunStatus.FAILED, ""
@@ -244,18 +250,21 @@ class JobExecution:
         elif self.fresh_start():  # a first run or a full job retry: a clean workspace
             fresh = True
             workspaces.remove(self.workspace)  # (what a failed attempt left here is not wanted)
-        elif not workspaces.claim(self.workspace) and not persist(  # a step retry, it is gone
-            services.rerun_from_first_step, self.job, RERUN_NOTE
-        ):
-            return RunStatus.CANCELED, "stopped: the build is no longer running"
+        elif not workspaces.claim(self.workspace):  # a step retry, its workspace gone
+            if not persist(services.rerun_from_first_step, self.job, RERUN_NOTE):
+                return RunStatus.CANCELED, "stopped: the build is no longer running"
+            fresh = True
         workspaces.make(self.workspace, self.step_user)
         takes = artifacts.takes_artifacts(self.job)
-        if (vault.names_for(self.job) or self.uploads or takes) and (
+        checks_out = fresh and self.checkout_spec is not None
+        if (vault.names_for(self.job) or self.uploads or takes or checks_out) and (
             refused := self.receive_sealed()
         ):
             return (
                 (RunStatus.CANCELED, refused) if self.stop.is_set() else (RunStatus.FAILED, refused)
             )
+        if checks_out and (refused := self.check_out()):
+            return refused
         if takes and (refused := self.download_artifacts()):
             return refused
         if fresh and self.cache_spec:
@@ -291,7 +300,9 @@ class JobExecution:
                     return f"no secrets: {error}"
                 given = json.loads(self.opener.open(sealed, vault.context(job_id, attempt)))
                 self.secrets, self.token = given["secrets"], given["token"]
-                self.masker = Masker(self.secrets.values())
+                self.git_credentials = given.get("git")  # for git alone, never a step
+                clone_password = (self.git_credentials or {}).get("password")
+                self.masker = Masker([*self.secrets.values(), *filter(None, [clone_password])])
                 return ""
             if time.monotonic() - started > SECRETS_WAIT_SECONDS:
                 return (
@@ -302,6 +313,30 @@ class JobExecution:
                 asked = time.monotonic()  # this agent's key not registered yet: ask again
                 messages.seal_secrets(job_id, attempt)
         return "stopped while waiting for its secrets"
+
+    def check_out(self) -> tuple[str, str] | None:
+        """The build's commit into the new workspace, through the build node's mirror of its
+        repository; the job's ending if that failed (git's own words as its reason)."""
+        credentials = self.git_credentials or {}
+        commit = checkout.Source(
+            url=self.commit.repository_url,
+            sha=self.commit.sha,
+            ref=self.commit.ref,
+            depth=self.checkout_spec.get("depth"),
+            submodules=self.checkout_spec.get("submodules", False),
+            username=credentials.get("username", ""),
+            password=credentials.get("password", ""),
+        )
+        try:
+            note = checkout.checkout(
+                commit, self.workspace, settings.AGENT_MIRROR_ROOT, self.step_user, self.stop
+            )
+        except checkout.Stopped as exc:
+            return RunStatus.CANCELED, f"stopped: {exc}"
+        except checkout.CheckoutError as exc:
+            return RunStatus.FAILED, f"checkout: {exc}"
+        self.notes += f"[ciproject] {note}\n"
+        return None
 
     def download_artifacts(self) -> tuple[str, str] | None:
         """The artifacts of the jobs it waits for, into its workspace; the job's ending if
@@ -530,6 +565,7 @@ class JobExecution:
                 "CI_JOB_NAME": self.job.key,
                 "CI_STEP_ATTEMPT": str(step.attempt),
                 "CI_WORKSPACE": str(self.workspace),
+                **source.ci_variables(self.build.source),
                 **matrix.environment(self.job.matrix or {}),
             },
         )

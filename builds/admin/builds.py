@@ -19,6 +19,7 @@ from builds.admin.cancelling import CancelsBuilds
 from builds.errors import StepNotRetryable
 from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services import retry as retry_service
+from builds.source import Source
 from builds.stages import group_stages
 from builds.statuses import BUILD_FINAL, BuildStatus, build_allowed_from
 from ciproject.admin_mixins import ReadOnlyAdmin
@@ -56,6 +57,7 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
         "status",
         "attempt",
         "triggered_by",
+        "commit",
         "reason",
         "created_at",
         "started_at",
@@ -75,6 +77,16 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
         if obj.duration is None:
             return self.get_empty_value_display()
         return human_duration(obj.duration)
+
+    @admin.display(description="commit")
+    def commit(self, obj):
+        source = Source.of(obj.source)
+        if source is None:
+            return self.get_empty_value_display()
+        on = source.tag or source.branch or source.ref
+        pull = f", pull request #{source.pull_request}" if source.pull_request else ""
+        fork = " from a fork (untrusted)" if source.fork else ""
+        return f"{source.sha[:12]} on {on} ({source.event}{pull}{fork})"
 
     def has_retry_permission(self, request):
         return request.user.has_perm("builds.retry_build")

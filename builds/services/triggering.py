@@ -4,6 +4,7 @@ concurrency policy, and the jobs that wait for nothing queued if it may run."""
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from contextlib import suppress
 from typing import NamedTuple
 
@@ -22,6 +23,7 @@ from builds.errors import (
 from builds.models import Build, BuildVariable, JobRun, Pipeline, StepRun
 from builds.services.cancellation import cancel_at_once, request_cancel
 from builds.services.progress import advance_locked
+from builds.source import Source
 from builds.statuses import BuildStatus
 from ciproject.log_format import log_context
 from ciproject.transactions import retried_on_conflict
@@ -48,7 +50,13 @@ def trigger_build(
 
 @retried_on_conflict
 def trigger(
-    pipeline: Pipeline, variables=None, user=None, idempotency_key="", priority=None
+    pipeline: Pipeline,
+    variables=None,
+    user=None,
+    idempotency_key="",
+    priority=None,
+    source: Source | None = None,
+    on_created: Callable[[Build], None] | None = None,
 ) -> Triggered:
     """Create build N+1 of `pipeline` with its variables and status tree, admit it by the
     pipeline's concurrency policy, and queue the jobs that wait for nothing if it may run.
@@ -60,7 +68,10 @@ def trigger(
     the key with other variables raises IdempotencyKeyReused.
 
     `priority` (None: the pipeline's) places it in its group's queue, up to the pipeline's
-    max-priority (InvalidPriority beyond it)."""
+    max-priority (InvalidPriority beyond it). A `source` is the commit it builds (a forge's
+    event, a schedule, a run-now): its CI_* values join the concurrency key, and a fork's
+    pull request makes the build untrusted. `on_created(build)` runs in the transaction
+    that makes the build (what a caller records with it commits or rolls back with it)."""
     overrides = normalize_variables({} if variables is None else variables)
     if priority is not None and (
         isinstance(priority, bool) or not isinstance(priority, int) or priority < 0
@@ -72,7 +83,7 @@ def trigger(
             " (a UUID, say)"
         )
     try:
-        return _trigger(pipeline, overrides, user, idempotency_key, priority)
+        made = _trigger(pipeline, overrides, user, idempotency_key, priority, source, on_created)
     except IntegrityError as exc:
         if getattr(exc.__cause__, "sqlstate", None) != NO_PARTITION_FOR_ROW:
             raise
@@ -80,14 +91,23 @@ def trigger(
             "no partition of the variable table holds builds created now; nothing was stored."
             " Run `manage.py partitions ensure` (beat runs it every hour)"
         ) from None
+    return made
 
 
 def _trigger(
-    pipeline: Pipeline, overrides: dict[str, str], user, key: str, priority: int | None
+    pipeline: Pipeline,
+    overrides: dict[str, str],
+    user,
+    key: str,
+    priority: int | None,
+    source: Source | None,
+    on_created: Callable[[Build], None] | None,
 ) -> Triggered:
     # Asking for the pipeline's own priority is the same trigger as not asking.
     own = (pipeline.spec or {}).get("priority", 0)
-    fingerprint = _fingerprint(overrides, None if priority == own else priority) if key else ""
+    server = source.ci_variables() if source else {}
+    given = {**overrides, **server}  # (CI_* names are reserved: no override has one)
+    fingerprint = _fingerprint(given, None if priority == own else priority) if key else ""
     with transaction.atomic():
         if key and (earlier := _earlier_trigger(pipeline.pk, key, fingerprint)):
             return Triggered(earlier, replayed=True)
@@ -105,10 +125,12 @@ def _trigger(
             idempotency_key=key,
             idempotency_fingerprint=fingerprint,
             priority=priority,
-            untrusted=spec.get("untrusted", False),  # absent from definitions stored before
+            # (absent from definitions stored before)
+            untrusted=spec.get("untrusted", False) or bool(source and source.fork),
+            source=source.as_dict() if source else {},
         )
         if policy_id is not None:
-            _admit(build, policy_id, {**defaults, **overrides})
+            _admit(build, policy_id, {**defaults, **overrides, **server})
         if build.status == BuildStatus.RUNNING:
             build.started_at = now
         else:
@@ -118,6 +140,8 @@ def _trigger(
             _store_variables(build, defaults, "pipeline", skip=overrides)
             _store_variables(build, overrides, "trigger")
             _create_tree(build, spec)
+            if on_created:
+                on_created(build)
             if build.status == BuildStatus.RUNNING:
                 advance_locked(build)
     return Triggered(build, replayed=False)
