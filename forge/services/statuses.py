@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -52,7 +52,9 @@ def send(status_id: int) -> None:
 def due(limit: int = 100) -> list[int]:
     """The rows whose build's state differs from what was delivered, and whose wait (after
     a failure, or a claim) is over."""
-    rows = CommitStatus.objects.filter(done=False, next_attempt_at__lte=timezone.now())
+    # `done` rows count again while their build runs again (a step or build retry).
+    owing = Q(done=False) | ~Q(build__status__in=BUILD_FINAL)
+    rows = CommitStatus.objects.filter(owing, next_attempt_at__lte=timezone.now())
     rows = rows.exclude(delivered=F("build__status")).order_by("next_attempt_at")
     return list(rows.values_list("pk", flat=True)[:limit])
 
@@ -64,7 +66,7 @@ def deliver_due() -> int:
 
 def _claim(status_id: int) -> CommitStatus | None:
     now = timezone.now()
-    claimed = CommitStatus.objects.filter(pk=status_id, done=False, next_attempt_at__lte=now)
+    claimed = CommitStatus.objects.filter(pk=status_id, next_attempt_at__lte=now)
     if not claimed.update(next_attempt_at=now + timedelta(seconds=CLAIM_SECONDS)):
         return None  # another controller has it, or it waits for its backoff
     return CommitStatus.objects.select_related("build__pipeline", "repository").get(pk=status_id)

@@ -20,6 +20,8 @@ from agents.models import Agent
 from builds import partitions, services
 from builds.models import Build, JobRun, Pipeline, StepRun, VariablePartition
 from concurrency.models import ConcurrencyPolicy
+from forge.models import Repository
+from forge.services import repositories
 from tests.support import PARALLEL, fail_fast_job, one_step
 
 pytestmark = pytest.mark.django_db
@@ -30,7 +32,9 @@ VB, AB, XB, RB = (f"builds.{a}_build" for a in ("view", "add", "cancel", "retry"
 VV = "builds.view_variablepartition"
 VA, CA = "agents.view_agent", "agents.change_agent"
 VC, CC = "concurrency.view_concurrencypolicy", "concurrency.change_concurrencypolicy"
-PERMS = [VP, AP, CP, DP, VB, AB, XB, RB, VV, VA, CA, VC, CC]
+VR, CR = "forge.view_repository", "forge.change_repository"
+VS, VCS = "forge.view_schedule", "forge.view_commitstatus"
+PERMS = [VP, AP, CP, DP, VB, AB, XB, RB, VV, VA, CA, VC, CC, VR, CR, VS, VCS]
 
 EVERYTHING = frozenset(["*"])
 ROLES = {  # role: (is_staff, permissions), None for anonymous
@@ -109,6 +113,19 @@ def an_agent() -> dict:
     return {"a": Agent.objects.create(name=f"agent-{next(serial)}", labels=["x"]).pk}
 
 
+def a_repository() -> dict:
+    pipeline = Pipeline.objects.get(pk=a_pipeline()["p"])
+    repository, _ = repositories.set_repository(pipeline, REPOSITORY)
+    return {"p": pipeline.pk, "r": repository.pk}
+
+
+REPOSITORY = {"forge": "github", "clone_url": "https://forge.example/o/r.git"}
+
+
+def a_commit(t):
+    return {"commit": "a" * 40}
+
+
 def stale_partitions() -> dict:
     partitions.reconcile()
     VariablePartition.objects.update(dropped_by="stale")  # reconcile() clears it again
@@ -129,6 +146,7 @@ TARGETS = {
     "failed": a_failed_build,
     "queued": a_queued_build,
     "agent": an_agent,
+    "repository": a_repository,
     "stale_partitions": stale_partitions,
 }
 
@@ -180,6 +198,28 @@ ROWS = [
     Row("GET", "/api/agents/", VA, 200),
     Row("GET", "/api/agents/{a}/", VA, 200),
     Row("POST", "/api/agents/", "agents.add_agent", 405, "none", lambda t: {"name": "x"}),
+    Row("GET", "/api/pipelines/{p}/repository/", VP, 200, "repository"),
+    Row(
+        "PUT",
+        "/api/pipelines/{p}/repository/",
+        f"{VP}+{CP}",
+        201,
+        "pipeline",
+        lambda t: REPOSITORY,
+        acts=True,
+    ),  # fmt: skip
+    Row(
+        "POST",
+        "/api/pipelines/{p}/repository/rotate-secret/",
+        f"{VP}+{CP}",
+        200,
+        "repository",
+        dict,
+        acts=True,
+    ),  # fmt: skip
+    Row("POST", "/api/pipelines/{p}/run/", AB, 201, "repository", a_commit, acts=True),
+    # A forge's webhook has no user: its signature alone, which these requests lack.
+    Row("POST", "/api/pipelines/{p}/hooks/github/", "*", 401, "repository", dict),
     # The admin, with a session.
     Row("GET", "/admin/", "", 200),
     Row("GET", "/admin/builds/pipeline/", f"{VP}|{CP}", 200),
@@ -221,6 +261,20 @@ ROWS = [
     Row("GET", "/admin/agents/agent/add/", "-", 403),  # agents register themselves
     Row("GET", "/admin/agents/agent/{a}/change/", f"{VA}|{CA}", 200),
     Row("POST", "/admin/agents/agent/{a}/change/", CA, 302, "agent", disable, acts=True),
+    Row("GET", "/admin/forge/repository/", f"{VR}|{CR}", 200, "repository"),
+    Row("GET", "/admin/forge/repository/{r}/change/", f"{VR}|{CR}", 200, "repository"),
+    Row("GET", "/admin/forge/repository/{r}/run/", AB, 200, "repository"),
+    Row(
+        "POST",
+        "/admin/forge/repository/{r}/run/",
+        AB,
+        302,
+        "repository",
+        lambda t: {"commit": "b" * 40, "branch": "", "idempotency_key": f"k{next(serial)}"},
+        acts=True,
+    ),  # fmt: skip
+    Row("GET", "/admin/forge/schedule/", VS, 200),
+    Row("GET", "/admin/forge/commitstatus/", VCS, 200),
 ]
 
 SNAPSHOT = [
@@ -231,6 +285,7 @@ SNAPSHOT = [
     (ConcurrencyPolicy, []),
     (Agent, ["pk", "status"]),
     (VariablePartition, []),
+    (Repository, ["pk", "clone_url", "webhook_secret_set_at"]),
 ]
 
 
