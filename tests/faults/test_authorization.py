@@ -207,7 +207,7 @@ ROWS = [
         "pipeline",
         lambda t: REPOSITORY,
         acts=True,
-    ),  # fmt: skip
+    ),
     Row(
         "POST",
         "/api/pipelines/{p}/repository/rotate-secret/",
@@ -216,7 +216,7 @@ ROWS = [
         "repository",
         dict,
         acts=True,
-    ),  # fmt: skip
+    ),
     Row("POST", "/api/pipelines/{p}/run/", AB, 201, "repository", a_commit, acts=True),
     # A forge's webhook has no user: its signature alone, which these requests lack.
     Row("POST", "/api/pipelines/{p}/hooks/github/", "*", 401, "repository", dict),
@@ -272,7 +272,7 @@ ROWS = [
         "repository",
         lambda t: {"commit": "b" * 40, "branch": "", "idempotency_key": f"k{next(serial)}"},
         acts=True,
-    ),  # fmt: skip
+    ),
     Row("GET", "/admin/forge/schedule/", VS, 200),
     Row("GET", "/admin/forge/commitstatus/", VCS, 200),
 ]
