@@ -297,7 +297,8 @@ class ScheduleSpec(_Strict):
 # The tags of a union's members, left out of an error's place: `artifacts.paths`, not
 # `artifacts.uploads.paths`.
 _UPLOADS, _TAKES_NONE = "uploads", "takes-none"
-UNION_TAGS = {_UPLOADS, _TAKES_NONE}
+_CHECKS_OUT, _NO_CHECKOUT = "checks-out", "no-checkout"
+UNION_TAGS = {_UPLOADS, _TAKES_NONE, _CHECKS_OUT, _NO_CHECKOUT}
 CACHE_HASH_RE = re.compile(r"\{hash:([^{}]+)\}")
 CACHE_KEY_RE = re.compile(r"(?:[A-Za-z0-9._-]|\{hash:[^{}]+\})+")
 
@@ -347,7 +348,10 @@ class JobSpec(_Strict):
     cache: CacheSpec | None = None
     # The build's commit in its workspace before the first step (a build from a forge);
     # `false`: none.
-    checkout: CheckoutSpec | Literal[False] = Field(default_factory=lambda: CheckoutSpec())
+    checkout: Annotated[
+        Annotated[CheckoutSpec, Tag(_CHECKS_OUT)] | Annotated[Literal[False], Tag(_NO_CHECKOUT)],
+        Discriminator(lambda v: _NO_CHECKOUT if v in (False, "false") else _CHECKS_OUT),
+    ] = Field(default_factory=lambda: CheckoutSpec())
 
     @field_validator("checkout", mode="before")
     @classmethod

@@ -129,14 +129,18 @@ def target_url(build: Build) -> str:
 
 
 def _failed(status: CommitStatus, current: str, state: str, exc: Exception, now) -> bool:
-    attempts = status.attempts + 1
+    # Tries count per state: those of an earlier state (still failing when the build moved
+    # on) do not shorten the next one's.
+    attempts = (status.attempts if status.last_state == state else 0) + 1
     retryable = getattr(exc, "retryable", False)
     error = getattr(exc, "detail", None) or str(exc)
+    # Only the forge's answer has an HTTP status (a CIError's is the one our API would give).
+    answered = isinstance(exc, status_api.StatusDeliveryError)
     fields = {
         "attempts": attempts,
         "last_attempt_at": now,
         "last_state": state,
-        "last_http_status": getattr(exc, "http_status", None),
+        "last_http_status": exc.http_status if answered else None,
         "last_error": error[:2000],
     }
     if retryable and attempts < MAX_ATTEMPTS:
