@@ -1,6 +1,7 @@
-"""A pipeline's `on:` (builds.definition.OnSpec): which forge events make a build. Globs as
-GitHub Actions has them: `*` matches within a part of a name (not `/`), `**` across parts,
-`?` one character; anything else stands for itself."""
+"""A pipeline's `on:` (builds.definition.OnSpec): which forge events make a build. Globs: `*`
+matches within a part of a name (not `/`), `**` across parts, `?` one character; anything
+else stands for itself (simpler than GitHub Actions' patterns, which also have `+`, `[...]`
+and `!`)."""
 
 import functools
 import re
