@@ -337,7 +337,6 @@ def test_a_submodule_by_a_local_path_is_refused(served, daemon, mirrors, fresh):
         run(source, fresh(), mirrors)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="giving files to another user needs root")
 @pytest.mark.parametrize("depth", [None, 1])
 def test_the_step_users_files_and_the_agents_mirror(served, daemon, mirrors, depth):
     repo = a_repository(served)
