@@ -15,7 +15,7 @@ def head_of(url: str, branch: str, credentials: dict | None) -> str:
     ref = f"refs/heads/{branch}"
     try:
         done = git.run(
-            ["ls-remote", "--", url, ref], credentials, timeout=LS_REMOTE_TIMEOUT_SECONDS
+            ["ls-remote", "--", url, ref], url, credentials, timeout=LS_REMOTE_TIMEOUT_SECONDS
         )
     except subprocess.TimeoutExpired:
         raise ForgeUnreachable(

@@ -26,13 +26,13 @@ import shutil
 import signal
 import stat
 import subprocess
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ciproject import git as ciproject_git
 from vault.masking import Masker
 
 GIT = "git"
@@ -43,25 +43,6 @@ POLL = 0.1  # how often a running git command, or a wait for the lock, looks at 
 REASON_MAX = 1000
 # A mirror's HEAD names a ref that is never fetched: a clone of it makes no branch.
 NO_HEAD = "refs/ciproject/none"
-# What of the agent's environment git gets: a proxy and a CA bundle of the host, no more.
-PASSED_ON = (
-    "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY",
-    "all_proxy", "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "GIT_SSL_CAINFO",
-    "GIT_SSL_CAPATH",
-)  # fmt: skip
-ASKPASS = """#!/bin/sh
-# ciproject's GIT_ASKPASS. It holds no secret: the answer comes from git's environment, and
-# only to git's own two questions about the clone URL's host (a redirect or a submodule
-# elsewhere gets nothing).
-[ -n "$CIPROJECT_GIT_HOST" ] || exit 1
-case "$1" in
-"Username for '$CIPROJECT_GIT_SCHEME://$CIPROJECT_GIT_HOST': ")
-    printf '%s\\n' "$CIPROJECT_GIT_USERNAME" ;;
-"Password for '$CIPROJECT_GIT_SCHEME://$CIPROJECT_GIT_USERNAME@$CIPROJECT_GIT_HOST': ")
-    printf '%s\\n' "$CIPROJECT_GIT_PASSWORD" ;;
-*) exit 1 ;;
-esac
-"""
 
 
 class CheckoutError(Exception):
@@ -178,7 +159,8 @@ def _valid_ref(ref: str) -> bool:
 
 
 def _private_root(mirror_root: Path) -> Path:
-    """The mirror root, made the agent's alone, with git's HOME and the askpass script."""
+    """The mirror root, made the agent's alone, with git's HOME (where ciproject.git puts the
+    askpass script) in it."""
     root = Path(os.path.realpath(mirror_root))
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = os.stat(root)
@@ -187,30 +169,11 @@ def _private_root(mirror_root: Path) -> Path:
     if stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(root, 0o700)
     (root / ".home").mkdir(mode=0o700, exist_ok=True)
-    askpass = root / ".askpass"
-    with contextlib.suppress(FileNotFoundError):
-        if askpass.read_text() == ASKPASS:
-            return root
-    fd, part = tempfile.mkstemp(prefix=".askpass-", dir=root)  # renamed whole into place
-    with os.fdopen(fd, "w") as out:
-        out.write(ASKPASS)
-    os.chmod(part, 0o700)
-    os.replace(part, askpass)
     return root
 
 
 def _environment(root: Path, source: Source, workspace: Path) -> dict[str, str]:
-    env = {name: os.environ[name] for name in PASSED_ON if name in os.environ}
-    env |= {
-        "PATH": os.environ.get("PATH") or os.defpath,
-        "HOME": str(root / ".home"),  # no ~/.netrc or ~/.ssh of the agent's
-        "LC_ALL": "C",  # git's messages, a job's reason, in one language
-        "GIT_CONFIG_NOSYSTEM": "1",
-        "GIT_CONFIG_GLOBAL": os.devnull,
-        "GIT_TERMINAL_PROMPT": "0",
-        "GIT_ASKPASS": str(root / ".askpass"),
-        "GIT_PROTOCOL_FROM_USER": "0",
-    }
+    env = ciproject_git.environment(root / ".home", source.url, source.username, source.password)
     config = {
         # protocol.file.allow is only given (with -c) to the commands cloning from a mirror.
         "protocol.allow": "never",
@@ -226,14 +189,6 @@ def _environment(root: Path, source: Source, workspace: Path) -> dict[str, str]:
     env["GIT_CONFIG_COUNT"] = str(len(config))
     for number, (key, value) in enumerate(config.items()):
         env[f"GIT_CONFIG_KEY_{number}"], env[f"GIT_CONFIG_VALUE_{number}"] = key, value
-    if source.username:
-        parts = urlsplit(source.url)
-        env |= {
-            "CIPROJECT_GIT_SCHEME": parts.scheme,
-            "CIPROJECT_GIT_HOST": parts.netloc,
-            "CIPROJECT_GIT_USERNAME": source.username,
-            "CIPROJECT_GIT_PASSWORD": source.password,
-        }
     return env
 
 
