@@ -267,6 +267,12 @@ class OnSpec(_Strict):
             return {k: {} if v is None else v for k, v in value.items()}
         return value
 
+    @model_validator(mode="after")
+    def _some_event(self) -> "OnSpec":
+        if self.push is None and self.pull_request is None:  # no forge event would build
+            raise ValueError("lists no event: give push or pull_request (no on: builds both)")
+        return self
+
 
 class ScheduleSpec(_Strict):
     """`schedules: [{cron: "0 3 * * *", timezone: Europe/Berlin, branch: main}]`: builds by
@@ -284,14 +290,6 @@ class ScheduleSpec(_Strict):
         if why := cron.validate(self.cron, self.timezone):
             raise ValueError(why)
         return self
-
-    @field_validator("variables")
-    @classmethod
-    def _variables(cls, value: dict[str, Scalar]) -> dict[str, str]:
-        try:
-            return normalize_variables(value)
-        except InvalidVariables as exc:
-            raise ValueError(exc.detail) from None
 
 
 # The tags of a union's members, left out of an error's place: `artifacts.paths`, not
@@ -659,6 +657,7 @@ def parse_definition(text: Any) -> dict:
     normalized = _normalize(spec)
     for n, schedule in enumerate(normalized["schedules"]):
         try:  # a schedule's variables are a trigger's: refused now rather than at 3 a.m.
+            schedule["variables"] = normalize_variables(schedule["variables"])
             parameters.bind(normalized, schedule["variables"])
         except InvalidVariables as exc:
             raise InvalidPipeline(f"schedules[{n}].{exc.detail}") from None

@@ -12,6 +12,9 @@ from functools import cache
 from pathlib import Path
 from urllib.parse import urlsplit
 
+# The transports a clone URL may use: a token reaches git through the askpass over these.
+# ssh (a deploy key) is not one yet: the server refuses such a URL, the agent too.
+SCHEMES = ("https", "http", "git")
 # What of the process's environment git gets: a proxy and a CA bundle of the host, no more.
 PASSED_ON = (
     "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "no_proxy", "NO_PROXY",

@@ -259,6 +259,8 @@ AGENT_CACHE_MAX_BYTES = parse_size(os.environ.get("AGENT_CACHE_MAX_BYTES") or "1
 # Where a build node keeps its bare mirrors of the repositories it checks out (one per
 # repository, shared by its agents): a second build fetches only what is new.
 AGENT_MIRROR_ROOT = Path(os.environ.get("AGENT_MIRROR_ROOT", VAR_DIR / "mirrors"))
+# What the mirrors may take in all: past it, the least recently used go (never one in use).
+AGENT_MIRROR_MAX_BYTES = parse_size(os.environ.get("AGENT_MIRROR_MAX_BYTES") or "20G")
 # How long an agent keeps retrying a result it could not write (PostgreSQL restarting).
 AGENT_DB_RETRY_SECONDS = float(os.environ.get("AGENT_DB_RETRY_SECONDS", 120))
 

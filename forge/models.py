@@ -18,7 +18,7 @@ class Repository(models.Model):
 
     pipeline = models.OneToOneField(Pipeline, on_delete=models.CASCADE, related_name="repository")
     forge = models.CharField(max_length=16, choices=Forge.choices)
-    clone_url = models.CharField(max_length=500, help_text="https://, ssh:// or git:// URL.")
+    clone_url = models.CharField(max_length=500, help_text="https://, http:// or git:// URL.")
     default_branch = models.CharField(max_length=255, default="main")
     api_url = models.CharField(
         max_length=500,

@@ -6,15 +6,16 @@ what is new), then clones the commit from it into the workspace, its objects har
 (or, with a depth, a shallow fetch of that depth). The mirror root is the agent's alone
 (0700): a step never reaches another repository's mirror. A lock file beside each mirror,
 flocked while fetching into it and cloning from it, keeps the jobs of one agent (threads)
-and the agents of one host from meeting in it.
+and the agents of one host from meeting in it. Past the mirrors' size cap, the least
+recently used mirrors (by their lock file's time, touched at each use) are removed, each
+under its lock, moved aside first: a checkout waiting for that lock then makes it anew.
 
 Clone credentials reach git only through its environment, read by the agent's own
 GIT_ASKPASS script (which holds none), and only for the clone URL's own host: never on a
 command line, in a repository's config, or in what a step sees. Git reads no system or global
 config and runs no hook; it may use http, https and git://, and file:// only where the agent
 clones from its own mirror, never for a repository's submodules.
-
-TODO: mirrors are never evicted; the root grows with each repository built on the node."""
+"""
 
 import contextlib
 import fcntl
@@ -37,7 +38,6 @@ from vault.masking import Masker
 
 GIT = "git"
 TIMEOUT = 1800.0  # the whole checkout, all its git commands together
-SCHEMES = ("https", "http", "git")
 SHA_RE = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")  # SHA-1 or SHA-256, in full
 POLL = 0.1  # how often a running git command, or a wait for the lock, looks at the stop
 REASON_MAX = 1000
@@ -82,18 +82,29 @@ def checkout(
     step_user,
     stop: threading.Event,
     timeout: float = TIMEOUT,
+    max_bytes: int | None = None,
 ) -> str:
     """Put `source`'s commit in the (empty) workspace, HEAD detached at it and the build's
     ref pointing at it, its files the step user's (agents.process.step_user.StepUser, or
     None); returns a note for the job's log. Raises CheckoutError (Stopped if `stop` was
-    set); what it left in the workspace is the caller's to remove."""
+    set); what it left in the workspace is the caller's to remove. With `max_bytes`, the
+    other mirrors least recently used are evicted until all take at most that."""
     try:
         _check(source)
-        return _checkout(
+        note = _checkout(
             source, Path(os.path.realpath(workspace)), mirror_root, step_user, stop, timeout
         )
     except OSError as exc:  # no git; the mirror root or the workspace (a full disk, a permission)
         raise CheckoutError(f"checkout {source.sha[:12]}: {exc}") from exc
+    if max_bytes is not None:
+        root = Path(os.path.realpath(mirror_root))
+        try:
+            evicted = evict(root, max_bytes, keep=mirror_path(root, source.url))
+        except OSError as exc:  # the job has its commit: this is the node's problem
+            return note + f"; no mirror evicted: {exc}"
+        if evicted:
+            note += f"; {evicted} mirror{'s' if evicted > 1 else ''} least recently used evicted"
+    return note
 
 
 def _checkout(source, workspace, mirror_root, step_user, stop, timeout) -> str:
@@ -129,8 +140,9 @@ def _check(source: Source) -> None:
         parts = urlsplit(url)
     except ValueError as exc:  # (an unclosed [ of an IPv6 address)
         raise CheckoutError(f"{url}: not a clone URL ({exc})") from None
-    if parts.scheme not in SCHEMES or not parts.netloc:
-        raise CheckoutError(f"{url}: not a clone URL git may use here ({', '.join(SCHEMES)})")
+    if parts.scheme not in ciproject_git.SCHEMES or not parts.netloc:
+        schemes = ", ".join(ciproject_git.SCHEMES)
+        raise CheckoutError(f"{url}: not a clone URL git may use here ({schemes})")
     if "@" in parts.netloc:
         raise CheckoutError(
             "the clone URL carries credentials (user@ or user:password@): they reach git"
@@ -260,6 +272,7 @@ class _Git:
 def _locked(path: Path, git: _Git):
     """The mirror's lock: one checkout in it at a time, of any thread or agent on the host."""
     with open(path, "a") as lock:
+        os.utime(path)  # used now: the last to be evicted
         while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -274,6 +287,51 @@ def _locked(path: Path, git: _Git):
                     ) from None
         try:
             yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def evict(root: Path, max_bytes: int, keep: Path) -> int:
+    """Remove the least recently used mirrors of `root`, never `keep`, until the mirrors take
+    at most `max_bytes`; one in use (its lock held) is passed over. How many went."""
+    mirrors = []
+    for mirror in root.glob("*.git"):
+        with contextlib.suppress(FileNotFoundError):
+            mirrors.append((lock_path(mirror).stat().st_mtime, _size(mirror), mirror))
+    total, evicted = sum(size for _, size, _ in mirrors), 0
+    for _, size, mirror in sorted(mirrors):  # least recently used first
+        if total <= max_bytes:
+            break
+        if mirror != keep and _remove_unused(mirror):
+            total, evicted = total - size, evicted + 1
+    return evicted
+
+
+def _size(folder: Path) -> int:
+    total = 0
+    for parent, _, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(parent, name)).st_blocks * 512
+    return total
+
+
+def _remove_unused(mirror: Path) -> bool:
+    # The lock file stays: a checkout that opened it and waits for it must lock what the next
+    # one opens, or two would be in the new mirror at once.
+    with open(lock_path(mirror), "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        try:
+            if not mirror.is_dir():
+                return False
+            aside = mirror.with_suffix(".evicted")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.rename(mirror, aside)  # whoever takes the lock next finds no mirror, whole or not
+            shutil.rmtree(aside, ignore_errors=True)
+            return True
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
 

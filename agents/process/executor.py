@@ -329,8 +329,9 @@ class JobExecution:
         )
         try:
             note = checkout.checkout(
-                commit, self.workspace, settings.AGENT_MIRROR_ROOT, self.step_user, self.stop
-            )
+                commit, self.workspace, settings.AGENT_MIRROR_ROOT, self.step_user, self.stop,
+                max_bytes=settings.AGENT_MIRROR_MAX_BYTES,
+            )  # fmt: skip
         except checkout.Stopped as exc:
             return RunStatus.CANCELED, f"stopped: {exc}"
         except checkout.CheckoutError as exc:

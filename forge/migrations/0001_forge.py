@@ -34,7 +34,7 @@ class Migration(migrations.Migration):
                 ),
                 (
                     "clone_url",
-                    models.CharField(help_text="https://, ssh:// or git:// URL.", max_length=500),
+                    models.CharField(help_text="https://, http:// or git:// URL.", max_length=500),
                 ),
                 ("default_branch", models.CharField(default="main", max_length=255)),
                 (

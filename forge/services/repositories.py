@@ -9,6 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from builds.models import Pipeline
+from ciproject import git as ciproject_git
 from forge.errors import InvalidRepository
 from forge.models import Forge, Repository
 from vault import crypto
@@ -16,7 +17,6 @@ from vault import services as vault
 
 FIELDS = ("forge", "clone_url", "default_branch", "api_url")
 FIELDS += ("clone_username", "clone_secret", "status_secret")
-CLONE_SCHEMES = ("https", "http", "ssh", "git")
 # scp-like ssh: git@github.com:owner/repo.git
 SCP_LIKE = re.compile(r"[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:[^\s/][^\s]*")
 # What git-check-ref-format accepts, roughly, and never an option (`-x`).
@@ -26,12 +26,12 @@ BRANCH_RE = re.compile(r"(?!-)(?!.*\.\.)(?!.*//)(?!.*@\{)[^\x00-\x20~^:?*\[\\\x7
 def _clone_url_refusal(url: str) -> str | None:
     if not isinstance(url, str) or not url or len(url) > 500 or url != url.strip():
         return "a URL of up to 500 characters"
-    if SCP_LIKE.fullmatch(url):
-        return None
     parts = urlsplit(url)
-    if parts.scheme not in CLONE_SCHEMES or not parts.hostname:
-        return "an https://, http://, ssh://, git:// or user@host:path URL"
-    if parts.password is not None or (parts.username and parts.scheme != "ssh"):
+    if SCP_LIKE.fullmatch(url) or parts.scheme == "ssh":
+        return "an https:// URL with a token in clone_secret: ssh (deploy keys) is not supported"
+    if parts.scheme not in ciproject_git.SCHEMES or not parts.hostname:
+        return "an https://, http:// or git:// URL"
+    if parts.username or parts.password is not None:
         # A credential in the URL would land in logs, .git/config and the API's answers.
         return "no credentials in the URL: name a secret in clone_secret"
     return None

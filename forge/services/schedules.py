@@ -72,9 +72,17 @@ def fire_due(now=None) -> int:
     fired = 0
     for schedule in Schedule.objects.filter(enabled=True).select_related("pipeline"):
         after = max(filter(None, [schedule.created_at, schedule.last_tick]))
-        tick = cron.due_tick(schedule.cron, schedule.timezone, after, now)
-        if tick is not None:
-            fired += fire(schedule, tick)
+        try:
+            tick = cron.due_tick(schedule.cron, schedule.timezone, after, now)
+            fired += tick is not None and fire(schedule, tick)
+        except Exception as exc:  # the other schedules still fire
+            if isinstance(exc, ValueError):  # cron's own words (a zone gone from tzdata)
+                log.warning("schedule %s: no ticks: %s", schedule.pk, exc)
+                why = str(exc)
+            else:  # a bug: the class only; the text, which may quote anything, is logged
+                log.exception("schedule %s: no build", schedule.pk)
+                why = f"internal error ({type(exc).__name__}): see the server's log"
+            Schedule.objects.filter(pk=schedule.pk).update(last_error=why[:2000])
     return fired
 
 

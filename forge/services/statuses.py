@@ -80,7 +80,7 @@ def deliver(status_id: int) -> bool:
     build, repository = status.build, status.repository
     current = build.status
     if current == status.delivered:
-        _release(status, delay=0)
+        _release(status)
         return False
     state = status_api.forge_state(repository.forge, current)
     now = timezone.now()
@@ -161,7 +161,5 @@ def _failed(status: CommitStatus, current: str, state: str, exc: Exception, now)
     return False
 
 
-def _release(status: CommitStatus, delay: float) -> None:
-    CommitStatus.objects.filter(pk=status.pk).update(
-        next_attempt_at=timezone.now() + timedelta(seconds=delay)
-    )
+def _release(status: CommitStatus) -> None:
+    CommitStatus.objects.filter(pk=status.pk).update(next_attempt_at=timezone.now())

@@ -470,3 +470,35 @@ def test_a_workspace_that_is_not_empty_is_refused(mirrors, fresh):
     source = checkout.Source("https://forge.example/app.git", "a" * 40, "refs/heads/main")
     with pytest.raises(checkout.CheckoutError, match="is not empty"):
         run(source, ws, mirrors)
+
+
+def test_past_the_cap_the_least_recently_used_mirrors_go(served, daemon, mirrors, fresh):
+    sources = {}
+    for name in ("one", "two", "three"):
+        repo = a_repository(served, name)
+        sources[name] = checkout.Source(daemon.url(name), repo.sha(), "refs/heads/main")
+        run(sources[name], fresh(), mirrors)
+    mirror = {name: checkout.mirror_path(mirrors, s.url) for name, s in sources.items()}
+    run(sources["one"], fresh(), mirrors)  # used again: "two" is now the least recent
+    sizes = {name: checkout._size(path) for name, path in mirror.items()}
+    assert all(sizes.values())
+
+    # Room for all but one: only the least recently used goes, not the one checked out now.
+    cap = sum(sizes.values()) - 1
+    note = run(sources["three"], fresh(), mirrors, max_bytes=cap)
+    assert note.endswith("; 1 mirror least recently used evicted"), note
+    assert {name for name, path in mirror.items() if path.exists()} == {"one", "three"}
+    assert checkout.lock_path(mirror["two"]).exists()  # kept: a waiting checkout locks it
+
+    # No room at all: every other mirror goes, but not one another checkout holds.
+    with open(checkout.lock_path(mirror["one"]), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        note = run(sources["two"], fresh(), mirrors, max_bytes=1)
+    assert note.startswith(f"checkout {sources['two'].sha[:12]} (refs/heads/main): new mirror")
+    assert note.endswith("; 1 mirror least recently used evicted"), note
+    assert {name for name, path in mirror.items() if path.exists()} == {"one", "two"}
+    assert not list(mirrors.glob("*.evicted"))
+
+    ws = fresh()  # an evicted mirror is made anew
+    assert "new mirror" in run(sources["three"], ws, mirrors)
+    assert head(ws) == sources["three"].sha

@@ -96,6 +96,11 @@ def test_the_webhook_secret_is_answered_once_and_rotated(admin_client):
         ({"forge": "bitbucket"}, "forge"),
         ({"clone_url": "https://user:pw@forge.example/o/r.git"}, "clone_url"),
         ({"clone_url": "ftp://forge.example/r"}, "clone_url"),
+        ({"clone_url": "https://token@forge.example/o/r.git"}, "clone_url"),
+        # The agent clones over https, http and git:// only: ssh is refused at once, not
+        # when the first build's checkout fails.
+        ({"clone_url": "ssh://git@forge.example/o/r.git"}, "clone_url"),
+        ({"clone_url": "git@forge.example:o/r.git"}, "clone_url"),
         ({"default_branch": "-x"}, "default_branch"),
         ({"clone_secret": "NOPE"}, "clone_secret"),
         ({"api_url": "https://t:k@api.example"}, "api_url"),
@@ -108,6 +113,7 @@ def test_bad_repository_settings_are_refused_and_store_nothing(admin_client, fie
     answer = admin_client.put(f"/api/pipelines/{pipeline.pk}/repository/", body, format="json")
     assert answer.status_code == 400, answer.json()
     assert answer.json()["code"] in ("INVALID_REPOSITORY", "INVALID_REQUEST")
+    assert field in str(answer.json())
     assert not Repository.objects.exists()
 
 

@@ -162,6 +162,22 @@ def test_an_admin_schedule_is_left_to_the_admin():
     assert not Schedule.objects.filter(from_definition=True).exists()
 
 
+def test_a_schedule_that_cannot_fire_keeps_no_other_from_firing():
+    with time_machine.travel(berlin(-1, 1), tick=False):
+        broken = Schedule.objects.create(
+            pipeline=make_pipeline("broken", STAGES), cron="0 3 * * *", timezone="UTC"
+        )
+        make_pipeline("nightly", definition(NIGHTLY))
+        schedules.sync_definitions()
+    # A zone the admin took that this server's tzdata no longer has: its ticks raise.
+    Schedule.objects.filter(pk=broken.pk).update(timezone="Mars/Olympus_Mons")
+    assert fire_at(berlin(0, 4)) == 1
+    assert Build.objects.get().pipeline.name == "nightly"
+    broken.refresh_from_db()
+    assert broken.last_error == "timezone: 'Mars/Olympus_Mons' is not an IANA time zone"
+    assert broken.last_tick is None
+
+
 @pytest.fixture
 def forge(tmp_path):
     """A repository `app` with one commit on main, served over http with basic auth."""
