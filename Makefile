@@ -11,10 +11,11 @@ ADMIN_PASSWORD ?= admin
 
 .PHONY: install prepare run test lint chromium socat bench faults lock demo clean
 
-$(BIN)/.installed: requirements.lock
+$(BIN)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .  # the cictl command
 	touch $@
 
 install: $(BIN)/.installed

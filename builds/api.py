@@ -18,6 +18,7 @@ from builds.errors import (
     BuildAlreadyFinished,
     BuildNotRetryable,
     IdempotencyKeyReused,
+    LogStreamUnavailable,
     PipelineNameTaken,
     RetryWindowExpired,
     StepNotRetryable,
@@ -28,6 +29,7 @@ from ciproject.api import ErrorSerializer, router
 from ciproject.errors import CIError
 from ciproject.permissions import requires
 from concurrency.errors import PipelineQueueFull
+from concurrency.services import queue_positions
 
 
 class PipelineSerializer(serializers.ModelSerializer):
@@ -115,11 +117,44 @@ class CancelSerializer(serializers.Serializer):
     status = serializers.CharField()
 
 
+class QueueSerializer(serializers.Serializer):
+    position = serializers.IntegerField(help_text="1-based, in the order the queue starts them")
+    of = serializers.IntegerField(help_text="how many builds its group has queued")
+    estimated_start = serializers.DateTimeField(
+        allow_null=True,
+        help_text="from the running builds and the median durations of the pipelines' recent"
+        " builds (concurrency.services.queue_positions); null without their history",
+    )
+
+
+class BuildListSerializer(serializers.ListSerializer):
+    """A list of builds: the queue places of its queued builds in one go, not per build."""
+
+    def to_representation(self, data):
+        builds = list(data.all() if hasattr(data, "all") else data)
+        self.child.queue_places = queue_positions.queue_places(builds)
+        return super().to_representation(builds)
+
+
 class BuildSummarySerializer(serializers.ModelSerializer):
+    queue = serializers.SerializerMethodField(
+        help_text="its place in its concurrency group's queue while QUEUED, else null"
+    )
+    queue_places = None  # set by BuildListSerializer for the builds of a list
+
     class Meta:
         model = Build
         fields = ["id", "number", "pipeline", "status", "attempt", "priority", "created_at"]
-        fields += ["started_at", "finished_at"]
+        fields += ["started_at", "finished_at", "queue"]
+        list_serializer_class = BuildListSerializer
+
+    @extend_schema_field(QueueSerializer(allow_null=True))
+    def get_queue(self, build) -> dict | None:
+        if self.queue_places is not None:
+            place = self.queue_places.get(build.pk)
+        else:
+            place = queue_positions.queue_place(build)
+        return None if place is None else QueueSerializer(place).data
 
 
 class BuildSerializer(BuildSummarySerializer):
@@ -210,6 +245,18 @@ class PipelineViewSet(
         return Response(BuildSummarySerializer(build).data, status=status.HTTP_201_CREATED)
 
 
+# Set in a request's environ (META) by builds.follow, whose stream follows this answer.
+STREAMING = "ciproject.streaming"
+
+
+class FollowAllowed(HttpResponse):
+    """The log action's answer to `?follow=1` once the caller may read the step's log."""
+
+    def __init__(self, step_id: int, attempt: int):
+        super().__init__(status=200)
+        self.step_id, self.attempt = step_id, attempt
+
+
 class BuildViewSet(viewsets.ReadOnlyModelViewSet):
     queryset = Build.objects.select_related("pipeline")
     lookup_value_regex = r"[0-9]+"  # the log action passes pk to get_object_or_404 itself
@@ -272,7 +319,15 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
         return Response({"status": status_}, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(
-        parameters=[OpenApiParameter("attempt", int, description="default: the latest")],
+        parameters=[
+            OpenApiParameter("attempt", int, description="default: the latest"),
+            OpenApiParameter(
+                "follow",
+                int,
+                description="1: a Server-Sent Events stream of the attempt's log until it ends"
+                " (builds.follow)",
+            ),
+        ],
         responses={(200, "text/plain"): OpenApiTypes.STR},
     )
     @action(detail=True, url_path=r"steps/(?P<step_id>[0-9]+)/log")
@@ -280,6 +335,14 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
         step = get_object_or_404(StepRun, pk=step_id, job__build_id=pk)
         attempt = request.query_params.get("attempt")
         attempt = int(attempt) if attempt and attempt.isdecimal() else None
+        if request.query_params.get("follow", "") not in ("", "0", "false"):
+            if not request.META.get(STREAMING):
+                raise LogStreamUnavailable(
+                    "this web process serves no streams: run it as deploy/Procfile does"
+                    " (gunicorn -k ciproject.web.Worker ciproject.asgi:application)"
+                )
+            # Authorised: builds.follow streams it (this answer never reaches the client).
+            return FollowAllowed(step.pk, attempt or step.attempt)
         text = services.step_log(step, attempt)
         return HttpResponse(text, content_type="text/plain; charset=utf-8")
 

@@ -74,3 +74,8 @@ class PipelineNotFound(CIError):
 class BuildNotFound(CIError):
     code = "BUILD_NOT_FOUND"
     http_status = 404
+
+
+class LogStreamUnavailable(CIError):
+    code = "LOG_STREAM_UNAVAILABLE"  # `?follow=1` on a web process that runs only WSGI
+    http_status = 501

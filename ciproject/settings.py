@@ -229,7 +229,12 @@ AGENT_FENCE_SECONDS = float(
 # suspect.
 CANCEL_WATCHDOG_MARGIN_SECONDS = float(os.environ.get("CANCEL_WATCHDOG_MARGIN_SECONDS", 5))
 STEP_LOG_MAX_BYTES = env_int("STEP_LOG_MAX_BYTES", 1024 * 1024)
-STEP_LOG_FLUSH_SECONDS = float(os.environ.get("STEP_LOG_FLUSH_SECONDS", 1))
+# Threads per web worker process running the WSGI application (ciproject.asgi): requests
+# served at once, each with its database connection; the log streams need none.
+WEB_THREADS = env_int("WEB_THREADS", 8)
+# How often a step's output goes to its log while it keeps printing (a line after a quiet
+# spell goes at the runner's next tick): what a follower of the stream waits at most.
+STEP_LOG_FLUSH_SECONDS = float(os.environ.get("STEP_LOG_FLUSH_SECONDS", 0.25))
 # Where an agent makes its steps' cgroups (a cgroup v2 directory it may write, e.g. its own
 # with systemd's Delegate=yes); empty: its own cgroup. Where none can be had, steps are
 # contained by their process group only (see agents.process.containment).

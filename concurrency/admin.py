@@ -1,21 +1,25 @@
 """Admin for concurrency policies: their limits (validated by the model's validators and its
 `clean()`, so the admin, the API and the shell agree), live counts, and per group of a policy
-the running builds and the queue, where an operator may cancel a queued build."""
+the running builds and the queue, where an operator may cancel a queued build. And the page
+of one group (whoever may see the policies): its running builds with their expected ends,
+its queue in order with each build's position and estimated start (queue_positions)."""
 
 from datetime import timedelta
 
 from django import forms
 from django.contrib import admin
 from django.core.validators import MaxValueValidator, MinValueValidator
-from django.db.models import Count, FilteredRelation, Q
+from django.db.models import Count, FilteredRelation, IntegerField, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
 from django.urls import path, reverse
+from django.utils import timezone
 
 from builds.admin.cancelling import CancelsBuilds
 from builds.models import Build
 from builds.statuses import BuildStatus
 from ciproject.formatting import human_duration
-from concurrency.models import ConcurrencyPolicy
-from concurrency.services import LIVE_RUNNING, group_overview
+from concurrency.models import ConcurrencyGroup, ConcurrencyPolicy
+from concurrency.services import LIVE_RUNNING, group_overview, group_queue, occupying
 
 LIVE = (*LIVE_RUNNING, BuildStatus.QUEUED)
 
@@ -138,3 +142,102 @@ class ConcurrencyPolicyAdmin(CancelsBuilds, admin.ModelAdmin):
 
 def human_duration_seconds(seconds: int) -> str:
     return human_duration(timedelta(seconds=seconds))
+
+
+def _members(condition: Q):
+    """How many builds of the group (a ConcurrencyGroup row) match `condition`."""
+    of_group = Build.objects.filter(condition, concurrency_group=OuterRef("key")).order_by()
+    counted = of_group.values("concurrency_group").annotate(n=Count("pk")).values("n")
+    return Coalesce(Subquery(counted, output_field=IntegerField()), 0)
+
+
+@admin.register(ConcurrencyGroup)
+class ConcurrencyGroupAdmin(admin.ModelAdmin):
+    """Read only: a group is a rendered key, made by the first admission into it. Its page
+    lists its running builds and its queue in queue order."""
+
+    change_form_template = "admin/concurrency/concurrencygroup/change_form.html"
+    list_display = ["key", "running_count", "queued_count", "created_at"]
+    search_fields = ["key"]
+    ordering = ["key"]
+    fields = ["key", "created_at"]
+    readonly_fields = ["key", "created_at"]
+
+    def get_queryset(self, request):
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(running=_members(occupying()), queued=_members(Q(status=BuildStatus.QUEUED)))
+        )
+
+    @admin.display(description="running", ordering="running")
+    def running_count(self, obj):
+        return obj.running
+
+    @admin.display(description="queued", ordering="queued")
+    def queued_count(self, obj):
+        return obj.queued
+
+    # Whoever may see the policies may see their groups.
+    def has_view_permission(self, request, obj=None):
+        return super().has_view_permission(request, obj) or any(
+            request.user.has_perm(f"concurrency.{action}_concurrencypolicy")
+            for action in ("view", "change")
+        )
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None:
+            context["group_queue"] = self._queue(obj)
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def _queue(self, group) -> dict:
+        """The group's running builds as (build, its page, started, expected end), its queue
+        as (position, build, its page, waited, estimated start), each time with how far from
+        now it is; the limit counted (the head's policy) and that policy's page."""
+        now = timezone.now()
+        queue = group_queue(group.key, now)
+        head_policy = queue.queued[0].build.policy if queue.queued else None
+        return {
+            "limit": queue.limit,
+            "policy": head_policy,
+            "policy_url": self._policy_url(head_policy) if head_policy else "",
+            "running": [
+                (r.build, self._build_url(r.build), r.build.started_at, _when(r.expected_end, now))
+                for r in queue.running
+            ],
+            "queued": [
+                (
+                    w.place.position,
+                    w.build,
+                    self._build_url(w.build),
+                    human_duration(now - w.build.enqueued_at) if w.build.enqueued_at else "",
+                    _when(w.place.estimated_start, now),
+                )
+                for w in queue.queued
+            ],
+        }
+
+    def _build_url(self, build):
+        return reverse(f"{self.admin_site.name}:builds_build_change", args=(build.pk,))
+
+    def _policy_url(self, policy):
+        return reverse(
+            f"{self.admin_site.name}:concurrency_concurrencypolicy_change", args=(policy.pk,)
+        )
+
+
+def _when(moment, now) -> tuple | None:
+    """(moment, "in 3m 05s" or "now"), None when unknown."""
+    if moment is None:
+        return None
+    ahead = moment - now
+    return (moment, f"in {human_duration(ahead)}" if ahead >= timedelta(seconds=1) else "now")

@@ -27,6 +27,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def web_argv(bind: str) -> list[str]:
+    """web as deploy/Procfile runs it (one worker), listening at `bind` (host:port)."""
+    return [
+        sys.executable, "-m", "gunicorn", "ciproject.asgi:application",
+        "--worker-class", "ciproject.web.Worker", "--bind", bind, "--workers", "1",
+    ]  # fmt: skip
+
+
 class Workers:
     """Real worker processes on the broker of `env` (the test broker unless it says)."""
 
@@ -71,8 +79,7 @@ class Workers:
     def start_web(self) -> None:
         """gunicorn as deploy/Procfile runs it, at the env's AGENT_SERVER_URL."""
         bind = self.env["AGENT_SERVER_URL"].removeprefix("http://")
-        argv = f"-m gunicorn ciproject.wsgi --bind {bind} --workers 1 --threads 8"
-        self.start("web", [sys.executable, *argv.split()])
+        self.start("web", web_argv(bind))
 
     def wait_web(self, timeout: float = 60) -> None:
         def answers():

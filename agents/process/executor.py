@@ -71,8 +71,8 @@ class LogWriter:
         self.flushed_at = time.monotonic()
 
     def write(self, text: str, final: bool = False) -> None:
-        self.flushed_at = time.monotonic()
-        if text:
+        if text:  # a quiet step's next line goes at once: followers see it within a tick
+            self.flushed_at = time.monotonic()
             self.unsent.append((self.next_seq, text))
             self.next_seq += 1
         while self.unsent:

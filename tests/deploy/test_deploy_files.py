@@ -131,7 +131,9 @@ def agent_commands() -> dict[str, list[str]]:
 
 def test_procfile_has_what_the_deployment_files_copy():
     processes = procfile()
-    assert processes["web"][:2] == ["gunicorn", "ciproject.wsgi"]
+    assert processes["web"][:4] == [
+        "gunicorn", "ciproject.asgi:application", "--worker-class", "ciproject.web.Worker"
+    ]  # fmt: skip
     assert processes["controller"][:4] == ["celery", "-A", "ciproject", "worker"]
     assert processes["beat"][:5] == ["celery", "--quiet", "-A", "ciproject", "beat"]  # no banner
     assert sorted(agent_commands()) == ["agent-1", "agent-2"]

@@ -19,7 +19,7 @@ import psycopg
 import redis
 
 from agents.process import containment
-from tests.processes import ROOT, Workers, free_port
+from tests.processes import ROOT, Workers, free_port, web_argv
 from tests.support import wait_until
 
 # A step command's start: append `job/attempt/name` to $RUNS (a build variable). The same line
@@ -216,9 +216,7 @@ class Stack(Workers):
         self.wait_web()
 
     def start_web(self) -> None:
-        argv = [sys.executable, "-m", "gunicorn", "ciproject.wsgi", "--bind",
-                f"127.0.0.1:{self.web_port}", "--workers", "1", "--threads", "4"]  # fmt: skip
-        self.start("web", argv)
+        self.start("web", web_argv(f"127.0.0.1:{self.web_port}"))
 
     def start_agent(self, name: str, labels: str, capacity: int = 1, env=None) -> None:
         host = self.hosts.get(name)

@@ -19,7 +19,7 @@ from rest_framework.test import APIClient
 from agents.models import Agent
 from builds import partitions, services
 from builds.models import Build, JobRun, Pipeline, StepRun, VariablePartition
-from concurrency.models import ConcurrencyPolicy
+from concurrency.models import ConcurrencyGroup, ConcurrencyPolicy
 from forge.models import Repository
 from forge.services import repositories
 from tests.support import PARALLEL, fail_fast_job, one_step
@@ -106,7 +106,9 @@ def a_queued_build() -> dict:
     policy = ConcurrencyPolicy.objects.create(name=f"c{next(serial)}", queue_length=5)
     pipeline = Pipeline.objects.get(pk=a_pipeline(policy)["p"])
     services.trigger_build(pipeline)
-    return {"c": policy.pk, "cname": policy.name, "q": services.trigger_build(pipeline).pk}
+    queued = services.trigger_build(pipeline)
+    group = ConcurrencyGroup.objects.get(key=queued.concurrency_group)
+    return {"c": policy.pk, "cname": policy.name, "q": queued.pk, "g": group.pk}
 
 
 def an_agent() -> dict:
@@ -257,6 +259,8 @@ ROWS = [
     Row("GET", POLICY_ADMIN + "{c}/change/", f"{VC}|{CC}", 200),
     Row("POST", POLICY_ADMIN + "{c}/change/", CC, 302, "queued", policy_form, acts=True),
     Row("POST", POLICY_ADMIN + "{c}/builds/{q}/cancel/", XB, 302, "queued", dict, acts=True),
+    Row("GET", "/admin/concurrency/concurrencygroup/", f"{VC}|{CC}", 200),
+    Row("GET", "/admin/concurrency/concurrencygroup/{g}/change/", f"{VC}|{CC}", 200, "queued"),
     Row("GET", "/admin/agents/agent/", f"{VA}|{CA}", 200),
     Row("GET", "/admin/agents/agent/add/", "-", 403),  # agents register themselves
     Row("GET", "/admin/agents/agent/{a}/change/", f"{VA}|{CA}", 200),

@@ -45,14 +45,31 @@ def group_key(policy: ConcurrencyPolicy, pipeline, variables: dict[str, str]) ->
 
 
 def queue_order():
-    """Builds put back by a step retry at the head, then higher priorities first, FIFO
-    within a priority."""
+    """The order in which a group's queued builds start: the one rule, which admission
+    (builds_to_start), the admin's overview and the queue positions (queue_positions) all
+    sort by. Builds put back by a step retry first (queue_priority 1: part of a running
+    build's work, so ahead of every priority), then higher priorities first, then FIFO by
+    the time each was queued; the id breaks a tie of the same instant."""
     return [
         F("queue_priority").desc(),
         F("priority").desc(),
         F("enqueued_at").asc(),
         F("id").asc(),
     ]
+
+
+def queued_in_order(*groups: str):
+    """The queued builds of `groups`, group by group, each group's in queue order."""
+    return Build.objects.filter(concurrency_group__in=groups, status=BuildStatus.QUEUED).order_by(
+        "concurrency_group", *queue_order()
+    )
+
+
+def group_limit(head: Build) -> int | None:
+    """How many builds of a group may run at once: the max_running of the policy of the
+    build at the head of its queue, as it is now; None (no limit) when that policy was
+    deleted."""
+    return None if head.policy is None else head.policy.max_running
 
 
 def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
@@ -108,14 +125,14 @@ def builds_to_start(group: str) -> list[int]:
     """With the group locked: the queued builds that may start now, in queue order. The
     limit is the policy of the build at the head, as it is now."""
     lock_group(group)
-    members = Build.objects.filter(concurrency_group=group)
-    queued = members.filter(status=BuildStatus.QUEUED).order_by(*queue_order())
+    queued = queued_in_order(group)
     head = queued.select_related("policy").first()
     if head is None:
         return []
-    if head.policy is None:  # its policy was deleted: the group has no limit any more
+    limit = group_limit(head)
+    if limit is None:
         return list(queued.values_list("id", flat=True))
-    free = head.policy.max_running - members.filter(occupying()).count()
+    free = limit - Build.objects.filter(occupying(), concurrency_group=group).count()
     return list(queued.values_list("id", flat=True)[: max(free, 0)])
 
 
