@@ -15,10 +15,12 @@ The variable table has a foreign key to builds_build, and that makes the purge l
 too (seen in pg_locks on PostgreSQL 15): finishing a detach (the second phase of DETACH
 CONCURRENTLY, or FINALIZE) takes SHARE ROW EXCLUSIVE on it to give the detached table its own
 FK triggers, which waits for any open transaction that wrote a build; dropping the detached
-table takes ACCESS EXCLUSIVE on it to remove those triggers, which waits even for a reader. A
-lock request queued there makes every later build read or write queue behind it, so these
-statements run under a short lock_timeout (VARIABLE_PURGE_LOCK_TIMEOUT_MS) and, when it
-expires, the purge stops and leaves the rest to its next run.
+table's foreign key takes ACCESS EXCLUSIVE on it to remove those triggers, which waits even
+for a reader. A lock request queued there makes every later build read or write queue behind
+it, so these statements run under a short lock_timeout (VARIABLE_PURGE_LOCK_TIMEOUT_MS) and,
+when it expires, the purge stops and leaves the rest to its next run. The foreign key is
+dropped on its own, a change of the catalog only, before the table: DROP TABLE then holds
+nothing of builds_build while it unlinks the table's files (a second for 5M rows).
 """
 
 import logging
@@ -207,6 +209,8 @@ def _purge(plan: list[tuple[str, str | None]], by: str) -> PurgeResult:
             _mark(name, PartitionState.DETACHING)
             if not _lock_bounded(f'ALTER TABLE "{PARENT}" DETACH PARTITION "{name}" {detach}'):
                 break
+        if not all(_lock_bounded(drop) for drop in _foreign_key_drops(name)):
+            break
         if not _lock_bounded(f'DROP TABLE IF EXISTS "{name}"'):
             break
         _dropped(name, by)
@@ -227,6 +231,19 @@ def _purge(plan: list[tuple[str, str | None]], by: str) -> PurgeResult:
         metrics.PURGE_SECONDS.observe((timezone.now() - started).total_seconds())
     reconcile()
     return result
+
+
+def _foreign_key_drops(name: str) -> list[str]:
+    """The ALTER TABLE statements dropping a detached partition's foreign keys, if it is
+    still there."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'f'",
+            [f'"{name}"'],
+        )
+        keys = [row[0] for row in cursor.fetchall()]
+    quote = connection.ops.quote_name
+    return [f"ALTER TABLE {quote(name)} DROP CONSTRAINT {quote(key)}" for key in keys]
 
 
 def _lock_bounded(sql: str, params=None) -> bool:

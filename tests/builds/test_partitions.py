@@ -327,12 +327,13 @@ def test_one_purge_at_a_time(settings):
     settings.VARIABLE_PURGE_LOCK_TIMEOUT_MS = 20_000
     name = partition_of(build_at(timezone.now() - 100 * DAY))
     with raw_connection() as watcher:
-        with holding("SELECT count(*) FROM builds_build"):  # keeps the first at its DROP
+        # A reader of builds_build keeps the first at the drop of the detached table's FK.
+        with holding("SELECT count(*) FROM builds_build"):
             first = Background(lambda: partitions.purge(by="beat"))
             wait_until(
-                lambda: waiting_for_a_lock(watcher, "DROP TABLE"),
+                lambda: waiting_for_a_lock(watcher, f'ALTER TABLE "{name}" DROP CONSTRAINT'),
                 timeout=10,
-                message="the first purge to wait at its DROP",
+                message="the first purge to wait at its foreign key's drop",
             )
             started = time.monotonic()
             output = purge_command()
