@@ -328,7 +328,13 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
                 " (builds.follow)",
             ),
         ],
-        responses={(200, "text/plain"): OpenApiTypes.STR},
+        responses={
+            (200, "text/plain"): OpenApiTypes.STR,
+            406: OpenApiResponse(
+                ErrorSerializer,
+                description=f"{LogStreamUnavailable.code}: `follow` of a web run as bare WSGI",
+            ),
+        },
     )
     @action(detail=True, url_path=r"steps/(?P<step_id>[0-9]+)/log")
     def log(self, request, pk=None, step_id=None):

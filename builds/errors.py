@@ -77,5 +77,7 @@ class BuildNotFound(CIError):
 
 
 class LogStreamUnavailable(CIError):
-    code = "LOG_STREAM_UNAVAILABLE"  # `?follow=1` on a web process that runs only WSGI
-    http_status = 501
+    # `?follow=1` of a web process that runs only WSGI: the event stream (which an
+    # EventSource accepts alone) is a representation it cannot make.
+    code = "LOG_STREAM_UNAVAILABLE"
+    http_status = 406

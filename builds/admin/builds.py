@@ -1,18 +1,25 @@
 """The admin's build pages: read-only history (builds change only through the services:
 trigger, retry, cancel), with the variables, the stage/job/step tree and each step's log.
-The page's tables are its template's (admin/builds/build/change_form.html); the tree is read
-once per page, in render_change_form."""
+The page's tables are its template's (admin/builds/build/change_form.html); what changes
+while a build runs is read once per page (BuildAdmin.live_context) and again by its live
+view, which renders the same parts as a fragment the page's script polls while the build is
+not final (admin/builds/build/live.html): one set of rules for the page and its updates."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
 from django.contrib import admin, messages
+from django.contrib.admin.utils import display_for_field, lookup_field
 from django.core.exceptions import PermissionDenied
 from django.db.models import F, Prefetch
 from django.http import Http404, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
+from django.template.defaultfilters import linebreaksbr
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import conditional_escape, format_html
 
 from builds import services
 from builds.admin.cancelling import CancelsBuilds
@@ -21,23 +28,66 @@ from builds.models import Build, BuildVariable, JobRun, StepRun
 from builds.services import retry as retry_service
 from builds.source import Source
 from builds.stages import group_stages
-from builds.statuses import BUILD_FINAL, BuildStatus, build_allowed_from
+from builds.statuses import BUILD_FINAL, BuildStatus, RunStatus, build_allowed_from
 from ciproject.admin_mixins import ReadOnlyAdmin
 from ciproject.errors import CIError
 from ciproject.formatting import human_duration
 
 LOG_TAIL_LINES = 200
+LIVE_LOG_LINES = 2000  # the build page's live log keeps this many lines of its tail
+EMPTY = "-"  # the admin's empty value display
+# The build's read-only fields that change while it runs: the live view sends them again.
+LIVE_FIELDS = ["status", "attempt", "reason", "started_at", "finished_at", "duration_display"]
+
+
+@dataclass(frozen=True)
+class Duration:
+    """How long something ran, for the page: from its start to its end, or to now while it
+    runs (`ticking`: the page's script counts on from its ends in epoch milliseconds). One
+    that has no end and no longer runs has none to show."""
+
+    started: datetime | None
+    finished: datetime | None
+    ticking: bool = False
+
+    @classmethod
+    def of(cls, started, finished, running: bool) -> "Duration":
+        return cls(started, finished, bool(started and running and not finished))
+
+    @property
+    def html(self):
+        if self.started is None or not (self.finished or self.ticking):
+            return EMPTY
+        ends = format_html(' data-finished-ms="{}"', _epoch_ms(self.finished))
+        # A clock a little behind the one that stamped the start shows 0s, not less.
+        lasted = max((self.finished or timezone.now()) - self.started, timedelta(0))
+        return format_html(
+            '<span class="ci-duration{}" data-started-ms="{}"{}>{}</span>',
+            " ci-ticking" if self.ticking else "",
+            _epoch_ms(self.started),
+            ends if self.finished else "",
+            human_duration(lasted),
+        )
 
 
 @dataclass(frozen=True)
 class TreeStep:
-    """A step of the build page's tree, with its log link and, if this user may retry it
-    now, the form its Retry button submits."""
+    """A step of the build page's tree, with its log links (the admin's page, the API's
+    text) and, if this user may retry it now, the form its Retry button submits."""
 
     step: StepRun
     log_url: str
+    api_log_url: str = ""
+    duration: Duration | None = None
     retry_form_id: str = ""
     retry_url: str = ""
+
+
+@dataclass(frozen=True)
+class TreeJob:
+    job: JobRun
+    duration: Duration
+    steps: list[TreeStep] = field(default_factory=list)
 
 
 @admin.register(Build)
@@ -98,8 +148,8 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
         return list(rows.order_by("name").values_list("name", "value", "source"))
 
     def _tree(self, request, build) -> list:
-        """The build's stages as [(stage, [(job, [TreeStep, ...]), ...]), ...]: its jobs and
-        their steps read once, a Retry form for each step this user may retry now."""
+        """The build's stages as [(stage, [TreeJob, ...]), ...]: its jobs and their steps
+        read once, a Retry form for each step this user may retry now."""
         steps = StepRun.objects.order_by("index")
         jobs = JobRun.objects.filter(build=build).order_by("stage_index", "id")
         jobs = jobs.prefetch_related(Prefetch("steps", steps))
@@ -112,8 +162,11 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
             (
                 stage,
                 [
-                    (
+                    TreeJob(
                         job,
+                        Duration.of(
+                            job.started_at, job.finished_at, job.status == RunStatus.RUNNING
+                        ),
                         [self._tree_step(build, job, step, can_retry) for step in job.steps.all()],
                     )
                     for job in stage.jobs
@@ -125,44 +178,86 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
     def _tree_step(self, build, job, step, can_retry) -> TreeStep:
         url = f"{self.admin_site.name}:builds_build_step_log"
         log_url = reverse(url, args=(build.pk, step.pk))
+        api_log_url = reverse("build-log", kwargs={"pk": build.pk, "step_id": step.pk})
+        running = step.status == RunStatus.RUNNING
+        duration = Duration.of(step.started_at, step.finished_at, running)
         # The tree sits inside the change form, where a form may not be nested: the button
         # submits a form of its own, rendered outside (the template's object-tools block).
         if not (can_retry and _step_retryable(build, job, step)):
-            return TreeStep(step, log_url)
+            return TreeStep(step, log_url, api_log_url, duration)
         retry_url = reverse(
             f"{self.admin_site.name}:builds_build_step_retry", args=(build.pk, step.pk)
         )
-        return TreeStep(step, log_url, f"retry-step-{step.pk}", retry_url)
+        return TreeStep(step, log_url, api_log_url, duration, f"retry-step-{step.pk}", retry_url)
+
+    def live_context(self, request, build) -> dict:
+        """What the build page shows that changes while the build runs, read now: its fields,
+        its Cancel and Retry buttons (by the same rules as their views), its variables,
+        artifacts and tree, and the step whose log the page follows. The change page renders
+        it once; the live view again, for the page's script."""
+        tree = self._tree(request, build)
+        steps = [entry for _, jobs in tree for job in jobs for entry in job.steps]
+        context = {
+            "live_url": reverse(f"{self.admin_site.name}:builds_build_live", args=(build.pk,)),
+            "live_final": build.status in BUILD_FINAL,
+            "live_now_ms": _epoch_ms(timezone.now()),
+            "live_fields": self._live_fields(build),
+            "followed": _followed_step(steps),
+            "log_tail_lines": LIVE_LOG_LINES,
+            "can_cancel": build.status in build_allowed_from(BuildStatus.CANCELLING)
+            and self.has_cancel_permission(request),
+            "cancel_url": reverse(f"{self.admin_site.name}:builds_build_cancel", args=(build.pk,)),
+            "variables": self._variables(build),
+            "artifacts": build.artifacts.select_related("job"),
+            "tree": tree,
+            "retry_forms": [(e.retry_form_id, e.retry_url) for e in steps if e.retry_form_id],
+            "empty_value_display": self.get_empty_value_display(),
+        }
+        if self.has_retry_permission(request) and build.status in BUILD_FINAL:
+            rerun_all = build.status == BuildStatus.SUCCEEDED
+            decision = services.can_retry(build, include_succeeded=rerun_all)
+            context["build_retry"] = {
+                "allowed": decision.allowed,
+                "reason": decision.reason,
+                "all": rerun_all,
+                "url": reverse(f"{self.admin_site.name}:builds_build_retry", args=(build.pk,)),
+            }
+        return context
+
+    def _live_fields(self, build) -> list[tuple[str, str]]:
+        """(name, HTML) of the read-only fields that change while the build runs, as the
+        admin renders a read-only field (AdminReadonlyField.contents), but the status as a
+        badge and a running build's duration counting."""
+        empty = self.get_empty_value_display()
+        shown = []
+        for name in LIVE_FIELDS:
+            if name == "status":
+                html = _status_badge(build.status, build.get_status_display())
+            elif name == "duration_display":
+                running = build.status in (BuildStatus.RUNNING, BuildStatus.CANCELLING)
+                html = Duration.of(build.started_at, build.finished_at, running).html
+            else:
+                f, _, value = lookup_field(name, build, self)
+                html = conditional_escape(linebreaksbr(display_for_field(value, f, empty)))
+            shown.append((name, html))
+        return shown
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None:
-            context["can_cancel"] = obj.status in build_allowed_from(BuildStatus.CANCELLING) and (
-                self.has_cancel_permission(request)
-            )
-            context["cancel_url"] = reverse(
-                f"{self.admin_site.name}:builds_build_cancel", args=(obj.pk,)
-            )
-            context["variables"] = self._variables(obj)
-            context["artifacts"] = obj.artifacts.select_related("job")
-            context["tree"] = tree = self._tree(request, obj)
-            context["retry_forms"] = [
-                (entry.retry_form_id, entry.retry_url)
-                for _, jobs in tree
-                for _, entries in jobs
-                for entry in entries
-                if entry.retry_form_id
-            ]
-            context["empty_value_display"] = self.get_empty_value_display()
-            if self.has_retry_permission(request) and obj.status in BUILD_FINAL:
-                rerun_all = obj.status == BuildStatus.SUCCEEDED
-                decision = services.can_retry(obj, include_succeeded=rerun_all)
-                context["build_retry"] = {
-                    "allowed": decision.allowed,
-                    "reason": decision.reason,
-                    "all": rerun_all,
-                    "url": reverse(f"{self.admin_site.name}:builds_build_retry", args=(obj.pk,)),
-                }
+            context.update(self.live_context(request, obj))
         return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def live_view(self, request, build_id):
+        """The build page's live parts (LIVE_FIELDS, buttons, variables, artifacts, tree),
+        rendered afresh as one fragment: the page's script swaps them in."""
+        # Checked before the lookup, so a 404 tells nothing to who may not see builds.
+        if not self.has_view_permission(request):
+            raise PermissionDenied
+        builds = self.get_queryset(request).select_related("pipeline")
+        build = get_object_or_404(builds, pk=build_id)
+        context = {"opts": self.model._meta, "original": build, **self.live_context(request, build)}
+        # Never cached: admin_view's never_cache.
+        return TemplateResponse(request, "admin/builds/build/live.html", context)
 
     @admin.action(description="Cancel selected builds", permissions=["cancel"])
     def cancel_builds(self, request, queryset):
@@ -211,6 +306,11 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
                 "<int:build_id>/steps/<int:step_id>/log/",
                 self.admin_site.admin_view(self.step_log_view),
                 name="builds_build_step_log",
+            ),
+            path(
+                "<int:build_id>/live/",
+                self.admin_site.admin_view(self.live_view),
+                name="builds_build_live",
             ),
             *super().get_urls(),
         ]
@@ -277,3 +377,22 @@ def _step_retryable(build, job, step) -> bool:
     except StepNotRetryable:
         return False
     return True
+
+
+def _followed_step(steps: list[TreeStep]) -> TreeStep | None:
+    """The step whose log the build page follows: the first running one (in the tree's
+    order), else the one that started last (the failed step of a failed build, mostly)."""
+    for entry in steps:
+        if entry.step.status == RunStatus.RUNNING:
+            return entry
+    started = [entry for entry in steps if entry.step.started_at]
+    return max(started, key=lambda entry: entry.step.started_at, default=None)
+
+
+def _epoch_ms(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1000)
+
+
+def _status_badge(status: str, text: str):
+    """A status in its colour and icon (the page's style: .ci-status[data-status])."""
+    return format_html('<span class="ci-status" data-status="{}">{}</span>', status, text)

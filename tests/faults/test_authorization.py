@@ -16,7 +16,8 @@ from django.utils import timezone
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from agents.models import Agent
+from agents import services as agents
+from agents.models import Agent, AgentStatus
 from builds import partitions, services
 from builds.models import Build, JobRun, Pipeline, StepRun, VariablePartition
 from concurrency.models import ConcurrencyGroup, ConcurrencyPolicy
@@ -115,6 +116,12 @@ def an_agent() -> dict:
     return {"a": Agent.objects.create(name=f"agent-{next(serial)}", labels=["x"]).pk}
 
 
+def a_drained_agent() -> dict:
+    agent = Agent.objects.create(name=f"agent-{next(serial)}", labels=["x"])
+    agents.set_status(agent, AgentStatus.DISABLED)
+    return {"a": agent.pk}
+
+
 def a_repository() -> dict:
     pipeline = Pipeline.objects.get(pk=a_pipeline()["p"])
     repository, _ = repositories.set_repository(pipeline, REPOSITORY)
@@ -148,6 +155,7 @@ TARGETS = {
     "failed": a_failed_build,
     "queued": a_queued_build,
     "agent": an_agent,
+    "drained_agent": a_drained_agent,
     "repository": a_repository,
     "stale_partitions": stale_partitions,
 }
@@ -239,6 +247,7 @@ ROWS = [
     Row("POST", "/admin/builds/build/{b}/change/", "-", 403, "running", dict),
     Row("POST", "/admin/builds/build/{b}/delete/", "-", 403, "running", lambda t: {"post": "yes"}),
     Row("GET", "/admin/builds/build/{b}/steps/{s}/log/", VB, 200),
+    Row("GET", "/admin/builds/build/{b}/live/", VB, 200),  # the page's live fragment
     Row("GET", "/admin/artifacts/artifact/", VB, 200),
     Row(
         "POST",
@@ -265,6 +274,8 @@ ROWS = [
     Row("GET", "/admin/agents/agent/add/", "-", 403),  # agents register themselves
     Row("GET", "/admin/agents/agent/{a}/change/", f"{VA}|{CA}", 200),
     Row("POST", "/admin/agents/agent/{a}/change/", CA, 302, "agent", disable, acts=True),
+    Row("POST", "/admin/agents/agent/{a}/drain/", CA, 302, "agent", dict, acts=True),
+    Row("POST", "/admin/agents/agent/{a}/undrain/", CA, 302, "drained_agent", dict, acts=True),
     Row("GET", "/admin/forge/repository/", f"{VR}|{CR}", 200, "repository"),
     Row("GET", "/admin/forge/repository/{r}/change/", f"{VR}|{CR}", 200, "repository"),
     Row("GET", "/admin/forge/repository/{r}/run/", AB, 200, "repository"),

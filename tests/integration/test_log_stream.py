@@ -153,6 +153,6 @@ def test_a_web_process_without_streams_says_so(admin_client):
     build = services.trigger_build(make_pipeline("wsgi-only", SLOW))
     step = first_step(build)
     answer = admin_client.get(f"/api/builds/{build.pk}/steps/{step.pk}/log/", {"follow": 1})
-    assert answer.status_code == 501
+    assert answer.status_code == 406
     assert answer.json()["code"] == "LOG_STREAM_UNAVAILABLE"
     wait_for_build(build)
