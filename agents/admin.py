@@ -25,18 +25,23 @@ from builds.statuses import RunStatus
 class AgentAdmin(admin.ModelAdmin):
     list_display = ["name", "hostname", "labels_display", "capacity", "status"]
     list_display += ["last_heartbeat", "heartbeat_age", "current_jobs", "leased_to"]
-    list_display += ["suspect_since"]
+    list_display += ["containment_mode", "suspect_since"]
     list_filter = ["status"]
     list_select_related = ["lease"]
     search_fields = ["name", "hostname"]
     fields = ["name", "hostname", "labels_display", "capacity", "status", "version"]
     fields += ["started_at", "last_heartbeat", "heartbeat_age", "current_jobs", "leased_to"]
-    fields += ["suspect_since", "suspect_reason"]
+    fields += ["containment", "suspect_since", "suspect_reason"]
     readonly_fields = [f for f in fields if f != "status"]
     actions = ["drain_agents", "undrain_agents"]
 
     def has_add_permission(self, request):
         return False  # an agent exists once `manage.py runagent` registers it
+
+    @admin.display(description="containment")
+    def containment_mode(self, obj):
+        """The mode alone ("cgroup v2"); its details and limits are on the agent's page."""
+        return obj.containment.split(" (", 1)[0]
 
     def get_queryset(self, request):
         # The heartbeat's age by the database's clock, which stamped it and by which the

@@ -13,6 +13,7 @@ class AgentSerializer(serializers.ModelSerializer):
     class Meta:
         model = Agent
         fields = ["id", "name", "hostname", "labels", "capacity", "status", "version"]
+        fields += ["containment"]
         fields += ["started_at", "last_heartbeat", "suspect_since", "suspect_reason"]
         fields += ["current_jobs"]
 

@@ -18,6 +18,9 @@ class Agent(models.Model):
         max_length=16, choices=AgentStatus.choices, default=AgentStatus.ONLINE
     )
     version = models.CharField(max_length=32, blank=True, default="")
+    # How its steps are contained, as its process found out at its start (cgroup v2 with
+    # its limits, or the fallback and what escapes it).
+    containment = models.TextField(blank=True, default="")
     started_at = models.DateTimeField(null=True, blank=True)
     last_heartbeat = models.DateTimeField(null=True, blank=True)
     # Its process's X25519 key (base64): secrets are sealed to it (vault.sealing).

@@ -24,9 +24,11 @@ def register_agent(
     version: str,
     starting=True,
     public_key: str = "",
+    containment: str = "",
 ):
     """An agent's row, created or refreshed. When its process is `starting`, whatever the
-    previous process was running is lost. `public_key`: what its secrets are sealed to."""
+    previous process was running is lost. `public_key`: what its secrets are sealed to;
+    `containment`: how it contains its steps, in its own words."""
     now = timezone.now()
     if starting:
         fail_jobs_of_lost_agent(name, "restarted while running this job")
@@ -39,6 +41,7 @@ def register_agent(
             "version": version,
             "started_at": now,
             "public_key": public_key,
+            "containment": containment,
         },
     )
     Agent.objects.filter(pk=agent.pk).update(last_heartbeat=DatabaseNow())

@@ -17,6 +17,7 @@ from django.utils import timezone
 from builds.admin.cancelling import CancelsBuilds
 from builds.models import Build
 from builds.statuses import BuildStatus
+from ciproject.admin_mixins import ReadOnlyAdmin
 from ciproject.formatting import human_duration
 from concurrency.models import ConcurrencyGroup, ConcurrencyPolicy
 from concurrency.services import LIVE_RUNNING, group_overview, group_queue, occupying
@@ -152,7 +153,7 @@ def _members(condition: Q):
 
 
 @admin.register(ConcurrencyGroup)
-class ConcurrencyGroupAdmin(admin.ModelAdmin):
+class ConcurrencyGroupAdmin(ReadOnlyAdmin, admin.ModelAdmin):
     """Read only: a group is a rendered key, made by the first admission into it. Its page
     lists its running builds and its queue in queue order."""
 
@@ -184,15 +185,6 @@ class ConcurrencyGroupAdmin(admin.ModelAdmin):
             request.user.has_perm(f"concurrency.{action}_concurrencypolicy")
             for action in ("view", "change")
         )
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None:

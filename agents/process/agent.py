@@ -183,6 +183,7 @@ class AgentProcess:
         services.register_agent(
             self.name, self.hostname, self.labels, self.capacity, __version__,
             starting=starting, public_key=self.opener.public_key,
+            containment=self.containment.describe(),
         )  # fmt: skip
 
     def heartbeat_loop(self) -> None:

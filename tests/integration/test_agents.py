@@ -182,3 +182,18 @@ stages:
     assert (steps["first"].attempt, steps["long"].attempt) == (2, 2)  # from its first step
     assert "the job runs again on another agent" in services.step_log(steps["long"], 1)
     assert "first on attempt 2" in services.step_log(steps["first"], 2)
+
+
+def test_an_agent_reports_how_it_contains_its_steps(admin_client):
+    """As its process found out at its start: here cgroup v2 (this machine has it), with the
+    limits it can set; in the API and on the admin's pages."""
+    agent = wait_until(
+        lambda: Agent.objects.filter(name="agent-1").exclude(containment="").first(),
+        message="agent-1's registration",
+    )
+    assert agent.containment.startswith("cgroup v2 (/"), agent.containment
+    assert "limits: " in agent.containment
+    answer = admin_client.get(f"/api/agents/{agent.pk}/").json()
+    assert answer["containment"] == agent.containment
+    listed = admin_client.get("/admin/agents/agent/").content.decode()
+    assert '<td class="field-containment_mode">cgroup v2</td>' in listed
