@@ -11,7 +11,7 @@ from django.db.models import Func
 from django.utils import timezone
 
 from agents.models import Agent, AgentStatus
-from builds.services import fail_jobs_of_lost_agent
+from builds.services import agents_left_with_work, fail_jobs_of_lost_agent
 from ciproject import metrics
 from dispatch import leases
 
@@ -114,11 +114,12 @@ def mark_lost_agents() -> list[str]:
         rows = cursor.fetchall()
     names = [name for name, _ in rows]
     metrics.AGENTS_LOST.inc(sum(status == AgentStatus.OFFLINE for _, status in rows))
-    for name in names:
+    for name in agents_left_with_work(names):
         fail_jobs_of_lost_agent(
             name, f"stopped heartbeating for {settings.AGENT_OFFLINE_AFTER_SECONDS} s"
         )
     # An agent already offline may still be recorded as running a job (a missed sweep).
-    for name in Agent.objects.filter(status=AgentStatus.OFFLINE).values_list("name", flat=True):
+    offline = Agent.objects.filter(status=AgentStatus.OFFLINE).exclude(name__in=names)
+    for name in agents_left_with_work(list(offline.values_list("name", flat=True))):
         fail_jobs_of_lost_agent(name, "is offline")
     return names

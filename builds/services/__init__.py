@@ -36,7 +36,11 @@ from builds.services.execution import (
     start_step,
 )
 from builds.services.logs import append_log, step_log
-from builds.services.lost_agents import fail_jobs_of_lost_agent, fail_jobs_on_agent
+from builds.services.lost_agents import (
+    agents_left_with_work,
+    fail_jobs_of_lost_agent,
+    fail_jobs_on_agent,
+)
 from builds.services.pipelines import policy_named_in, save_pipeline, validate_pipeline_name
 from builds.services.progress import (
     advance_build,
@@ -57,6 +61,7 @@ __all__ = [
     "HandBack",
     "Triggered",
     "advance_build",
+    "agents_left_with_work",
     "append_log",
     "begin_cleanup",
     "build_variables",

@@ -4,7 +4,9 @@ the jobs bound to it fail rather than wait, its lease goes, the builds move on. 
 registry (agents.services) decides when an agent is lost."""
 
 from django.db import transaction
+from django.db.models import OuterRef, Subquery
 
+from agents.models import AgentLease, LeaseWait
 from builds.models import Build, JobRun, StepRun
 from builds.services.execution import finish_job, run_jobs_again
 from builds.services.logs import add_late_note
@@ -24,6 +26,33 @@ def fail_jobs_of_lost_agent(name: str, why: str) -> list[int]:
                 advance_after_commit(job.build_id)
         leases.drop_agent(name)
     return failed
+
+
+def agents_left_with_work(names) -> set[str]:
+    """Of these agents (their names), those on which something is still
+    recorded that fail_jobs_of_lost_agent cleans up: a running job, a lease, a wait for one,
+    or a queued job only it may run. In five queries, however many agents: an agent gone for
+    good costs the sweep nothing."""
+    if not names:
+        return set()
+    running = JobRun.objects.filter(agent__in=names, status=RunStatus.RUNNING)
+    reused = JobRun.objects.filter(build_id=OuterRef("build_id"), key=OuterRef("reuse_of"))
+    reusing = (
+        JobRun.objects.filter(status=RunStatus.QUEUED)
+        .exclude(reuse_of="")
+        .annotate(bound=Subquery(reused.values("agent")[:1]))
+        .filter(bound__in=names)
+    )
+    leasing = JobRun.objects.filter(status=RunStatus.QUEUED, takes_lease=True, agent__in=names)
+    leased = AgentLease.objects.filter(agent__name__in=names)
+    waited = LeaseWait.objects.filter(agent__name__in=names)
+    return (
+        set(running.values_list("agent", flat=True))
+        | set(reusing.values_list("bound", flat=True))
+        | set(leasing.values_list("agent", flat=True))
+        | set(leased.values_list("agent__name", flat=True))
+        | set(waited.values_list("agent__name", flat=True))
+    )
 
 
 def fail_jobs_on_agent(agent: str, reason: str) -> list[int]:

@@ -118,3 +118,25 @@ def test_an_agent_whose_clock_is_behind_is_not_taken_for_lost(settings):
     assert services.mark_lost_agents() == []
     job.refresh_from_db()
     assert (job.status, Agent.objects.get(name="slow").status) == ("RUNNING", "online")
+
+
+@pytest.mark.django_db
+def test_agents_gone_for_good_cost_the_sweep_nothing_each(settings, django_assert_num_queries):
+    """Only an offline agent something is still recorded on (here a job left RUNNING on it,
+    as by a sweep that missed it) is cleaned up again; the others cost the sweep nothing."""
+    settings.AGENT_OFFLINE_AFTER_SECONDS = 30
+    for n in range(50):
+        services.register_agent(f"gone{n}", "host", ["unit-tests"], 1, "1")
+    with django_assert_num_queries(2):  # the UPDATE, the offline agents: none
+        assert services.mark_lost_agents() == []
+    Agent.objects.update(status="offline")
+    with django_assert_num_queries(7):  # and five lookups for all 50 at once
+        assert services.mark_lost_agents() == []
+
+    services.register_agent("a1", "host", ["unit-tests"], 1, "1")
+    _, job = running_job_on("a1")
+    Agent.objects.filter(name="a1").update(status="offline")
+    assert services.mark_lost_agents() == []  # not newly lost, but still running a job
+    job.refresh_from_db()
+    assert job.status == "FAILED"
+    assert "agent a1 was lost: it is offline" in job.reason
