@@ -43,6 +43,7 @@ from ciproject import metrics
 from ciproject.errors import CIError
 from ciproject.transactions import retried_on_conflict
 from concurrency import services as concurrency
+from concurrency.models import ConcurrencyPolicy
 
 
 @retried_on_conflict
@@ -292,4 +293,6 @@ def _admit_retry(build: Build) -> str:
             f" by the retry of build #{build.number} of {build.pipeline.name!r}",
         )
 
-    return concurrency.admit(build, build.policy, on_evict=evict)
+    # Its group was locked before the build (retry_build): read its limits as they are now.
+    policy = ConcurrencyPolicy.objects.get(pk=build.policy_id)
+    return concurrency.admit(build, policy, on_evict=evict)

@@ -1,12 +1,12 @@
 """Admission by concurrency policy. Every decision about a group happens with its
-ConcurrencyGroup row locked (SELECT ... FOR UPDATE), inside the transaction that creates,
+ConcurrencyGroup row locked (lock_group), inside the transaction that creates,
 finishes or retries the build, so a group never runs more than max_running builds and no
 queued build is started twice, whatever the interleaving across processes and hosts."""
 
 from datetime import timedelta
 
 from django.db import connection, transaction
-from django.db.models import F, Q
+from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from builds.models import Build
@@ -28,15 +28,14 @@ def occupying() -> Q:
 
 
 def lock_group(key: str) -> None:
-    """Create the group's row if needed and lock it until the transaction ends."""
+    """Create the group's row if needed and lock it until the transaction ends, in one
+    statement: DO UPDATE locks the row it meets as FOR UPDATE would (and a concurrent first
+    insert of the key waits for the other's commit, then meets its row)."""
     with connection.cursor() as cursor:
         cursor.execute(
             "INSERT INTO concurrency_concurrencygroup (key, created_at) VALUES (%s, now())"
-            " ON CONFLICT (key) DO NOTHING",
+            " ON CONFLICT (key) DO UPDATE SET key = EXCLUDED.key",
             [key],
-        )
-        cursor.execute(
-            "SELECT id FROM concurrency_concurrencygroup WHERE key = %s FOR UPDATE", [key]
         )
 
 
@@ -73,16 +72,18 @@ def group_limit(head: Build) -> int | None:
 
 
 def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
-    """Decide a new build's fate in its group (locked here): RUNNING if a slot is free and
-    nobody is waiting, else QUEUED if the queue has room, else the policy's on_queue_full:
-    PipelineQueueFull (the caller's transaction then rolls back: nothing is created), or the
-    oldest queued build is evicted (`on_evict(build)` ends it). Returns the status."""
-    lock_group(build.concurrency_group)
-    policy = ConcurrencyPolicy.objects.get(pk=policy.pk)  # the limits as they are now
+    """Decide a new build's fate in its group, which the caller has locked (lock_group), by
+    `policy` as read in this transaction: RUNNING if a slot is free and nobody is waiting,
+    else QUEUED if the queue has room, else the policy's on_queue_full: PipelineQueueFull
+    (the caller's transaction then rolls back: nothing is created), or the oldest queued
+    build is evicted (`on_evict(build)` ends it). Returns the status."""
     group = Build.objects.filter(concurrency_group=build.concurrency_group).exclude(pk=build.pk)
-    running = group.filter(occupying()).count()
     queued = group.filter(status=BuildStatus.QUEUED)
-    waiting = queued.count()
+    counts = group.aggregate(
+        running=Count("pk", filter=occupying()),
+        waiting=Count("pk", filter=Q(status=BuildStatus.QUEUED)),
+    )
+    running, waiting = counts["running"], counts["waiting"]
     if running < policy.max_running and waiting == 0:
         return _admitted(BuildStatus.RUNNING)
     # With cancel_in_progress the new build replaces the ones it cancelled: it waits for
