@@ -21,11 +21,11 @@ import psycopg
 from django.conf import settings
 
 from builds.models import StepLogChunk, StepRun
+from builds.services.logs import LOG_CHANNEL
 from builds.statuses import RUN_FINAL
 
 log = logging.getLogger(__name__)
 
-CHANNEL = "step_log"  # builds.services.logs.LOG_CHANNEL (the services sit below this layer)
 STATUS_SECONDS = 1.0  # how often the followed steps' statuses are read (and chunks, anyway)
 KEEPALIVE_SECONDS = 15.0  # a comment line on a quiet stream keeps proxies from closing it
 RETRY_MS = 1000  # the client's reconnect delay (SSE `retry:`)
@@ -135,7 +135,7 @@ class Hub:
                 async with await psycopg.AsyncConnection.connect(
                     self._conninfo(), autocommit=True
                 ) as conn:
-                    await conn.execute(f"LISTEN {CHANNEL}")
+                    await conn.execute(f"LISTEN {LOG_CHANNEL}")
                     self._listening.set()
                     delay = 0.5
                     for topic in list(self.topics.values()):  # what came while we were away
