@@ -1,12 +1,14 @@
 """Artifacts in the admin: listed (and on their build's page), each downloadable by whoever
-may read the build's logs (view_build). They change only through the services."""
+may read the build's logs (access.rules). They change only through the services."""
 
 from django.contrib import admin
-from django.core.exceptions import PermissionDenied
 from django.http import Http404
+from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from access import rules as access
+from access.admin_mixins import PipelineScoped
 from artifacts import services
 from artifacts.api import download
 from artifacts.errors import ArtifactExpired, ArtifactNotFound
@@ -16,7 +18,8 @@ from ciproject.sizes import format_size
 
 
 @admin.register(Artifact)
-class ArtifactAdmin(ReadOnlyAdmin, admin.ModelAdmin):
+class ArtifactAdmin(ReadOnlyAdmin, PipelineScoped, admin.ModelAdmin):
+    change_action = None
     list_display = ["path", "build", "job_key", "attempt", "size_display", "sha256"]
     list_display += ["expires_at", "download_link"]
     list_filter = ["expired_at", "created_at"]
@@ -40,8 +43,7 @@ class ArtifactAdmin(ReadOnlyAdmin, admin.ModelAdmin):
         url = reverse("admin:artifacts_artifact_download", args=[artifact.pk])
         return format_html('<a href="{}">download</a>', url)
 
-    def has_view_permission(self, request, obj=None):
-        return request.user.has_perm("builds.view_build")
+    pipeline_field = "build__pipeline"  # shown to who may see the build's logs
 
     def get_urls(self):
         download_view = self.admin_site.admin_view(self.download_view)
@@ -51,8 +53,10 @@ class ArtifactAdmin(ReadOnlyAdmin, admin.ModelAdmin):
         ]
 
     def download_view(self, request, artifact_id):
-        if not request.user.has_perm("builds.view_build"):
-            raise PermissionDenied
+        artifact = get_object_or_404(
+            Artifact.objects.select_related("build__pipeline"), pk=artifact_id
+        )
+        access.require(request.user, access.VIEW_BUILDS, artifact.build.pipeline)
         try:
             return download(services.for_download(artifact_id))
         except (ArtifactNotFound, ArtifactExpired):

@@ -19,11 +19,11 @@ from rest_framework.authentication import BaseAuthentication, get_authorization_
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
+from access import rules as access
 from artifacts import services
 from artifacts.models import Artifact
 from builds.models import Build
 from ciproject.api import ErrorSerializer, router
-from ciproject.permissions import requires
 from vault import tokens
 
 SHA256_HEADER = "X-Artifact-Sha256"
@@ -146,8 +146,14 @@ class AgentArtifactViewSet(viewsets.ViewSet):
 class BuildArtifactViewSet(viewsets.ViewSet):
     lookup_value_regex = r"[0-9]+"
 
-    def get_permissions(self):
-        return [requires("builds.view_build")()]
+    permission_classes = [permissions.IsAuthenticated]  # and access.rules, per pipeline
+
+    def _build(self, build_id) -> Build:
+        build = Build.objects.select_related("pipeline").filter(pk=build_id).first()
+        if build is None:
+            raise exceptions.NotFound(f"no build {build_id}")
+        access.require(self.request.user, access.VIEW_BUILDS, build.pipeline)
+        return build
 
     @extend_schema(
         parameters=[BUILD_ID],
@@ -155,9 +161,7 @@ class BuildArtifactViewSet(viewsets.ViewSet):
         summary="List a build's artifacts",
     )
     def list(self, request, build_id=None):
-        if not Build.objects.filter(pk=build_id).exists():
-            raise exceptions.NotFound(f"no build {build_id}")
-        found = Artifact.objects.filter(build_id=build_id).select_related("job")
+        found = Artifact.objects.filter(build=self._build(build_id)).select_related("job")
         return Response(ArtifactSerializer(found, many=True).data)
 
     @extend_schema(
@@ -166,7 +170,7 @@ class BuildArtifactViewSet(viewsets.ViewSet):
         summary="Download one of a build's artifacts",
     )
     def retrieve(self, request, build_id=None, pk=None):
-        return download(services.for_download(pk, build_id=build_id))
+        return download(services.for_download(pk, build_id=self._build(build_id).pk))
 
 
 router.register(r"agent/artifacts", AgentArtifactViewSet, basename="agent-artifact")

@@ -9,10 +9,13 @@ from drf_spectacular.utils import (
     extend_schema_field,
     extend_schema_view,
 )
-from rest_framework import mixins, serializers, status, viewsets
+from rest_framework import exceptions, mixins, permissions, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
+from access import rules as access
+from access.errors import TeamNotAllowed
+from access.models import Role, Team
 from builds import services
 from builds.errors import (
     BuildAlreadyFinished,
@@ -27,7 +30,6 @@ from builds.models import Build, JobRun, Pipeline, StepRun
 from builds.stages import group_stages
 from ciproject.api import ErrorSerializer, router
 from ciproject.errors import CIError
-from ciproject.permissions import requires
 from concurrency.errors import PipelineQueueFull
 from concurrency.services import queue_positions
 
@@ -38,9 +40,17 @@ class PipelineSerializer(serializers.ModelSerializer):
         " choices and pattern (builds.parameters)"
     )
 
+    teams = serializers.SlugRelatedField(
+        many=True,
+        slug_field="name",
+        queryset=Team.objects.all(),
+        required=False,
+        help_text="the teams it belongs to, by name: their members reach it by their role",
+    )
+
     class Meta:
         model = Pipeline
-        fields = ["id", "name", "definition", "parameters", "last_build_number"]
+        fields = ["id", "name", "definition", "parameters", "teams", "last_build_number"]
         fields += ["created_at", "updated_at"]
         read_only_fields = ["last_build_number", "created_at", "updated_at"]
         # The service validates (and refuses a taken name with its own code).
@@ -50,13 +60,21 @@ class PipelineSerializer(serializers.ModelSerializer):
         return pipeline.parameters
 
     def create(self, validated_data):
-        return services.save_pipeline(validated_data["name"], validated_data["definition"])
+        editor = self.context["request"].user
+        teams = validated_data.get("teams")
+        if not (teams or editor.has_perm("builds.add_pipeline")):
+            raise TeamNotAllowed("teams: name a team you maintain, whose pipeline this is")
+        return services.save_pipeline(
+            validated_data["name"], validated_data["definition"], editor=editor, teams=teams
+        )
 
     def update(self, instance, validated_data):
         return services.save_pipeline(
             validated_data.get("name", instance.name),
             validated_data.get("definition", instance.definition),
             pipeline=instance,
+            editor=self.context["request"].user,
+            teams=validated_data.get("teams"),
         )
 
 
@@ -196,13 +214,33 @@ class PipelineViewSet(
     queryset = Pipeline.objects.all()
     serializer_class = PipelineSerializer
     lookup_value_regex = r"[0-9]+"  # ids only: /pipelines/abc/ is a 404, not a ValueError
+    # Who may do what to which pipeline is access.rules' answer, object by object.
+    permission_classes = [permissions.IsAuthenticated]
 
-    def get_permissions(self):
-        if self.action == "builds" and self.request.method == "POST":
-            return [requires("builds.add_build")()]
+    def get_queryset(self):
+        if self.action == "list":
+            return access.pipelines_for(self.request.user, access.VIEW_PIPELINE)
+        return super().get_queryset().prefetch_related("teams")
+
+    def get_object(self):
+        pipeline = super().get_object()
         if self.action == "builds":
-            return [requires("builds.view_build")()]
-        return super().get_permissions()
+            post = self.request.method == "POST"
+            needed = access.TRIGGER if post else access.VIEW_BUILDS
+        elif self.action in ("update", "partial_update"):
+            needed = access.EDIT
+        else:
+            needed = access.VIEW_PIPELINE
+        access.require(self.request.user, needed, pipeline)
+        return pipeline
+
+    def create(self, request, *args, **kwargs):
+        if not (
+            request.user.has_perm("builds.add_pipeline")
+            or access.has_role_in_a_team(request.user, Role.MAINTAINER)
+        ):
+            raise exceptions.PermissionDenied("you may not create pipelines")
+        return super().create(request, *args, **kwargs)
 
     @extend_schema(
         methods=["POST"],
@@ -264,21 +302,24 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
     def get_serializer_class(self):
         return BuildSerializer if self.action == "retrieve" else BuildSummarySerializer
 
+    permission_classes = [permissions.IsAuthenticated]  # and access.rules, build by build
+    needs = {"cancel": access.CANCEL, "retry": access.RETRY, "retry_step": access.RETRY}
+
     def get_queryset(self):
         queryset = super().get_queryset()
+        if self.action == "list":
+            visible = access.pipelines_for(self.request.user, access.VIEW_BUILDS)
+            queryset = queryset.filter(pipeline__in=visible)
         if self.action == "retrieve":
             jobs = JobRun.objects.order_by("stage_index", "id").prefetch_related("steps")
             queryset = queryset.prefetch_related(Prefetch("jobs", jobs), "variables")
         return queryset
 
-    def get_permissions(self):
-        if self.action == "log":
-            return [requires("builds.view_build")()]
-        if self.action == "cancel":
-            return [requires("builds.cancel_build")()]
-        if self.action in ("retry_step", "retry"):
-            return [requires("builds.retry_build")()]
-        return super().get_permissions()
+    def get_object(self):
+        build = super().get_object()
+        needed = self.needs.get(self.action, access.VIEW_BUILDS)
+        access.require(self.request.user, needed, build.pipeline)
+        return build
 
     @extend_schema(
         request=RetrySerializer,
@@ -338,7 +379,8 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=True, url_path=r"steps/(?P<step_id>[0-9]+)/log")
     def log(self, request, pk=None, step_id=None):
-        step = get_object_or_404(StepRun, pk=step_id, job__build_id=pk)
+        build = self.get_object()
+        step = get_object_or_404(StepRun, pk=step_id, job__build=build)
         attempt = request.query_params.get("attempt")
         attempt = int(attempt) if attempt and attempt.isdecimal() else None
         if request.query_params.get("follow", "") not in ("", "0", "false"):

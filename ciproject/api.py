@@ -3,7 +3,7 @@ pagination are in ciproject.api_defaults."""
 
 import logging
 
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import InterfaceError, OperationalError
 from django.http import Http404
 from django.urls import re_path
@@ -91,6 +91,8 @@ def exception_handler(exc, context):
         return _answer(exc)
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied(str(exc) or None)
     elif isinstance(exc, RequestDataTooBig):
         # DRF reads JSON through request.body, so Django's DATA_UPLOAD_MAX_MEMORY_SIZE can
         # refuse the body before our parser sees it.

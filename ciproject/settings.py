@@ -54,6 +54,7 @@ INSTALLED_APPS = [
     "vault",
     "artifacts",
     "forge",
+    "access",
 ]
 
 MIDDLEWARE = [

@@ -6,7 +6,6 @@ import uuid
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -14,6 +13,7 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from access import rules as access
 from ciproject.admin_mixins import ReadOnlyAdmin
 from ciproject.errors import CIError
 from forge import cron
@@ -90,11 +90,10 @@ class RepositoryAdmin(admin.ModelAdmin):
         """Run now: a branch's head or a commit, through the service the API calls."""
         if request.method not in ("GET", "POST"):
             return HttpResponseNotAllowed(["GET", "POST"])
-        if not request.user.has_perm("builds.add_build"):
-            raise PermissionDenied
         repository = get_object_or_404(
             Repository.objects.select_related("pipeline"), pk=repository_id
         )
+        access.require(request.user, access.TRIGGER, repository.pipeline)
         form = RunForm(request.POST or None, initial={"idempotency_key": uuid.uuid4().hex})
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data

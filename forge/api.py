@@ -4,16 +4,15 @@ forges' webhooks, authenticated by their signatures alone; /api/pipelines/{id}/r
 of a branch's head or of a commit."""
 
 from django.conf import settings
-from django.shortcuts import get_object_or_404
 from django.urls import path, re_path
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import permissions, serializers, status, viewsets
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from access import rules as access
 from builds.models import Build, Pipeline
 from ciproject.api import ErrorSerializer
-from ciproject.permissions import requires
 from forge.errors import WebhookTooLarge
 from forge.models import Forge, Repository
 from forge.services import hooks, repositories, runs
@@ -64,13 +63,12 @@ class RunAnswerSerializer(serializers.ModelSerializer):
 
 
 class RepositoryViewSet(viewsets.ViewSet):
-    def get_permissions(self):
-        if self.request.method in permissions.SAFE_METHODS:
-            return [requires("builds.view_pipeline")()]
-        return [requires("builds.view_pipeline", "builds.change_pipeline")()]
+    permission_classes = [permissions.IsAuthenticated]  # and access.rules, per pipeline
 
     def _pipeline(self) -> Pipeline:
-        return get_object_or_404(Pipeline, pk=self.kwargs["pipeline_id"])
+        safe = self.request.method in permissions.SAFE_METHODS
+        needed = access.VIEW_REPOSITORY if safe else access.EDIT_REPOSITORY
+        return access.pipeline_for(self.request.user, needed, self.kwargs["pipeline_id"])
 
     @extend_schema(parameters=[PIPELINE_ID], responses=RepositorySerializer, summary="Repository")
     def list(self, request, pipeline_id=None):
@@ -141,8 +139,7 @@ class WebhookView(APIView):
 
 
 class RunView(APIView):
-    def get_permissions(self):
-        return [requires("builds.add_build")()]
+    permission_classes = [permissions.IsAuthenticated]  # and access.rules, per pipeline
 
     @extend_schema(
         parameters=[PIPELINE_ID],
@@ -158,7 +155,7 @@ class RunView(APIView):
         body = RunSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         build, replayed = runs.run_now(
-            get_object_or_404(Pipeline, pk=pipeline_id),
+            access.pipeline_for(request.user, access.TRIGGER, pipeline_id),
             body.validated_data["branch"],
             body.validated_data["commit"],
             body.validated_data["variables"],

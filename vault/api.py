@@ -2,14 +2,13 @@
 and who set them when; PUT sets or replaces a value (204); DELETE removes one (204). No
 answer ever carries a value."""
 
-from django.shortcuts import get_object_or_404
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import serializers, status, viewsets
+from rest_framework import permissions, serializers, status, viewsets
 from rest_framework.response import Response
 
+from access import rules as access
 from builds.models import Pipeline
 from ciproject.api import ErrorSerializer, router
-from ciproject.permissions import requires
 from vault import services
 from vault.models import Secret
 
@@ -30,16 +29,12 @@ class SecretViewSet(viewsets.ViewSet):
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"  # any name reaches the service, which says what is wrong
 
-    def get_permissions(self):
-        needed = {
-            "list": ("vault.view_secret",),
-            "update": ("vault.add_secret", "vault.change_secret"),
-            "destroy": ("vault.delete_secret",),
-        }.get(self.action, ("vault.view_secret",))
-        return [requires("builds.view_pipeline", *needed)()]
+    permission_classes = [permissions.IsAuthenticated]  # and access.rules, per pipeline
+    needs = {"update": access.SET_SECRET, "destroy": access.DELETE_SECRET}
 
     def _pipeline(self) -> Pipeline:
-        return get_object_or_404(Pipeline, pk=self.kwargs["pipeline_id"])
+        needed = self.needs.get(self.action, access.VIEW_SECRETS)
+        return access.pipeline_for(self.request.user, needed, self.kwargs["pipeline_id"])
 
     @extend_schema(responses=SecretSerializer(many=True), summary="List a pipeline's secrets")
     def list(self, request, pipeline_id=None):

@@ -11,7 +11,6 @@ from urllib.parse import urlencode
 
 from django.contrib import admin, messages
 from django.contrib.admin.utils import display_for_field, lookup_field
-from django.core.exceptions import PermissionDenied
 from django.db.models import F, Prefetch
 from django.http import Http404, HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
@@ -21,6 +20,8 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import conditional_escape, format_html
 
+from access import rules as access
+from access.admin_mixins import PipelineScoped
 from builds import services
 from builds.admin.cancelling import CancelsBuilds
 from builds.errors import StepNotRetryable
@@ -91,8 +92,10 @@ class TreeJob:
 
 
 @admin.register(Build)
-class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
+class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, PipelineScoped, admin.ModelAdmin):
     """Builds change only through the services (trigger, retry, cancel)."""
+
+    change_action = None
 
     list_display = ["pipeline", "number", "status", "attempt", "triggered_by", "created_at"]
     list_display += ["duration_display"]
@@ -138,8 +141,8 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
         fork = " from a fork (untrusted)" if source.fork else ""
         return f"{source.sha[:12]} on {on} ({source.event}{pull}{fork})"
 
-    def has_retry_permission(self, request):
-        return request.user.has_perm("builds.retry_build")
+    def has_retry_permission(self, request, build: Build) -> bool:
+        return self.may(request, access.RETRY, build)
 
     def _variables(self, build) -> list[tuple[str, str, str]]:
         """(name, value, source) of the build's variables, by name."""
@@ -154,7 +157,7 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
         jobs = JobRun.objects.filter(build=build).order_by("stage_index", "id")
         jobs = jobs.prefetch_related(Prefetch("steps", steps))
         # A finished build's steps run again only within its retry window: the same rule.
-        can_retry = self.has_retry_permission(request) and (
+        can_retry = self.has_retry_permission(request, build) and (
             build.status not in BUILD_FINAL
             or services.can_retry(build, include_succeeded=True).allowed
         )
@@ -205,7 +208,7 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
             "followed": _followed_step(steps),
             "log_tail_lines": LIVE_LOG_LINES,
             "can_cancel": build.status in build_allowed_from(BuildStatus.CANCELLING)
-            and self.has_cancel_permission(request),
+            and self.has_cancel_permission(request, build),
             "cancel_url": reverse(f"{self.admin_site.name}:builds_build_cancel", args=(build.pk,)),
             "variables": self._variables(build),
             "artifacts": build.artifacts.select_related("job"),
@@ -213,7 +216,7 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
             "retry_forms": [(e.retry_form_id, e.retry_url) for e in steps if e.retry_form_id],
             "empty_value_display": self.get_empty_value_display(),
         }
-        if self.has_retry_permission(request) and build.status in BUILD_FINAL:
+        if self.has_retry_permission(request, build) and build.status in BUILD_FINAL:
             rerun_all = build.status == BuildStatus.SUCCEEDED
             decision = services.can_retry(build, include_succeeded=rerun_all)
             context["build_retry"] = {
@@ -250,19 +253,19 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
     def live_view(self, request, build_id):
         """The build page's live parts (LIVE_FIELDS, buttons, variables, artifacts, tree),
         rendered afresh as one fragment: the page's script swaps them in."""
-        # Checked before the lookup, so a 404 tells nothing to who may not see builds.
-        if not self.has_view_permission(request):
-            raise PermissionDenied
-        builds = self.get_queryset(request).select_related("pipeline")
-        build = get_object_or_404(builds, pk=build_id)
+        build = get_object_or_404(Build.objects.select_related("pipeline"), pk=build_id)
+        access.require(request.user, access.VIEW_BUILDS, build.pipeline)
         context = {"opts": self.model._meta, "original": build, **self.live_context(request, build)}
         # Never cached: admin_view's never_cache.
         return TemplateResponse(request, "admin/builds/build/live.html", context)
 
     @admin.action(description="Cancel selected builds", permissions=["cancel"])
     def cancel_builds(self, request, queryset):
-        for build in queryset:
-            self.cancel_build(request, build)
+        for build in queryset.select_related("pipeline"):
+            if self.has_cancel_permission(request, build):
+                self.cancel_build(request, build)
+            else:
+                self.message_user(request, f"Build {build}: you may not cancel it", messages.ERROR)
 
     def cancel_view(self, request, build_id):
         next_url = reverse(f"{self.admin_site.name}:builds_build_change", args=(build_id,))
@@ -271,9 +274,8 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
     def retry_view(self, request, build_id):
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
-        if not self.has_retry_permission(request):
-            raise PermissionDenied
         build = get_object_or_404(Build.objects.select_related("pipeline"), pk=build_id)
+        access.require(request.user, access.RETRY, build.pipeline)  # 404 to who sees nothing
         try:  # the server asks can_retry again: the page may be stale
             build = services.retry_build(build.pk, request.POST.get("all") != "1", request.user)
         except CIError as exc:
@@ -318,9 +320,8 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
     def step_retry_view(self, request, build_id, step_id):
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
-        if not self.has_retry_permission(request):
-            raise PermissionDenied
         build = get_object_or_404(Build.objects.select_related("pipeline"), pk=build_id)
+        access.require(request.user, access.RETRY, build.pipeline)
         try:
             step = services.retry_step(build.pk, step_id)
         except CIError as exc:
@@ -334,15 +335,13 @@ class BuildAdmin(CancelsBuilds, ReadOnlyAdmin, admin.ModelAdmin):
         return redirect(reverse(f"{self.admin_site.name}:builds_build_change", args=(build_id,)))
 
     def step_log_view(self, request, build_id, step_id):
-        # Checked before the lookup, so a 404 tells nothing to who may not see builds.
-        if not self.has_view_permission(request):
-            raise PermissionDenied
         step = get_object_or_404(
             StepRun.objects.select_related("job__build__pipeline"),
             pk=step_id,
             job__build_id=build_id,
         )
         build = step.job.build
+        access.require(request.user, access.VIEW_BUILDS, build.pipeline)
         attempt = request.GET.get("attempt", str(step.attempt))
         if not attempt.isdecimal() or not 1 <= int(attempt) <= step.attempt:
             raise Http404(f"step {step.pk} has attempts 1 to {step.attempt}")

@@ -2,11 +2,12 @@
 policy's queue): the permission, the service call reported as a message, and the POST view."""
 
 from django.contrib import messages
-from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
 
+from access import rules as access
+from access.models import Role
 from builds import services
 from builds.models import Build
 from ciproject.errors import CIError
@@ -15,8 +16,14 @@ from ciproject.errors import CIError
 class CancelsBuilds:
     """For a ModelAdmin whose pages cancel builds, with the permission the API asks for."""
 
-    def has_cancel_permission(self, request):
-        return request.user.has_perm("builds.cancel_build")
+    def has_cancel_permission(self, request, build: Build | None = None):
+        """May cancel `build`; without one, whether the page offers cancelling at all."""
+        user = request.user
+        if build is None:
+            return access.everywhere(user, access.CANCEL) or access.has_role_in_a_team(
+                user, Role.DEVELOPER
+            )
+        return access.may(user, access.CANCEL, build.pipeline)
 
     def cancel_build(self, request, build: Build) -> None:
         """Ask the service to cancel `build`; its answer, or its refusal, is a message."""
@@ -32,8 +39,7 @@ class CancelsBuilds:
         `next_url`."""
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
-        # Checked before the lookup, so a 404 tells nothing to who may not cancel.
-        if not self.has_cancel_permission(request):
-            raise PermissionDenied
-        self.cancel_build(request, get_object_or_404(builds, pk=build_id))
+        build = get_object_or_404(builds.select_related("pipeline"), pk=build_id)
+        access.require(request.user, access.CANCEL, build.pipeline)  # 404 to who sees nothing
+        self.cancel_build(request, build)
         return redirect(next_url)

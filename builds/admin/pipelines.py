@@ -7,13 +7,15 @@ from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import admin, messages
-from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed
-from django.shortcuts import get_object_or_404, redirect
+from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from access import rules as access
+from access.admin_mixins import PipelineScoped
+from access.models import Role, Team
 from builds import services
 from builds.definition import parse_assignments, parse_definition
 from builds.errors import IdempotencyKeyReused
@@ -26,6 +28,18 @@ def _ci_error(exc: CIError) -> forms.ValidationError:
 
 
 class PipelineForm(forms.ModelForm):
+    teams = forms.ModelMultipleChoiceField(
+        Team.objects.all(),
+        required=False,
+        help_text="Their members reach this pipeline by their roles.",
+    )
+    editor = None  # the person saving it (PipelineAdmin.get_form sets it)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.instance.pk:
+            self.fields["teams"].initial = list(self.instance.teams.all())
+
     class Meta:
         model = Pipeline
         fields = ["name", "policy", "definition"]
@@ -68,6 +82,15 @@ class PipelineForm(forms.ModelForm):
                 f"the definition sets the policy {named.name!r} (`concurrency:`); remove that"
                 " line to choose the policy here",
             )
+        # What save_pipeline refuses, said on the form: the same checks.
+        before = list(self.instance.teams.all()) if self.instance.pk else []
+        try:
+            services.check_policy(
+                self.editor, self.instance.policy_id, named or cleaned.get("policy")
+            )
+            services.check_teams(self.editor, before, list(cleaned.get("teams") or []))
+        except CIError as exc:
+            raise _ci_error(exc) from None
         return cleaned
 
 
@@ -151,13 +174,37 @@ def parse_variable_lines(text: str) -> dict[str, str]:
 
 
 @admin.register(Pipeline)
-class PipelineAdmin(admin.ModelAdmin):
+class PipelineAdmin(PipelineScoped, admin.ModelAdmin):
     form = PipelineForm
     list_display = ["name", "last_build_number", "updated_at", "builds_link"]
     search_fields = ["name"]
+    pipeline_field = ""
+    view_actions = (access.VIEW_PIPELINE,)
+
+    def get_fields(self, request, obj=None):
+        fields = super().get_fields(request, obj)
+        if obj is not None and not self.has_change_permission(request, obj):
+            # Shown read-only: the form's field is not one of the model's to display.
+            fields = ["team_names" if name == "teams" else name for name in fields]
+        return fields
+
+    @admin.display(description="teams")
+    def team_names(self, obj):
+        return ", ".join(team.name for team in obj.teams.all()) or "-"
+
+    def get_form(self, request, obj=None, **kwargs):
+        form = super().get_form(request, obj, **kwargs)
+        return type(form.__name__, (form,), {"editor": request.user})
+
+    def has_add_permission(self, request):
+        # A team's maintainer makes pipelines for their team (the form asks which).
+        return super().has_add_permission(request) or access.has_role_in_a_team(
+            request.user, Role.MAINTAINER
+        )
 
     def get_readonly_fields(self, request, obj=None):
-        return ["last_build_number", "builds_count", "created_at", "updated_at"] if obj else []
+        shown = ["last_build_number", "builds_count", "created_at", "updated_at", "team_names"]
+        return shown if obj else []
 
     def _builds_url(self, obj):
         url = reverse(f"{self.admin_site.name}:builds_build_changelist")
@@ -176,14 +223,17 @@ class PipelineAdmin(admin.ModelAdmin):
         # save_pipeline sets `spec` and saves `obj` itself, so the admin's log entry and
         # redirect see the saved row. The form has already validated the same input.
         data = form.cleaned_data
-        services.save_pipeline(data["name"], data["definition"], obj, policy=data["policy"])
-
-    # Triggering creates a build: the API's permission for it (POST /api/pipelines/{id}/builds/).
-    def has_trigger_permission(self, request):
-        return request.user.has_perm("builds.add_build")
+        services.save_pipeline(
+            data["name"],
+            data["definition"],
+            obj,
+            policy=data["policy"],
+            editor=request.user,
+            teams=list(data["teams"]),
+        )
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
-        if obj is not None and self.has_trigger_permission(request):
+        if obj is not None and self.may(request, access.TRIGGER, obj):
             context["trigger_url"] = reverse(
                 f"{self.admin_site.name}:builds_pipeline_trigger", args=(obj.pk,)
             )
@@ -194,10 +244,7 @@ class PipelineAdmin(admin.ModelAdmin):
         calls, then shows the new build; a refusal is a message, and the form keeps its input."""
         if request.method not in ("GET", "POST"):
             return HttpResponseNotAllowed(["GET", "POST"])
-        # Checked before the lookup, so a 404 tells nothing to who may not trigger.
-        if not self.has_trigger_permission(request):
-            raise PermissionDenied
-        pipeline = get_object_or_404(Pipeline, pk=pipeline_id)
+        pipeline = access.pipeline_for(request.user, access.TRIGGER, pipeline_id)
         declared = pipeline.parameters
         if request.method == "POST":
             form = TriggerForm(request.POST, parameters=declared)

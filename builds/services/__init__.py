@@ -41,7 +41,13 @@ from builds.services.lost_agents import (
     fail_jobs_of_lost_agent,
     fail_jobs_on_agent,
 )
-from builds.services.pipelines import policy_named_in, save_pipeline, validate_pipeline_name
+from builds.services.pipelines import (
+    check_policy,
+    check_teams,
+    policy_named_in,
+    save_pipeline,
+    validate_pipeline_name,
+)
 from builds.services.progress import (
     advance_build,
     finish_build,
@@ -67,6 +73,8 @@ __all__ = [
     "build_variables",
     "can_retry",
     "cancel_watchdog",
+    "check_policy",
+    "check_teams",
     "end_untracked_jobs",
     "ended_elsewhere",
     "fail_jobs_of_lost_agent",

@@ -4,6 +4,9 @@ import re
 
 from django.db import IntegrityError, transaction
 
+from access import rules as access
+from access.errors import PolicyNotAllowed, TeamNotAllowed
+from access.models import Role, Team
 from builds.definition import parse_definition
 from builds.errors import InvalidPipeline, PipelineNameTaken
 from builds.models import Pipeline
@@ -51,29 +54,65 @@ def check_secrets_named(spec: dict, pipeline: Pipeline | None) -> None:
                     )
 
 
+def check_policy(editor, previous_policy_id, policy) -> None:
+    """An editor attaches only a policy they may use; one already attached stays."""
+    changed = policy is not None and policy.pk != previous_policy_id
+    if editor is not None and changed and not access.may_use_policy(editor, policy):
+        raise PolicyNotAllowed(
+            f"concurrency: you may not attach the policy {policy.name!r}"
+            " (ask staff to open it to your team)"
+        )
+
+
+def check_teams(editor, before, after) -> None:
+    """An editor adds a pipeline to, or takes it from, only teams they maintain (staff: any)."""
+    if editor is None or access.everywhere(editor, access.EDIT):
+        return
+    maintained = Team.objects.filter(
+        memberships__user=editor, memberships__role__gte=Role.MAINTAINER
+    )
+    maintained = set(maintained.values_list("pk", flat=True))
+    for team in sorted(set(before) ^ set(after), key=lambda t: t.name):
+        if team.pk not in maintained:
+            raise TeamNotAllowed(f"teams: you are not a maintainer of {team.name!r}")
+
+
 def save_pipeline(
-    name: str, definition: str, pipeline: Pipeline | None = None, policy=KEEP
+    name: str,
+    definition: str,
+    pipeline: Pipeline | None = None,
+    policy=KEEP,
+    editor=None,
+    teams=None,
 ) -> Pipeline:
     """Create a pipeline, or update `pipeline`; nothing is stored unless all of it is valid.
     Its policy is the one the definition names, else `policy` (chosen in the admin), else
-    the one it had."""
+    the one it had. `editor`, the person saving it (None: the server's own commands), must
+    be allowed the policy it gets, if that changes, and the `teams` it is given (a list:
+    the pipeline's teams become those)."""
     name = validate_pipeline_name(name)
     spec = parse_definition(definition)
     named = policy_named_in(spec)
     creating = pipeline is None or pipeline.pk is None
     check_secrets_named(spec, None if creating else pipeline)
     pipeline = pipeline or Pipeline()
+    previous_policy_id = pipeline.policy_id
     pipeline.name, pipeline.definition, pipeline.spec = name, definition, spec
     if named is not None:
         pipeline.policy = named
     elif policy is not KEEP:
         pipeline.policy = policy
+    check_policy(editor, previous_policy_id, pipeline.policy)
+    if teams is not None:
+        check_teams(editor, [] if creating else list(pipeline.teams.all()), teams)
     # An update writes only what it changes: this row may be stale, and writing back its
     # last_build_number would undo the builds triggered meanwhile.
     fields = None if creating else ["name", "definition", "spec", "policy", "updated_at"]
     try:
         with transaction.atomic():
             pipeline.save(update_fields=fields)
+            if teams is not None:
+                pipeline.teams.set(teams)
     except IntegrityError:
         raise PipelineNameTaken(f"name: a pipeline named {name!r} already exists") from None
     return pipeline

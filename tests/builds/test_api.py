@@ -66,10 +66,8 @@ def test_bad_token_gets_401(db):
 @pytest.mark.parametrize(
     ("perms", "method", "path", "body"),
     [
-        ((), "get", "/api/pipelines/", None),
         (("builds.view_pipeline",), "post", "/api/pipelines/", {"name": "x", "definition": "x"}),
         (("builds.view_pipeline",), "post", "/api/pipelines/{id}/builds/", {}),
-        (("builds.view_pipeline",), "get", "/api/builds/", None),
         (
             ("builds.view_pipeline",),
             "put",
@@ -85,6 +83,14 @@ def test_missing_permission_gets_403(pipeline, perms, method, path, body):
     assert response.json()["code"] == "PERMISSION_DENIED"
     assert Build.objects.count() == 0
     assert Pipeline.objects.get().name == "web"
+
+
+@pytest.mark.parametrize("path", ["/api/pipelines/", "/api/builds/"])
+def test_lists_show_nothing_to_who_may_see_nothing(pipeline, path):
+    services.trigger_build(pipeline)
+    response = client_for().get(path)
+    assert response.status_code == 200
+    assert response.json()["results"] == []
 
 
 def test_create_and_update_pipeline(api):

@@ -47,6 +47,7 @@ ROLES = {  # role: (is_staff, permissions), None for anonymous
     "superuser": (True, EVERYTHING),
 }
 LOGIN = "login"  # a redirect to the admin's login page
+GONE = "gone"  # a redirect to the admin's index: "does not exist", as for a missing object
 
 
 @dataclass
@@ -59,6 +60,12 @@ class Row:
     body: Callable[[dict], dict] | None = None
     acts: bool = False  # an allowed request changes the database (a refused one never does)
     unlike: dict = field(default_factory=dict)  # roles whose answer the rule does not give
+    # How a refusal reads: "" 403; "object": of a pipeline's object, 404 to who sees nothing
+    # of that pipeline (access.rules.SEE: view_pipeline or view_build), else 403; "gone":
+    # the admin's own object pages, which redirect who sees nothing to the index; "list":
+    # a list that shows each signed-in user what they may see (200).
+    refused: str = ""
+    sees: set = field(default_factory=lambda: {VP, VB})  # the permissions that show the target
 
     def expected(self, role: str) -> int | str:
         admin = self.path.startswith("/admin/")
@@ -71,7 +78,22 @@ class Row:
         staff, perms = ROLES[role]
         if admin and not staff:
             return LOGIN
-        return self.ok if self.allows(perms) else 403
+        if self.allows(perms):
+            return self.ok
+        sees = perms is EVERYTHING or bool(self.sees & perms)
+        if self.refused == "list":
+            return self.ok
+        if self.refused == "object" and not sees:
+            return 404
+        if self.refused == "gone" and not sees:
+            return GONE
+        return 403
+
+    def permits(self, role: str) -> bool:
+        """Whether `role` may do what the row does (an `unlike` answer may say so too)."""
+        return self.expected(role) == self.ok or (
+            role in self.unlike and self.allows(ROLES[role][1])
+        )
 
     def allows(self, perms: frozenset) -> bool:
         if self.need in ("", "-") or perms is EVERYTHING:
@@ -189,26 +211,64 @@ ROWS = [
     # The API, with a token.
     Row("GET", "/api/", "", 200),
     Row("GET", "/api/schema/?format=json", "*", 200),  # documents the API; holds no data
-    Row("GET", "/api/pipelines/", VP, 200),
-    Row("GET", "/api/pipelines/{p}/", VP, 200),
+    Row("GET", "/api/pipelines/", VP, 200, refused="list"),
+    Row("GET", "/api/pipelines/{p}/", VP, 200, refused="object"),
     Row("POST", "/api/pipelines/", AP, 201, "none", a_new_pipeline, acts=True),
-    Row("PUT", "/api/pipelines/{p}/", CP, 200, "pipeline", new_definition, acts=True),
-    Row("PATCH", "/api/pipelines/{p}/", CP, 200, "pipeline", new_definition, acts=True),
-    Row("DELETE", "/api/pipelines/{p}/", DP, 405),  # there is no such endpoint
-    Row("GET", "/api/pipelines/{p}/builds/", VB, 200),
-    Row("POST", "/api/pipelines/{p}/builds/", AB, 201, "pipeline", dict, acts=True),
-    Row("POST", "/api/pipelines/999999/builds/", AB, 404, "none", dict),  # after the permission
-    Row("GET", "/api/builds/", VB, 200),
-    Row("GET", "/api/builds/{b}/", VB, 200),
-    Row("GET", "/api/builds/{b}/steps/{s}/log/", VB, 200),
-    Row("GET", "/api/builds/{b}/artifacts/", VB, 200),  # as the build's logs
-    Row("POST", "/api/builds/{b}/cancel/", XB, 202, "running", dict, acts=True),
-    Row("POST", "/api/builds/{b}/steps/{s}/retry/", RB, 202, "running", dict, acts=True),
-    Row("POST", "/api/builds/{f}/retry/", RB, 202, "failed", failed_only, acts=True),
+    Row(
+        "PUT",
+        "/api/pipelines/{p}/",
+        CP,
+        200,
+        "pipeline",
+        new_definition,
+        acts=True,
+        refused="object",
+    ),
+    Row(
+        "PATCH",
+        "/api/pipelines/{p}/",
+        CP,
+        200,
+        "pipeline",
+        new_definition,
+        acts=True,
+        refused="object",
+    ),
+    Row("DELETE", "/api/pipelines/{p}/", "", 405),  # there is no such endpoint
+    Row("GET", "/api/pipelines/{p}/builds/", VB, 200, refused="object"),
+    Row(
+        "POST", "/api/pipelines/{p}/builds/", AB, 201, "pipeline", dict, acts=True, refused="object"
+    ),
+    Row("POST", "/api/pipelines/999999/builds/", "", 404, "none", dict),
+    Row("GET", "/api/builds/", VB, 200, refused="list"),
+    Row("GET", "/api/builds/{b}/", VB, 200, refused="object"),
+    Row("GET", "/api/builds/{b}/steps/{s}/log/", VB, 200, refused="object"),
+    Row("GET", "/api/builds/{b}/artifacts/", VB, 200, refused="object"),  # as its logs
+    Row("POST", "/api/builds/{b}/cancel/", XB, 202, "running", dict, acts=True, refused="object"),
+    Row(
+        "POST",
+        "/api/builds/{b}/steps/{s}/retry/",
+        RB,
+        202,
+        "running",
+        dict,
+        acts=True,
+        refused="object",
+    ),
+    Row(
+        "POST",
+        "/api/builds/{f}/retry/",
+        RB,
+        202,
+        "failed",
+        failed_only,
+        acts=True,
+        refused="object",
+    ),
     Row("GET", "/api/agents/", VA, 200),
     Row("GET", "/api/agents/{a}/", VA, 200),
     Row("POST", "/api/agents/", "agents.add_agent", 405, "none", lambda t: {"name": "x"}),
-    Row("GET", "/api/pipelines/{p}/repository/", VP, 200, "repository"),
+    Row("GET", "/api/pipelines/{p}/repository/", VP, 200, "repository", refused="object"),
     Row(
         "PUT",
         "/api/pipelines/{p}/repository/",
@@ -217,6 +277,7 @@ ROWS = [
         "pipeline",
         lambda t: REPOSITORY,
         acts=True,
+        refused="object",
     ),
     Row(
         "POST",
@@ -226,28 +287,69 @@ ROWS = [
         "repository",
         dict,
         acts=True,
+        refused="object",
     ),
-    Row("POST", "/api/pipelines/{p}/run/", AB, 201, "repository", a_commit, acts=True),
+    Row(
+        "POST",
+        "/api/pipelines/{p}/run/",
+        AB,
+        201,
+        "repository",
+        a_commit,
+        acts=True,
+        refused="object",
+    ),
     # A forge's webhook has no user: its signature alone, which these requests lack.
     Row("POST", "/api/pipelines/{p}/hooks/github/", "*", 401, "repository", dict),
     # The admin, with a session.
     Row("GET", "/admin/", "", 200),
     Row("GET", "/admin/builds/pipeline/", f"{VP}|{CP}", 200),
     Row("GET", "/admin/builds/pipeline/add/", AP, 200),
-    Row("POST", "/admin/builds/pipeline/add/", AP, 302, "none", a_new_pipeline, acts=True),
-    Row("GET", "/admin/builds/pipeline/{p}/change/", f"{VP}|{CP}", 200),
-    Row("POST", PIPELINE_ADMIN + "{p}/change/", CP, 302, "pipeline", new_definition, acts=True),
+    Row(
+        "POST",
+        "/admin/builds/pipeline/add/",
+        AP,
+        302,
+        "none",
+        a_new_pipeline,
+        acts=True,
+        unlike={"staff+add_pipeline": GONE},
+    ),  # no list to go back to
+    Row(
+        "GET",
+        "/admin/builds/pipeline/{p}/change/",
+        f"{VP}|{CP}",
+        200,
+    ),
+    Row(
+        "POST",
+        PIPELINE_ADMIN + "{p}/change/",
+        CP,
+        302,
+        "pipeline",
+        new_definition,
+        acts=True,
+    ),
     Row("GET", "/admin/builds/pipeline/{p}/delete/", DP, 200),
-    Row("GET", "/admin/builds/pipeline/{p}/trigger/", AB, 200),
-    Row("POST", "/admin/builds/pipeline/{p}/trigger/", AB, 302, "pipeline", dict, acts=True),
-    Row("POST", "/admin/builds/pipeline/999999/trigger/", AB, 404, "none", dict),
+    Row("GET", "/admin/builds/pipeline/{p}/trigger/", AB, 200, refused="object"),
+    Row(
+        "POST",
+        "/admin/builds/pipeline/{p}/trigger/",
+        AB,
+        302,
+        "pipeline",
+        dict,
+        acts=True,
+        refused="object",
+    ),
+    Row("POST", "/admin/builds/pipeline/999999/trigger/", "", 404, "none", dict),
     Row("GET", "/admin/builds/build/", VB, 200),
     Row("GET", "/admin/builds/build/add/", "-", 403),  # builds change through the services
     Row("GET", "/admin/builds/build/{b}/change/", VB, 200),
     Row("POST", "/admin/builds/build/{b}/change/", "-", 403, "running", dict),
     Row("POST", "/admin/builds/build/{b}/delete/", "-", 403, "running", lambda t: {"post": "yes"}),
-    Row("GET", "/admin/builds/build/{b}/steps/{s}/log/", VB, 200),
-    Row("GET", "/admin/builds/build/{b}/live/", VB, 200),  # the page's live fragment
+    Row("GET", "/admin/builds/build/{b}/steps/{s}/log/", VB, 200, refused="object"),
+    Row("GET", "/admin/builds/build/{b}/live/", VB, 200, refused="object"),  # its live part
     Row("GET", "/admin/artifacts/artifact/", VB, 200),
     Row(
         "POST",
@@ -260,14 +362,50 @@ ROWS = [
         # The list, again: an action not offered to a viewer is "No action selected".
         unlike={"staff+view_build": 200},
     ),
-    Row("POST", "/admin/builds/build/{b}/cancel/", XB, 302, "running", dict, acts=True),
-    Row("POST", "/admin/builds/build/{f}/retry/", RB, 302, "failed", dict, acts=True),
-    Row("POST", "/admin/builds/build/{b}/steps/{s}/retry/", RB, 302, "running", dict, acts=True),
+    Row(
+        "POST",
+        "/admin/builds/build/{b}/cancel/",
+        XB,
+        302,
+        "running",
+        dict,
+        acts=True,
+        refused="object",
+    ),
+    Row(
+        "POST",
+        "/admin/builds/build/{f}/retry/",
+        RB,
+        302,
+        "failed",
+        dict,
+        acts=True,
+        refused="object",
+    ),
+    Row(
+        "POST",
+        "/admin/builds/build/{b}/steps/{s}/retry/",
+        RB,
+        302,
+        "running",
+        dict,
+        acts=True,
+        refused="object",
+    ),
     Row("GET", "/admin/builds/variablepartition/", VV, 200, "stale_partitions", acts=True),
     Row("GET", POLICY_ADMIN, f"{VC}|{CC}", 200),
     Row("GET", POLICY_ADMIN + "{c}/change/", f"{VC}|{CC}", 200),
     Row("POST", POLICY_ADMIN + "{c}/change/", CC, 302, "queued", policy_form, acts=True),
-    Row("POST", POLICY_ADMIN + "{c}/builds/{q}/cancel/", XB, 302, "queued", dict, acts=True),
+    Row(
+        "POST",
+        POLICY_ADMIN + "{c}/builds/{q}/cancel/",
+        XB,
+        302,
+        "queued",
+        dict,
+        acts=True,
+        refused="object",
+    ),
     Row("GET", "/admin/concurrency/concurrencygroup/", f"{VC}|{CC}", 200),
     Row("GET", "/admin/concurrency/concurrencygroup/{g}/change/", f"{VC}|{CC}", 200, "queued"),
     Row("GET", "/admin/agents/agent/", f"{VA}|{CA}", 200),
@@ -278,7 +416,7 @@ ROWS = [
     Row("POST", "/admin/agents/agent/{a}/undrain/", CA, 302, "drained_agent", dict, acts=True),
     Row("GET", "/admin/forge/repository/", f"{VR}|{CR}", 200, "repository"),
     Row("GET", "/admin/forge/repository/{r}/change/", f"{VR}|{CR}", 200, "repository"),
-    Row("GET", "/admin/forge/repository/{r}/run/", AB, 200, "repository"),
+    Row("GET", "/admin/forge/repository/{r}/run/", AB, 200, "repository", refused="object"),
     Row(
         "POST",
         "/admin/forge/repository/{r}/run/",
@@ -287,6 +425,7 @@ ROWS = [
         "repository",
         lambda t: {"commit": "b" * 40, "branch": "", "idempotency_key": f"k{next(serial)}"},
         acts=True,
+        refused="object",
     ),
     Row("GET", "/admin/forge/schedule/", VS, 200),
     Row("GET", "/admin/forge/commitstatus/", VCS, 200),
@@ -336,6 +475,8 @@ def clients(admin: bool) -> dict:
 def answer(response) -> int | str:
     if response.status_code == 302 and response["Location"].startswith("/admin/login/"):
         return LOGIN
+    if response.status_code == 302 and response["Location"] == "/admin/":
+        return GONE
     assert response.status_code < 500, response.content[:500]
     return response.status_code
 
@@ -352,7 +493,7 @@ def test_matrix(row):
         )
         got[role] = answer(response)
         after = state()
-        if (after != before) != (row.acts and row.expected(role) == row.ok):
+        if (after != before) != (row.acts and row.permits(role)):
             changed_wrongly.append(role)
         if after != before:  # the next role acts on objects of its own
             target = TARGETS[row.target]()
