@@ -148,12 +148,14 @@ def record(action: str, target=None, *, label: str | None = None, **details) -> 
 
 
 def stored(instance, fields: list[str]) -> dict | None:
-    """`fields` of `instance` as its row holds them now (before the save that changes
-    them); None for a new instance (or none). With record_save(), an edit's changed fields."""
+    """`fields` of `instance` as the database holds them now (before the save that changes
+    them; a many-to-many field as its ids); None for a new instance (or none). With
+    record_save(), an edit's changed fields."""
     if instance is None or instance.pk is None:
         return None
-    columns = [instance._meta.get_field(name).attname for name in fields]
-    return type(instance)._default_manager.filter(pk=instance.pk).values(*columns).first()
+    columns = [name for name in fields if not instance._meta.get_field(name).many_to_many]
+    row = type(instance)._default_manager.only(*columns).filter(pk=instance.pk).first()
+    return _values(row, fields) if row is not None else None
 
 
 def record_save(kind: str, instance, before: dict | None, fields: list[str]) -> None:
@@ -162,7 +164,18 @@ def record_save(kind: str, instance, before: dict | None, fields: list[str]) -> 
     if before is None:
         record(f"{kind}.create", instance)
         return
-    columns = {name: instance._meta.get_field(name).attname for name in fields}
-    changed = [n for n, c in columns.items() if before.get(c) != getattr(instance, c)]
+    after = _values(instance, fields)
+    changed = [name for name in fields if before[name] != after[name]]
     if changed:
         record(f"{kind}.edit", instance, changed=changed)
+
+
+def _values(instance, fields: list[str]) -> dict:
+    values = {}
+    for name in fields:
+        field = instance._meta.get_field(name)
+        if field.many_to_many:
+            values[name] = sorted(getattr(instance, name).values_list("pk", flat=True))
+        else:
+            values[name] = getattr(instance, field.attname)
+    return values

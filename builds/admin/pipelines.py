@@ -14,6 +14,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
+from audit.admin_mixins import AuditedAdmin
 from builds import services
 from builds.definition import parse_assignments, parse_definition
 from builds.errors import IdempotencyKeyReused
@@ -151,8 +152,9 @@ def parse_variable_lines(text: str) -> dict[str, str]:
 
 
 @admin.register(Pipeline)
-class PipelineAdmin(admin.ModelAdmin):
+class PipelineAdmin(AuditedAdmin, admin.ModelAdmin):
     form = PipelineForm
+    audit_kind = "pipeline"  # the deletes; save_pipeline records creations and edits
     list_display = ["name", "last_build_number", "updated_at", "builds_link"]
     search_fields = ["name"]
 

@@ -4,6 +4,7 @@ import re
 
 from django.db import IntegrityError, transaction
 
+import audit
 from builds.definition import parse_definition
 from builds.errors import InvalidPipeline, PipelineNameTaken
 from builds.models import Pipeline
@@ -22,6 +23,7 @@ def validate_pipeline_name(name) -> str:
 
 
 KEEP = object()  # save_pipeline's policy: leave it as it is
+AUDITED = ["name", "definition", "policy"]  # an edit's changed fields, for the trail
 
 
 def policy_named_in(spec: dict) -> ConcurrencyPolicy | None:
@@ -73,7 +75,9 @@ def save_pipeline(
     fields = None if creating else ["name", "definition", "spec", "policy", "updated_at"]
     try:
         with transaction.atomic():
+            before = audit.stored(pipeline, AUDITED)
             pipeline.save(update_fields=fields)
+            audit.record_save("pipeline", pipeline, before, AUDITED)
     except IntegrityError:
         raise PipelineNameTaken(f"name: a pipeline named {name!r} already exists") from None
     return pipeline
