@@ -6,10 +6,11 @@ Heartbeats are stamped, and their age judged, by the database's clock alone: an 
 own clock is behind or ahead is not taken for lost, nor kept alive, by the difference."""
 
 from django.conf import settings
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Func
 from django.utils import timezone
 
+import audit
 from agents.models import Agent, AgentStatus
 from builds.services import agents_left_with_work, fail_jobs_of_lost_agent
 from ciproject import metrics
@@ -86,9 +87,11 @@ def mark_offline(name: str) -> None:
     Agent.objects.filter(name=name, status=AgentStatus.ONLINE).update(status=AgentStatus.OFFLINE)
 
 
+@transaction.atomic
 def set_status(agent: Agent, status: str) -> None:
     """An operator's change: disable (drain) an agent, or put it back online."""
-    Agent.objects.filter(pk=agent.pk).update(status=status)
+    if Agent.objects.filter(pk=agent.pk).exclude(status=status).update(status=status):
+        audit.record("agent.drain" if status == AgentStatus.DISABLED else "agent.undrain", agent)
     agent.status = status
 
 

@@ -56,6 +56,11 @@ app.conf.beat_schedule = {
         "schedule": 3600.0,
         "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
     },
+    "purge-audit-events": {
+        "task": "audit.tasks.purge_events",
+        "schedule": 3600.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
+    },
     "deliver-commit-statuses": {
         "task": "forge.tasks.deliver_statuses",
         "schedule": 2.0,

@@ -55,6 +55,7 @@ INSTALLED_APPS = [
     "artifacts",
     "forge",
     "access",
+    "audit",
 ]
 
 MIDDLEWARE = [
@@ -64,6 +65,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "audit.trail.AuditMiddleware",  # who acts, for audit.record (it asks at record time)
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -197,6 +199,14 @@ RETRY_SAFETY_MARGIN_SECONDS = env_int("RETRY_SAFETY_MARGIN_SECONDS", 86400)
 # variables' foreign key, and every build read and write would queue behind the wait); past
 # it the purge stops and its next run finishes the job.
 VARIABLE_PURGE_LOCK_TIMEOUT_MS = env_int("VARIABLE_PURGE_LOCK_TIMEOUT_MS", 2000)
+
+# The audit trail (audit): events older than this many days are purged (beat, hourly; `manage.py
+# audit purge`); 0 keeps them for ever.
+AUDIT_RETENTION_DAYS = env_int("AUDIT_RETENTION_DAYS", 365)
+# How many reverse proxies stand in front of web, each appending to X-Forwarded-For: the
+# trail's address is the one the outermost saw. 0 (none): REMOTE_ADDR, the header ignored
+# (anyone can send it).
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
 
 # Agents and steps.
 AGENT_WORKSPACE_ROOT = Path(os.environ.get("AGENT_WORKSPACE_ROOT", VAR_DIR / "workspaces"))

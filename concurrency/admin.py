@@ -14,6 +14,7 @@ from django.db.models.functions import Coalesce
 from django.urls import path, reverse
 from django.utils import timezone
 
+from audit.admin_mixins import AuditedAdmin
 from builds.admin.cancelling import CancelsBuilds
 from builds.models import Build
 from builds.statuses import BuildStatus
@@ -54,8 +55,9 @@ class ConcurrencyPolicyForm(forms.ModelForm):
 
 
 @admin.register(ConcurrencyPolicy)
-class ConcurrencyPolicyAdmin(CancelsBuilds, admin.ModelAdmin):
+class ConcurrencyPolicyAdmin(AuditedAdmin, CancelsBuilds, admin.ModelAdmin):
     form = ConcurrencyPolicyForm
+    audit_kind = "policy"  # policies are edited here only
     list_display = ["name", "group_key", "max_running", "queue_length", "queue_timeout"]
     list_display += ["on_queue_full", "cancel_in_progress", "running_count", "queued_count"]
     list_filter = ["on_queue_full", "cancel_in_progress"]

@@ -14,6 +14,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from access import rules as access
+from audit.admin_mixins import AuditedAdmin
 from ciproject.admin_mixins import ReadOnlyAdmin
 from ciproject.errors import CIError
 from forge import cron
@@ -80,6 +81,13 @@ class RepositoryAdmin(admin.ModelAdmin):
         obj.pk, obj.webhook_secret_set_at = saved.pk, saved.webhook_secret_set_at
         if secret:
             _show_secret(self, request, saved, secret)
+
+    def delete_model(self, request, obj):
+        repositories.delete_repository(obj)
+
+    def delete_queryset(self, request, queryset):
+        for repository in queryset.select_related("pipeline"):
+            repositories.delete_repository(repository)
 
     @admin.action(description="Rotate the webhook secret (the old one stops working)")
     def rotate_webhook_secret(self, request, queryset):
@@ -153,8 +161,9 @@ class ScheduleForm(forms.ModelForm):
 
 
 @admin.register(Schedule)
-class ScheduleAdmin(admin.ModelAdmin):
+class ScheduleAdmin(AuditedAdmin, admin.ModelAdmin):
     form = ScheduleForm
+    audit_kind = "schedule"  # those of the YAML change with their pipeline's edits
     list_display = ["pipeline", "cron", "timezone", "branch", "enabled", "from_definition"]
     list_display += ["next_tick", "last_tick", "last_build", "last_error"]
     list_filter = ["enabled", "from_definition"]

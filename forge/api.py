@@ -96,7 +96,7 @@ class RepositoryViewSet(viewsets.ViewSet):
 
     @extend_schema(parameters=[PIPELINE_ID], responses={204: None}, summary="Remove it")
     def delete(self, request, pipeline_id=None):
-        runs.repository_of(self._pipeline()).delete()
+        repositories.delete_repository(runs.repository_of(self._pipeline()))
         return Response(status=status.HTTP_204_NO_CONTENT)
 
     @extend_schema(

@@ -4,6 +4,7 @@ see who set which secret when, and the trail; scopes and the pipelines they are 
 from django import forms
 from django.contrib import admin
 
+from audit.admin_mixins import AuditedAdmin
 from ciproject.admin_mixins import ReadOnlyAdmin
 from vault import services
 from vault.errors import InvalidSecret
@@ -68,7 +69,8 @@ class SecretAdmin(admin.ModelAdmin):
 
 
 @admin.register(SecretScope)
-class SecretScopeAdmin(admin.ModelAdmin):
+class SecretScopeAdmin(AuditedAdmin, admin.ModelAdmin):
+    audit_kind = "scope"  # which pipelines may use its secrets, above all
     list_display = ["name", "description"]
     search_fields = ["name"]
     filter_horizontal = ["pipelines"]

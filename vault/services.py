@@ -6,6 +6,7 @@ import json
 
 from django.db import connection, transaction
 
+import audit
 from agents.models import Agent
 from builds.definition import MAX_VARIABLE_VALUE, secret_name_refusal
 from builds.models import JobRun, Pipeline
@@ -71,6 +72,7 @@ def set_secret(owner: Owner, name: str, value: str, user=None, source: str = "")
         secret.save(update_fields=["ciphertext", "updated_by", "updated_at"])
     action = SecretEvent.Action.SET if made else SecretEvent.Action.REPLACED
     _record(action, secret, user, source)
+    audit.record("secret.set", secret, replaced=not made)
     return not made
 
 
@@ -79,6 +81,7 @@ def delete_secret(owner: Owner, name: str, user=None, source: str = "") -> None:
     secret = secrets_of(owner).select_for_update().filter(name=name).first()
     if secret is None:
         raise SecretNotFound(f"{owner_label(owner)} has no secret {str(name)[:130]!r}")
+    audit.record("secret.delete", secret)  # while it has its id
     secret.delete()
     _record(SecretEvent.Action.DELETED, secret, _person(user), source)
 

@@ -16,6 +16,7 @@ from django.utils.html import format_html
 from access import rules as access
 from access.admin_mixins import PipelineScoped
 from access.models import Role, Team
+from audit.admin_mixins import AuditedAdmin
 from builds import services
 from builds.definition import parse_assignments, parse_definition
 from builds.errors import IdempotencyKeyReused
@@ -174,8 +175,9 @@ def parse_variable_lines(text: str) -> dict[str, str]:
 
 
 @admin.register(Pipeline)
-class PipelineAdmin(PipelineScoped, admin.ModelAdmin):
+class PipelineAdmin(AuditedAdmin, PipelineScoped, admin.ModelAdmin):
     form = PipelineForm
+    audit_kind = "pipeline"  # the deletes; save_pipeline records creations and edits
     list_display = ["name", "last_build_number", "updated_at", "builds_link"]
     search_fields = ["name"]
     pipeline_field = ""

@@ -15,6 +15,7 @@ from django.db.models import F, Max, OuterRef, Q, Subquery
 from django.db.models.functions import Coalesce, Greatest, Now
 from django.utils import timezone
 
+import audit
 from agents.models import Agent
 from builds import dag
 from builds.errors import BuildAlreadyFinished, BuildNotFound
@@ -58,11 +59,17 @@ def request_cancel(build_id: int, user=None) -> str:
                 pk=build_id, status=BuildStatus.CANCELLING, cancel_forced_at=None
             ).update(cancel_forced_at=Now())
             if forced:
+                audit.record("build.cancel", lambda: _build(build_id), forced=True)
                 messages.finish_cancel(build_id)
             return status
+        audit.record("build.cancel", lambda: _build(build_id), forced=False)
         messages.finish_cancel(build_id)
     metrics.CANCEL_REQUEST_SECONDS.observe(time.perf_counter() - started)
     return BuildStatus.CANCELLING
+
+
+def _build(build_id: int) -> Build:  # what the trail names, read only when a person acts
+    return Build.objects.select_related("pipeline").get(pk=build_id)
 
 
 def cancel_at_once(build: Build, reason: str) -> bool:

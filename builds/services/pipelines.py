@@ -4,6 +4,7 @@ import re
 
 from django.db import IntegrityError, transaction
 
+import audit
 from access import rules as access
 from access.errors import PolicyNotAllowed, TeamNotAllowed
 from access.models import Role, Team
@@ -25,6 +26,7 @@ def validate_pipeline_name(name) -> str:
 
 
 KEEP = object()  # save_pipeline's policy: leave it as it is
+AUDITED = ["name", "definition", "policy", "teams"]  # an edit's changed fields, for the trail
 
 
 def policy_named_in(spec: dict) -> ConcurrencyPolicy | None:
@@ -110,9 +112,11 @@ def save_pipeline(
     fields = None if creating else ["name", "definition", "spec", "policy", "updated_at"]
     try:
         with transaction.atomic():
+            before = audit.stored(pipeline, AUDITED)
             pipeline.save(update_fields=fields)
             if teams is not None:
                 pipeline.teams.set(teams)
+            audit.record_save("pipeline", pipeline, before, AUDITED)
     except IntegrityError:
         raise PipelineNameTaken(f"name: a pipeline named {name!r} already exists") from None
     return pipeline

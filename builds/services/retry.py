@@ -18,6 +18,7 @@ from django.db import transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
+import audit
 from builds import dag, partitions
 from builds.errors import (
     BuildNotFound,
@@ -69,6 +70,7 @@ def retry_step(build_id: int, step_id: int) -> StepRun:
             _take_back(build)
         if build.status == BuildStatus.RUNNING:
             advance_locked(build)  # queues the job again, on its retry queue
+        audit.record("step.retry", step, build=build_id)
         transaction.on_commit(metrics.STEP_RETRIES.inc)
     step.refresh_from_db()
     return step
@@ -238,6 +240,7 @@ def retry_build(build_id: int, failed_only: bool = True, user=None) -> Build:
             cancel_requested_by=None,
         )
         build.refresh_from_db()
+        audit.record("build.retry", build, failed_only=failed_only, attempt=build.attempt)
         if status == BuildStatus.RUNNING:
             advance_locked(build)
     return build

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+import audit
 from builds import parameters
 from builds.definition import DEFAULT_CLEANUP_TIMEOUT, normalize_variables
 from builds.errors import (
@@ -140,6 +141,7 @@ def _trigger(
             _store_variables(build, defaults, "pipeline", skip=overrides)
             _store_variables(build, overrides, "trigger")
             _create_tree(build, spec)
+            audit.record("build.trigger", build, variables=sorted(overrides), priority=priority)
             if on_created:
                 on_created(build)
             if build.status == BuildStatus.RUNNING:
@@ -208,7 +210,9 @@ def _admit(build: Build, policy_id: int, variables: dict[str, str]) -> None:
         for other in group.filter(status=BuildStatus.QUEUED):
             cancel_at_once(other, f"cancelled by build #{build.number} (cancel in progress)")
         for other_id in group.filter(status=BuildStatus.RUNNING).values_list("id", flat=True):
-            with suppress(BuildAlreadyFinished):  # it ended meanwhile: nothing to cancel
+            # suppress: it ended meanwhile, nothing to cancel. unrecorded: the policy cancels
+            # it, not the person triggering (their trigger's event and its reason tell it).
+            with suppress(BuildAlreadyFinished), audit.unrecorded():
                 request_cancel(other_id)  # the real path: its steps are stopped on the agents
 
     def evict(oldest: Build) -> None:

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from django.db import transaction
 from django.utils import timezone
 
+import audit
 from builds.models import Pipeline
 from ciproject import git as ciproject_git
 from forge.errors import InvalidRepository
@@ -104,19 +105,29 @@ def set_repository(pipeline: Pipeline, data: dict) -> tuple[Repository, str | No
                 webhook_secret=crypto.encrypt(shown),
                 webhook_secret_set_at=timezone.now(),
             )
+        before = audit.stored(repository, FIELDS)
         for name, value in values.items():
             setattr(repository, name, value)
         repository.save()
+        audit.record_save("repository", repository, before, FIELDS)
     return repository, shown
 
 
+@transaction.atomic
 def rotate_webhook_secret(repository: Repository) -> str:
     """A new webhook secret, answered once; the old one stops working at once."""
     shown = new_webhook_secret()
     Repository.objects.filter(pk=repository.pk).update(
         webhook_secret=crypto.encrypt(shown), webhook_secret_set_at=timezone.now()
     )
+    audit.record("repository.rotate_secret", repository)
     return shown
+
+
+@transaction.atomic
+def delete_repository(repository: Repository) -> None:
+    audit.record("repository.delete", repository)
+    repository.delete()
 
 
 def webhook_secret(repository: Repository) -> str:

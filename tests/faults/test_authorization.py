@@ -18,6 +18,7 @@ from rest_framework.test import APIClient
 
 from agents import services as agents
 from agents.models import Agent, AgentStatus
+from audit.models import AuditEvent
 from builds import partitions, services
 from builds.models import Build, JobRun, Pipeline, StepRun, VariablePartition
 from concurrency.models import ConcurrencyGroup, ConcurrencyPolicy
@@ -35,7 +36,8 @@ VA, CA = "agents.view_agent", "agents.change_agent"
 VC, CC = "concurrency.view_concurrencypolicy", "concurrency.change_concurrencypolicy"
 VR, CR = "forge.view_repository", "forge.change_repository"
 VS, VCS = "forge.view_schedule", "forge.view_commitstatus"
-PERMS = [VP, AP, CP, DP, VB, AB, XB, RB, VV, VA, CA, VC, CC, VR, CR, VS, VCS]
+VE = "audit.view_auditevent"
+PERMS = [VP, AP, CP, DP, VB, AB, XB, RB, VV, VA, CA, VC, CC, VR, CR, VS, VCS, VE]
 
 EVERYTHING = frozenset(["*"])
 ROLES = {  # role: (is_staff, permissions), None for anonymous
@@ -163,6 +165,11 @@ def stale_partitions() -> dict:
     return {}
 
 
+def an_event() -> dict:
+    event = AuditEvent.objects.create(username="alice", via="api", action="build.trigger")
+    return {"e": event.pk}
+
+
 def a_world() -> dict:
     return {**a_pipeline(), **a_running_build(), **a_failed_build(), **a_queued_build()} | (
         an_agent()
@@ -180,6 +187,7 @@ TARGETS = {
     "drained_agent": a_drained_agent,
     "repository": a_repository,
     "stale_partitions": stale_partitions,
+    "event": an_event,
 }
 
 
@@ -429,6 +437,13 @@ ROWS = [
     ),
     Row("GET", "/admin/forge/schedule/", VS, 200),
     Row("GET", "/admin/forge/commitstatus/", VCS, 200),
+    # The audit trail: read only, for whoever has its view permission (superusers too).
+    Row("GET", "/admin/audit/auditevent/", VE, 200, "event"),
+    Row("GET", "/admin/audit/auditevent/?action=build.trigger&via=api&q=alice", VE, 200, "event"),
+    Row("GET", "/admin/audit/auditevent/{e}/change/", VE, 200, "event"),
+    Row("GET", "/admin/audit/auditevent/add/", "-", 403),
+    Row("POST", "/admin/audit/auditevent/{e}/change/", "-", 403, "event", dict),
+    Row("POST", "/admin/audit/auditevent/{e}/delete/", "-", 403, "event", lambda t: {"post": "y"}),
 ]
 
 SNAPSHOT = [
@@ -440,6 +455,7 @@ SNAPSHOT = [
     (Agent, ["pk", "status"]),
     (VariablePartition, []),
     (Repository, ["pk", "clone_url", "webhook_secret_set_at"]),
+    (AuditEvent, ["pk", "action", "username"]),  # a refused request is not recorded either
 ]
 
 

@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand
 
+import audit
 from builds import services
 from ciproject.commands import reporting_errors
 from ciproject.services_check import require_services
@@ -13,6 +14,6 @@ class Command(BaseCommand):
 
     def handle(self, *args, build_id, **options):
         require_services()  # one clear message naming a service that is down
-        with reporting_errors():
+        with reporting_errors(), audit.acting_as(via="cli"):  # the operator, in the trail
             status = services.request_cancel(build_id)
         self.stdout.write(status)

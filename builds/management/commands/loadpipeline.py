@@ -2,6 +2,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+import audit
 from builds import services
 from builds.models import Pipeline
 from ciproject.commands import reporting_errors
@@ -22,7 +23,7 @@ class Command(BaseCommand):
         except (OSError, UnicodeDecodeError) as exc:
             raise CommandError(f"{file}: cannot be read: {exc}") from None
         existing = Pipeline.objects.filter(name=name).first()
-        with reporting_errors():
+        with reporting_errors(), audit.acting_as(via="cli"):  # the operator, in the trail
             pipeline = services.save_pipeline(name, definition, pipeline=existing)
         verb = "updated" if existing else "created"
         self.stdout.write(f"pipeline {pipeline.name!r} {verb} (id {pipeline.pk})")

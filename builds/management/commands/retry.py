@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand
 
+import audit
 from builds import services
 from ciproject.commands import reporting_errors
 from ciproject.services_check import require_services
@@ -17,6 +18,6 @@ class Command(BaseCommand):
 
     def handle(self, *args, build_id, all, **options):
         require_services()  # one clear message naming a service that is down
-        with reporting_errors():
+        with reporting_errors(), audit.acting_as(via="cli"):  # the operator, in the trail
             build = services.retry_build(build_id, failed_only=not all)
         self.stdout.write(f"build #{build.number} attempt {build.attempt}: {build.status}")

@@ -1,5 +1,6 @@
 from django.core.management.base import BaseCommand
 
+import audit
 from builds import services
 from ciproject.commands import reporting_errors
 from ciproject.services_check import require_services
@@ -14,6 +15,6 @@ class Command(BaseCommand):
 
     def handle(self, *args, build_id, step_id, **options):
         require_services()  # one clear message naming a service that is down
-        with reporting_errors():
+        with reporting_errors(), audit.acting_as(via="cli"):  # the operator, in the trail
             step = services.retry_step(build_id, step_id)
         self.stdout.write(f"step {step.name!r} attempt {step.attempt}: {step.status}")

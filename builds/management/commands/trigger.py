@@ -2,6 +2,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
+import audit
 from builds import services
 from builds.definition import parse_assignments
 from builds.errors import PipelineNotFound
@@ -35,7 +36,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, name, var, idempotency_key, priority, wait, timeout, **options):
         require_services()  # one clear message naming a service that is down
-        with reporting_errors():
+        with reporting_errors(), audit.acting_as(via="cli"):  # the operator, in the trail
             pipeline = Pipeline.objects.filter(name=name).first()
             if pipeline is None:
                 raise PipelineNotFound(f"there is no pipeline named {name!r}")

@@ -2,6 +2,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
+import audit
 from builds.models import Pipeline
 from ciproject.commands import reporting_errors
 from ciproject.services_check import require_services
@@ -29,7 +30,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, action, **options):
         require_services()
-        with reporting_errors():
+        with reporting_errors(), audit.acting_as(via="cli"):  # the operator, in the trail
             if action == "rotate":
                 count = services.rotate_all()
                 self.stdout.write(f"{count} secrets re-encrypted under the first key")
