@@ -154,3 +154,9 @@ def test_ensureadmin_prints_a_working_token_and_rotates_it_each_run():
     second.credentials(HTTP_AUTHORIZATION=f"Token {values[1]}")
     assert first.get("/api/builds/").json()["code"] == "TOKEN_REVOKED"
     assert second.get("/api/builds/").status_code == 200
+
+
+def test_drf_create_token_refuses_to_store_a_plain_key():
+    user_with()
+    with pytest.raises(CommandError, match="createtoken"):
+        call_command("drf_create_token", "user0")
