@@ -24,6 +24,7 @@ from artifacts import services
 from artifacts.models import Artifact
 from builds.models import Build
 from ciproject.api import ErrorSerializer, router
+from ciproject.permissions import PIPELINE_DOOR
 from vault import tokens
 
 SHA256_HEADER = "X-Artifact-Sha256"
@@ -146,7 +147,7 @@ class AgentArtifactViewSet(viewsets.ViewSet):
 class BuildArtifactViewSet(viewsets.ViewSet):
     lookup_value_regex = r"[0-9]+"
 
-    permission_classes = [permissions.IsAuthenticated]  # and access.rules, per pipeline
+    permission_classes = PIPELINE_DOOR  # and access.rules, pipeline by pipeline
 
     def _build(self, build_id) -> Build:
         build = Build.objects.select_related("pipeline").filter(pk=build_id).first()

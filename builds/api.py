@@ -9,7 +9,7 @@ from drf_spectacular.utils import (
     extend_schema_field,
     extend_schema_view,
 )
-from rest_framework import exceptions, mixins, permissions, serializers, status, viewsets
+from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
@@ -30,6 +30,7 @@ from builds.models import Build, JobRun, Pipeline, StepRun
 from builds.stages import group_stages
 from ciproject.api import ErrorSerializer, router
 from ciproject.errors import CIError
+from ciproject.permissions import PIPELINE_DOOR
 from concurrency.errors import PipelineQueueFull
 from concurrency.services import queue_positions
 
@@ -215,7 +216,7 @@ class PipelineViewSet(
     serializer_class = PipelineSerializer
     lookup_value_regex = r"[0-9]+"  # ids only: /pipelines/abc/ is a 404, not a ValueError
     # Who may do what to which pipeline is access.rules' answer, object by object.
-    permission_classes = [permissions.IsAuthenticated]
+    permission_classes = PIPELINE_DOOR  # and access.rules, pipeline by pipeline
 
     def get_queryset(self):
         if self.action == "list":
@@ -302,7 +303,7 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
     def get_serializer_class(self):
         return BuildSerializer if self.action == "retrieve" else BuildSummarySerializer
 
-    permission_classes = [permissions.IsAuthenticated]  # and access.rules, build by build
+    permission_classes = PIPELINE_DOOR  # and access.rules, pipeline by pipeline
     needs = {"cancel": access.CANCEL, "retry": access.RETRY, "retry_step": access.RETRY}
 
     def get_queryset(self):

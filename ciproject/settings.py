@@ -44,7 +44,12 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
+    # Before authtoken: its drf_create_token is tokens' (which refuses: plain keys no more).
+    "tokens",
+    # Kept for its migrations only: tokens' 0002 moves its keys into tokens.ApiToken, hashed
+    # (a migration may depend only on an installed app); no authentication class reads it.
     "rest_framework.authtoken",
+    "knox",  # the token model's base and its hashing (tokens.models says what we use)
     "drf_spectacular",
     "django_celery_results",
     "ciproject",
@@ -126,10 +131,16 @@ ARTIFACT_MAX_FILES = env_int("ARTIFACT_MAX_FILES", 1000)
 
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
-        "rest_framework.authentication.SessionAuthentication",
+        "tokens.authentication.ApiTokenAuthentication",
+        "tokens.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["ciproject.permissions.ModelPermissions"],
+    # TokenScope: what the request's API token allows (views that name their own permissions
+    # get it through ciproject.permissions.requires); TokenPipelines narrows the lists.
+    "DEFAULT_PERMISSION_CLASSES": [
+        "ciproject.permissions.ModelPermissions",
+        "tokens.permissions.TokenScope",
+    ],
+    "DEFAULT_FILTER_BACKENDS": ["tokens.permissions.TokenPipelines"],
     "DEFAULT_SCHEMA_CLASS": "ciproject.api.AutoSchema",
     "EXCEPTION_HANDLER": "ciproject.api.exception_handler",
     # JSON only: the API speaks JSON, and form/multipart bodies (file parts) would escape the
@@ -138,6 +149,17 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "ciproject.api_defaults.Pagination",
     "PAGE_SIZE": 50,
 }
+# API tokens (tokens.models): hashed by knox's own hashing; the value is "cip_" and 64 hex
+# digits (the prefix lets secret scanners spot a leaked one). A new token lives
+# API_TOKEN_DEFAULT_DAYS unless its creator says otherwise, and never more than
+# API_TOKEN_MAX_DAYS.
+KNOX_TOKEN_MODEL = "tokens.ApiToken"
+REST_KNOX = {"TOKEN_PREFIX": "cip_", "AUTH_HEADER_PREFIX": "Token", "TOKEN_MODEL": KNOX_TOKEN_MODEL}
+# knox's own migrations make a table for its AuthToken even when TOKEN_MODEL swaps it for
+# ours; swapped, it needs none.
+MIGRATION_MODULES = {"knox": None}
+API_TOKEN_DEFAULT_DAYS = env_int("API_TOKEN_DEFAULT_DAYS", 90)
+API_TOKEN_MAX_DAYS = env_int("API_TOKEN_MAX_DAYS", 365)
 # An API request body above this is refused with 413 REQUEST_TOO_LARGE. DRF reads JSON
 # through request.body, where Django's DATA_UPLOAD_MAX_MEMORY_SIZE (also the admin's form
 # limit, default 2.5 MB) applies first; keep it no lower so this is the limit that holds.

@@ -13,6 +13,7 @@ from rest_framework.views import APIView
 from access import rules as access
 from builds.models import Build, Pipeline
 from ciproject.api import ErrorSerializer
+from ciproject.permissions import PIPELINE_DOOR
 from forge.errors import WebhookTooLarge
 from forge.models import Forge, Repository
 from forge.services import hooks, repositories, runs
@@ -63,7 +64,7 @@ class RunAnswerSerializer(serializers.ModelSerializer):
 
 
 class RepositoryViewSet(viewsets.ViewSet):
-    permission_classes = [permissions.IsAuthenticated]  # and access.rules, per pipeline
+    permission_classes = PIPELINE_DOOR  # and access.rules, pipeline by pipeline
 
     def _pipeline(self) -> Pipeline:
         safe = self.request.method in permissions.SAFE_METHODS
@@ -139,7 +140,7 @@ class WebhookView(APIView):
 
 
 class RunView(APIView):
-    permission_classes = [permissions.IsAuthenticated]  # and access.rules, per pipeline
+    permission_classes = PIPELINE_DOOR  # and access.rules, pipeline by pipeline
 
     @extend_schema(
         parameters=[PIPELINE_ID],

@@ -8,12 +8,13 @@ import pytest
 from django.conf import settings
 from django.contrib.auth.models import Permission, User
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from builds import services
 from builds.models import Build, JobRun, StepRun
 from builds.statuses import BUILD_FINAL
+from tokens import services as tokens
+from tokens.models import ACTIONS
 
 
 def wait_until(predicate, timeout: float = 30, interval: float = 0.05, message=""):
@@ -118,13 +119,24 @@ def fail_fast_job(build) -> StepRun:
     return step
 
 
-def client_for(*perms: str) -> APIClient:
+def user_with(*perms: str) -> User:
     user = User.objects.create_user(f"user{User.objects.count()}")
     for perm in perms:
         app_label, codename = perm.split(".")
         user.user_permissions.add(
             Permission.objects.get(content_type__app_label=app_label, codename=codename)
         )
+    return user
+
+
+def api_token(user, *, actions=ACTIONS, **options) -> str:
+    """The value of a new API token of `user`'s: every action unless told (so what a test
+    checks is the user's rights), or `actions`, and create_token's other options."""
+    name = options.pop("name", f"test-{user.api_tokens.count()}")
+    return tokens.create_token(user, name, actions=actions, **options)[1]
+
+
+def client_for(*perms: str) -> APIClient:
     client = APIClient()
-    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+    client.credentials(HTTP_AUTHORIZATION=f"Token {api_token(user_with(*perms))}")
     return client

@@ -3,12 +3,13 @@ and who set them when; PUT sets or replaces a value (204); DELETE removes one (2
 answer ever carries a value."""
 
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import permissions, serializers, status, viewsets
+from rest_framework import serializers, status, viewsets
 from rest_framework.response import Response
 
 from access import rules as access
 from builds.models import Pipeline
 from ciproject.api import ErrorSerializer, router
+from ciproject.permissions import PIPELINE_DOOR
 from vault import services
 from vault.models import Secret
 
@@ -29,7 +30,7 @@ class SecretViewSet(viewsets.ViewSet):
     lookup_field = "name"
     lookup_value_regex = r"[^/]+"  # any name reaches the service, which says what is wrong
 
-    permission_classes = [permissions.IsAuthenticated]  # and access.rules, per pipeline
+    permission_classes = PIPELINE_DOOR  # and access.rules, pipeline by pipeline
     needs = {"update": access.SET_SECRET, "destroy": access.DELETE_SECRET}
 
     def _pipeline(self) -> Pipeline:

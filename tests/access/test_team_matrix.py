@@ -5,7 +5,8 @@ exact answer that access.rules implies: the action's answer to a role that has i
 sees the pipeline (any role in one of its teams) without the role; 404 to who does not see it
 (the admin's own object pages: a redirect to its index, as for a missing object, when the
 person may use those pages at all). Lists show exactly what the role may see. A refused
-request changes nothing. No model permission is given to anyone here: roles alone."""
+request changes nothing and is not in the audit trail; an allowed one that acts is in it
+once. No model permission is given to anyone here: roles alone."""
 
 from dataclasses import dataclass
 from itertools import count
@@ -14,14 +15,14 @@ import pytest
 from django.contrib.auth.models import User
 from django.test import Client
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from access.models import Membership, Role, Team
+from audit.models import AuditEvent
 from builds import services
 from builds.models import Build, JobRun, Pipeline, StepRun
 from forge.services import repositories
-from tests.support import PARALLEL, fail_fast_job
+from tests.support import PARALLEL, api_token, fail_fast_job
 from vault.models import Secret
 
 pytestmark = pytest.mark.django_db
@@ -202,7 +203,7 @@ def teams():
 def client_of(user, door: str):
     if door == "api":
         client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+        client.credentials(HTTP_AUTHORIZATION=f"Token {api_token(user)}")
     else:
         client = Client()
         client.force_login(user)
@@ -219,7 +220,7 @@ def answer(response) -> int | str:
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.method} {c.path}")
 def test_cell(cell, teams):
     alpha, beta, people = teams
-    got, expected, changed_wrongly = {}, {}, []
+    got, expected, changed_wrongly, audited = {}, {}, [], {}
     targets = {team: a_target(team) for team in (alpha, beta)}
     for name, user in people.items():
         client = client_of(user, cell.door)
@@ -227,19 +228,22 @@ def test_cell(cell, teams):
             level = ROLES[name] if team == alpha else NONE
             key = f"{name} on {team.name}'s"
             expected[key] = cell.expected(level, best=ROLES[name])
-            before = state()
+            before, events = state(), AuditEvent.objects.count()
             body = cell.body(target) if cell.body else None
             send = {"format": "json"} if cell.door == "api" and body is not None else {}
             response = getattr(client, cell.method.lower())(
                 cell.path.format(**target), body, **send
             )
             got[key] = answer(response)
+            audited[key] = AuditEvent.objects.count() - events
             if (state() != before) != (cell.acts and expected[key] == cell.ok):
                 changed_wrongly.append(key)
             if state() != before:  # the next person acts on objects of their own
                 targets[team] = a_target(team)
     assert got == expected
     assert changed_wrongly == []
+    acted = {key: int(cell.acts and expected[key] == cell.ok) for key in expected}
+    assert audited == acted
 
 
 @pytest.mark.parametrize("door", ["/api/pipelines/", "/api/builds/"])

@@ -18,11 +18,10 @@ import psycopg
 import pytest
 from django.conf import settings
 from httpx_sse import aconnect_sse
-from rest_framework.authtoken.models import Token
 
 from builds import services
 from builds.models import StepRun
-from tests.support import client_for, make_pipeline, wait_for_build
+from tests.support import api_token, make_pipeline, user_with, wait_for_build
 
 LINES = 50
 FOLLOWERS = 200
@@ -52,8 +51,7 @@ stages:
 
 
 def token() -> str:
-    client_for("builds.view_build")
-    return Token.objects.order_by("-created").first().key
+    return api_token(user_with("builds.view_build"))
 
 
 def step_of(build, name: str) -> StepRun:

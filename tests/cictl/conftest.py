@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 from django.contrib.auth.models import Permission, User
-from rest_framework.authtoken.models import Token
 
-from tests.support import wait_until
+from tests.support import api_token, wait_until
 
 CICTL = Path(sys.executable).with_name("cictl")  # installed beside this Python (make install)
 PERMISSIONS = [
@@ -117,7 +116,7 @@ def make_user(name: str = "dev", permissions=PERMISSIONS) -> str:
         user.user_permissions.add(
             Permission.objects.get(content_type__app_label="builds", codename=codename)
         )
-    return Token.objects.create(user=user).key
+    return api_token(user)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import pytest
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from agents import services as agents
@@ -24,7 +23,8 @@ from builds.models import Build, JobRun, Pipeline, StepRun, VariablePartition
 from concurrency.models import ConcurrencyGroup, ConcurrencyPolicy
 from forge.models import Repository
 from forge.services import repositories
-from tests.support import PARALLEL, fail_fast_job, one_step
+from tests.support import PARALLEL, api_token, fail_fast_job, one_step
+from tokens.models import ApiToken
 
 pytestmark = pytest.mark.django_db
 
@@ -170,6 +170,12 @@ def an_event() -> dict:
     return {"e": event.pk}
 
 
+def a_token() -> dict:  # another user's
+    owner = User.objects.create_user(f"owner-{next(serial)}")
+    api_token(owner, name="theirs")
+    return {"t": owner.api_tokens.get().pk}
+
+
 def a_world() -> dict:
     return {**a_pipeline(), **a_running_build(), **a_failed_build(), **a_queued_build()} | (
         an_agent()
@@ -188,6 +194,7 @@ TARGETS = {
     "repository": a_repository,
     "stale_partitions": stale_partitions,
     "event": an_event,
+    "token": a_token,
 }
 
 
@@ -214,6 +221,7 @@ def failed_only(t):
 
 
 PIPELINE_ADMIN = "/admin/builds/pipeline/"
+NOT_THEIRS = {"user": 404, "user+all": 404}  # another's token, to who is not staff
 POLICY_ADMIN = "/admin/concurrency/concurrencypolicy/"
 ROWS = [
     # The API, with a token.
@@ -307,6 +315,13 @@ ROWS = [
         acts=True,
         refused="object",
     ),
+    # API tokens: one's own (any signed-in user); another's, staff only (else not found).
+    Row("GET", "/api/tokens/", "", 200),
+    Row("GET", "/api/tokens/?all=1", "", 200),  # everyone's for staff, one's own otherwise
+    Row("POST", "/api/tokens/", "", 201, "none", lambda t: {"name": "mine"}, acts=True),
+    Row("GET", "/api/tokens/{t}/", "", 200, "token", unlike=NOT_THEIRS),
+    Row("DELETE", "/api/tokens/{t}/", "", 204, "token", acts=True, unlike=NOT_THEIRS),
+    Row("POST", "/api/tokens/{t}/rotate/", "", 201, "token", dict, acts=True, unlike=NOT_THEIRS),
     # A forge's webhook has no user: its signature alone, which these requests lack.
     Row("POST", "/api/pipelines/{p}/hooks/github/", "*", 401, "repository", dict),
     # The admin, with a session.
@@ -435,6 +450,8 @@ ROWS = [
         acts=True,
         refused="object",
     ),
+    Row("GET", "/admin/tokens/apitoken/", "", 200),  # one's own; view_apitoken: everyone's
+    Row("GET", "/admin/tokens/apitoken/add/", "", 200),
     Row("GET", "/admin/forge/schedule/", VS, 200),
     Row("GET", "/admin/forge/commitstatus/", VCS, 200),
     # The audit trail: read only, for whoever has its view permission (superusers too).
@@ -456,6 +473,7 @@ SNAPSHOT = [
     (VariablePartition, []),
     (Repository, ["pk", "clone_url", "webhook_secret_set_at"]),
     (AuditEvent, ["pk", "action", "username"]),  # a refused request is not recorded either
+    (ApiToken, ["pk", "revoked_at"]),
 ]
 
 
@@ -484,7 +502,7 @@ def clients(admin: bool) -> dict:
         if admin:
             client.force_login(user)
         else:
-            client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=user).key}")
+            client.credentials(HTTP_AUTHORIZATION=f"Token {api_token(user)}")
     return result
 
 
@@ -502,8 +520,9 @@ def test_matrix(row):
     admin = row.path.startswith("/admin/")
     send = {"format": None if admin else "json"} if row.body else {}
     target, got, changed_wrongly = TARGETS[row.target](), {}, []
+    roles = clients(admin)  # their tokens made before the state is taken
     before = state()
-    for role, client in clients(admin).items():
+    for role, client in roles.items():
         response = getattr(client, row.method.lower())(
             row.path.format(**target), row.body(target) if row.body else None, **send
         )
@@ -550,7 +569,7 @@ def test_metrics(settings, addr, headers, who, status):
     user = User.objects.create_superuser("root", password=None)
     if who:
         client.force_login(user)
-    token = Token.objects.create(user=user).key
+    token = api_token(user)
     headers = {k: v.format(token=token) for k, v in headers.items()}
     assert client.get("/metrics", headers=headers).status_code == status
 

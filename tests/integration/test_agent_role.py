@@ -75,6 +75,8 @@ def test_an_agent_with_its_own_role_runs_every_kind_of_job(agent_role, dedicated
     [
         "SELECT * FROM auth_user",
         "SELECT * FROM authtoken_token",
+        "SELECT digest, token_key FROM tokens_apitoken",  # API tokens, hashed or not
+        "SELECT * FROM tokens_apitoken_pipelines",
         "SELECT definition FROM builds_pipeline",
         "UPDATE concurrency_concurrencypolicy SET max_running = 100",
         "UPDATE builds_build SET status = 'SUCCEEDED'",

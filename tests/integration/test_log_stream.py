@@ -9,11 +9,10 @@ import json
 import httpx
 import pytest
 from httpx_sse import connect_sse
-from rest_framework.authtoken.models import Token
 
 from builds import services
 from builds.models import StepRun
-from tests.support import client_for, make_pipeline, wait_for_build, wait_until
+from tests.support import api_token, make_pipeline, user_with, wait_for_build, wait_until
 
 pytestmark = [pytest.mark.usefixtures("workers"), pytest.mark.django_db(transaction=True)]
 
@@ -33,8 +32,7 @@ stages:
 
 
 def token_of(*perms: str) -> str:
-    client_for(*perms)
-    return Token.objects.order_by("-created").first().key
+    return api_token(user_with(*perms))
 
 
 def url_of(server: str, step: StepRun) -> str:

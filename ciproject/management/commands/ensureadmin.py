@@ -1,10 +1,15 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
-from rest_framework.authtoken.models import Token
+
+from tokens import services
 
 
 class Command(BaseCommand):
-    help = "Create (or reset) a superuser and print its credentials and API token."
+    help = (
+        "Create (or reset) a superuser and print its credentials and an API token: its token"
+        " 'ensureadmin', made anew each run (only a token's digest is stored, so the old value"
+        " cannot be printed again; the previous one is revoked)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--username", default="admin")
@@ -15,7 +20,10 @@ class Command(BaseCommand):
         user.is_staff = user.is_superuser = True
         user.set_password(password)
         user.save()
-        token, _ = Token.objects.get_or_create(user=user)
+        token, value = services.issue_token(user, "ensureadmin")
         verb = "created" if created else "updated"
         self.stdout.write(f"admin user {verb}: username {username!r}, password {password!r}")
-        self.stdout.write(f"API token: {token.key}  (header 'Authorization: Token {token.key}')")
+        self.stdout.write(
+            f"API token: {value}  (header 'Authorization: Token {value}';"
+            f" until {token.expiry:%Y-%m-%d})"
+        )
