@@ -73,8 +73,13 @@ def test_agent_and_controller_memory_stay_flat(workers, dedicated):
         f"  {jobs:>5} jobs: agent {agent / 1024:6.1f} MiB, controller {controller / 1024:6.1f} MiB"
         for jobs, agent, controller in samples
     )
+    # The second half's own rate tells growth that goes on (a leak) from growth that levels
+    # off (the allocator's arenas filling up to their working size).
+    middle = samples[len(samples) // 2]
     verdicts = "\n".join(
-        f"  {name}: {verdict(first[i], last[i], last[0] - first[0])}"
+        f"  {name}: {verdict(first[i], last[i], last[0] - first[0])};"
+        f" from {middle[0]} jobs on: {(last[i] - middle[i]) * 1000 / (last[0] - middle[0]):+.0f}"
+        " KiB per 1,000 jobs"
         for i, name in ((1, "agent"), (2, "controller"))
     )
     print(
