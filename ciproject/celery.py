@@ -10,6 +10,7 @@ import logging
 import os
 
 from celery import Celery
+from celery.worker import state as worker_state
 from kombu.exceptions import OperationalError
 
 from ciproject.protocol import CONTROLLER_QUEUE
@@ -21,6 +22,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ciproject.settings")
 app = Celery("ciproject")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+# Celery keeps the ids of a worker's last 1,000 successful tasks (for 3 h), for two checks
+# only: a redelivered task already done (task_deduplicate_successful_tasks, off here: every
+# task is fenced by the database) and, on a lost broker connection, a task that succeeded
+# but is not acknowledged yet (at most the worker's concurrency: 64 for an agent). Those
+# 1,000 ids, ~250 bytes each, made agents and the controller grow until their 1,000th task;
+# 64 are enough for both checks, and fill up within the first jobs.
+SUCCESSFUL_IDS_KEPT = 64
+worker_state.successful_requests.maxlen = SUCCESSFUL_IDS_KEPT
 
 
 def publish(call, *args, **kwargs) -> bool:
