@@ -9,7 +9,8 @@
 import logging
 import os
 
-from celery import Celery
+from celery import Celery, signals
+from django.db import close_old_connections
 from kombu.exceptions import OperationalError
 
 from ciproject.protocol import CONTROLLER_QUEUE
@@ -21,6 +22,15 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "ciproject.settings")
 app = Celery("ciproject")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@signals.task_prerun.connect(weak=False)
+@signals.task_postrun.connect(weak=False)
+def _recycle_connections(**kwargs) -> None:
+    """Each task as a Django request: a connection is kept across tasks while it is healthy
+    and younger than CONN_MAX_AGE (one that died with a restart of PostgreSQL is replaced
+    before the task's first query); see CELERY_DB_REUSE_MAX in the settings."""
+    close_old_connections()
 
 
 def publish(call, *args, **kwargs) -> bool:
