@@ -23,6 +23,11 @@ app = Celery("ciproject")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
+# The options of the tasks run per job (run_job, advance_build): a success's result is not
+# stored (nothing reads it, and it cost a read and a write per task), a failure or a revoked
+# message's still is (django_celery_results).
+ERRORS_ONLY = {"ignore_result": True, "store_errors_even_if_ignored": True}
+
 
 @signals.task_prerun.connect(weak=False)
 @signals.task_postrun.connect(weak=False)
