@@ -5,7 +5,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import DurationField, Exists, ExpressionWrapper, F, OuterRef
+from django.db.models import Exists, F
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -47,44 +47,56 @@ class HandBack(Exception):  # an outcome, not an error: no "Error" in its name
     job takes a lease another build holds): it goes back to the queue for another agent."""
 
 
+_RUNNING = (
+    "EXISTS (SELECT 1 FROM builds_build b WHERE b.id = j.build_id AND b.status = %(running)s)"
+)
+_CLEANING = (
+    "EXISTS (SELECT 1 FROM builds_build b WHERE b.id = j.build_id AND b.status = %(cancelling)s"
+    " AND b.cancel_forced_at IS NULL)"
+)
+# QUEUED -> RUNNING while the build runs, or while its cancel lets the job's cleanup run (the
+# job then keeps its cleanup_deadline: how long it has, by the database's clock, returned as
+# cleanup_left). The build's status as correlated subqueries, as in _build_running.
+_START = f"""
+UPDATE builds_jobrun j SET status = %(running)s, agent = %(agent)s, reason = '',
+    started_at = %(now)s, kept_workspace_on = '',
+    cleanup_deadline = CASE WHEN {_RUNNING} THEN NULL ELSE j.cleanup_deadline END
+WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.status = %(queued)s
+    AND ({_RUNNING} OR ({_CLEANING} AND j.cleanup_deadline > statement_timestamp()))
+RETURNING j.*, j.cleanup_deadline - statement_timestamp() AS cleanup_left
+"""
+
+
 def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun | None:
     """QUEUED -> RUNNING for this attempt on `agent`. Returns the job, or None if the message
     is stale; raises HandBack if this agent may not run it now."""
     with transaction.atomic():
-        job = JobRun.objects.filter(pk=job_id, attempt=attempt)
-        job = job.only("build_id", "takes_lease", "reuse_of", "agent").first()
+        job = JobRun.objects.filter(pk=job_id, attempt=attempt).select_related("build").first()
         if job is None:
             return None
         if draining and not job.bound:  # a bound job was sent here on purpose
             raise HandBack
-        leases.lock_agent(agent)  # its lease is decided by one start (or release) at a time
-        if leases.holder(agent) not in (None, job.build_id):
+        # Its lease is decided by one start (or release) at a time: the agent's row locked.
+        held_by, labels = leases.lock_for_start(agent)
+        if held_by not in (None, job.build_id):
             raise HandBack
         if job.takes_lease:
-            if not leases.acquire(agent, job.build_id):
+            if held_by is None and not leases.acquire(agent, job.build_id):
                 raise HandBack
-            leases.pull_jobs(agent, job.build_id)
+            leases.pull_jobs(agent, job.build_id, labels)
         # QUEUED only: a job is sent once its stage is queued, so a message for a PENDING job
         # (a duplicate, sent early) must not start it before the stages ahead of it end.
-        queued = JobRun.objects.filter(pk=job_id, attempt=attempt, status=RunStatus.QUEUED)
-        started = {
-            "status": RunStatus.RUNNING,
-            "agent": agent,
-            "reason": "",
-            "started_at": timezone.now(),
-            "kept_workspace_on": "",  # it works in it again, or elsewhere from its first step
-        }
-        updated = queued.filter(_build_running(OuterRef("build_id"))).update(
-            **started, cleanup_deadline=None
-        ) or queued.filter(  # a job that runs after its build's cancel, until its deadline
-            _build_cleaning(OuterRef("build_id")), cleanup_deadline__gt=Now()
-        ).update(**started)
-        if not updated:
+        params = {
+            "id": job_id, "attempt": attempt, "agent": agent, "now": timezone.now(),
+            "queued": RunStatus.QUEUED, "running": RunStatus.RUNNING,
+            "cancelling": BuildStatus.CANCELLING,
+        }  # fmt: skip
+        started = list(JobRun.objects.raw(_START, params))
+        if not started:
             transaction.set_rollback(True)  # and with it any lease taken above
             return None
-    # A job that runs after the cancel: how long it has, by the database's clock.
-    left = ExpressionWrapper(F("cleanup_deadline") - Now(), output_field=DurationField())
-    return JobRun.objects.select_related("build").annotate(cleanup_left=left).get(pk=job_id)
+    started[0].build = job.build  # read in this transaction; nothing of it a start changes
+    return started[0]
 
 
 def start_step(step: StepRun, cleanup: bool = False) -> bool:
