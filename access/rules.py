@@ -88,10 +88,10 @@ def _token_allows(action: Action):
     return allows
 
 
-def _holds(action: Action):
-    @rules.predicate(name=f"holds {'+'.join(action.perms)}")
+def _everywhere(action: Action):
+    @rules.predicate(name=f"may {action.name} everywhere")
     def holds(user) -> bool:
-        return user.has_perms(action.perms)
+        return everywhere(user, action)
 
     return holds
 
@@ -108,9 +108,7 @@ RULES = rules.RuleSet()
 for _action in ACTIONS:
     RULES.add_rule(
         _action.name,
-        rules.is_active
-        & _token_allows(_action)
-        & (rules.is_superuser | _holds(_action) | _has_role(_action)),
+        rules.is_active & _token_allows(_action) & (_everywhere(_action) | _has_role(_action)),
     )
 
 

@@ -3,9 +3,10 @@ from celery import shared_task
 from agents import services
 from agents.process import agent
 from builds import services as builds
+from ciproject.celery import ERRORS_ONLY
 
 
-@shared_task(ignore_result=False)
+@shared_task(**ERRORS_ONLY)
 def run_job(job_id: int, attempt: int) -> str | None:
     """On an agent (ciproject.protocol.RUN_JOB)."""
     return agent.current().run_job(job_id, attempt)

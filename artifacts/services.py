@@ -58,11 +58,14 @@ def takes_artifacts(job: JobRun) -> bool:
     when one of them uploads some."""
     if job.definition.get("artifacts") is False:
         return False
+    uploading = {
+        spec["id"] for stage in job.build.spec["stages"] for spec in stage["jobs"]
+        if spec.get("artifacts")
+    }  # fmt: skip
+    if not uploading:  # no job of the build uploads any: no need to ask which it waits for
+        return False
     waited = {j.matrix_of or j.key for j in job.waits_for().only("key", "matrix_of")}
-    return any(
-        spec.get("artifacts") for stage in job.build.spec["stages"] for spec in stage["jobs"]
-        if spec["id"] in waited
-    )  # fmt: skip
+    return bool(uploading & waited)
 
 
 def running_attempt(job_id: int, attempt: int) -> JobRun:

@@ -1,16 +1,17 @@
 from celery import shared_task
 
 from builds import partitions, services
+from ciproject.celery import ERRORS_ONLY
 from ciproject.log_format import log_context
 from dispatch import placement
 
 
-@shared_task(ignore_result=False)
+@shared_task(**ERRORS_ONLY)
 def advance_build(build_id: int) -> str | None:
     return services.advance_build(build_id)  # its log lines carry the build id
 
 
-@shared_task(ignore_result=False)
+@shared_task(**ERRORS_ONLY)
 def finish_cancel(build_id: int) -> str | None:
     with log_context(build_id=build_id):
         return services.finish_cancel(build_id)

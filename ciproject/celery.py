@@ -9,8 +9,9 @@
 import logging
 import os
 
-from celery import Celery
+from celery import Celery, signals
 from celery.worker import state as worker_state
+from django.db import close_old_connections
 from kombu.exceptions import OperationalError
 
 from ciproject.protocol import CONTROLLER_QUEUE
@@ -31,6 +32,20 @@ app.autodiscover_tasks()
 # 64 are enough for both checks, and fill up within the first jobs.
 SUCCESSFUL_IDS_KEPT = 64
 worker_state.successful_requests.maxlen = SUCCESSFUL_IDS_KEPT
+
+# The options of the tasks run per job (run_job, advance_build): a success's result is not
+# stored (nothing reads it, and it cost a read and a write per task), a failure or a revoked
+# message's still is (django_celery_results).
+ERRORS_ONLY = {"ignore_result": True, "store_errors_even_if_ignored": True}
+
+
+@signals.task_prerun.connect(weak=False)
+@signals.task_postrun.connect(weak=False)
+def _recycle_connections(**kwargs) -> None:
+    """Each task as a Django request: a connection is kept across tasks while it is healthy
+    and younger than CONN_MAX_AGE (one that died with a restart of PostgreSQL is replaced
+    before the task's first query); see CELERY_DB_REUSE_MAX in the settings."""
+    close_old_connections()
 
 
 def publish(call, *args, **kwargs) -> bool:

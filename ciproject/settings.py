@@ -209,6 +209,11 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # stops the worker). Control messages the old connection swallows meanwhile are lost, which
 # the heartbeats make good (agents re-read their state from PostgreSQL).
 CELERY_CONTROL_QUEUE_EXCLUSIVE = False
+# Celery's Django fixup closes every database connection before and after each task unless
+# this is set: a new PostgreSQL session (connect, authenticate, cold caches) per job and per
+# advance. Never reached, so connections live as in Django's request cycle instead
+# (ciproject.celery: CONN_MAX_AGE, and CONN_HEALTH_CHECKS before each task).
+CELERY_DB_REUSE_MAX = 2**62
 
 # Build variables: partitions of VARIABLE_PARTITION_SECONDS (a day), created
 # VARIABLE_PARTITIONS_AHEAD ahead, dropped when wholly older than VARIABLE_RETENTION_DAYS. A

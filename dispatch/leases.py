@@ -40,6 +40,20 @@ def holder(agent_name: str) -> int | None:
     )
 
 
+def lock_for_start(agent_name: str) -> tuple[int | None, list[str]]:
+    """lock_agent for a job's start, in one round trip: the build holding the agent's lease,
+    if any, and the agent's labels (none for an agent not registered)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT l.build_id, a.labels FROM agents_agent a"
+            " LEFT JOIN agents_agentlease l ON l.agent_id = a.id"
+            " WHERE a.name = %s FOR NO KEY UPDATE OF a",
+            [agent_name],
+        )
+        row = cursor.fetchone()
+    return (row[0], row[1] or []) if row else (None, [])
+
+
 def lock_agent(agent_name: str) -> Agent | None:
     """Lock the agent's row: every decision about its lease is taken holding it, so a
     placement, a start and a release of one agent never interleave."""
@@ -54,16 +68,19 @@ def acquire(agent_name: str, build_id: int) -> bool:
         cursor.execute(
             "INSERT INTO agents_agentlease (agent_id, build_id, acquired_at)"
             " SELECT id, %s, now() FROM agents_agent WHERE name = %s"
-            " ON CONFLICT (agent_id) DO NOTHING",
+            " ON CONFLICT (agent_id) DO NOTHING RETURNING build_id",
             [build_id, agent_name],
         )
+        if cursor.fetchone():  # taken now
+            return True
     return holder(agent_name) == build_id
 
 
-def pull_jobs(agent_name: str, build_id: int) -> None:
-    """Also send the build's queued jobs this agent can run (by label) to its own queue: not
-    those bound to an agent, which run only there."""
-    labels = Agent.objects.filter(name=agent_name).values_list("labels", flat=True).first()
+def pull_jobs(agent_name: str, build_id: int, labels: list[str] | None = None) -> None:
+    """Also send the build's queued jobs this agent can run (by label, read unless given) to
+    its own queue: not those bound to an agent, which run only there."""
+    if labels is None:
+        labels = Agent.objects.filter(name=agent_name).values_list("labels", flat=True).first()
     queued = JobRun.objects.unbound().filter(
         build_id=build_id, status=RunStatus.QUEUED, runs_on__in=labels or []
     )
@@ -73,8 +90,9 @@ def pull_jobs(agent_name: str, build_id: int) -> None:
 
 def pull_to_leased_agents(build_id: int) -> None:
     """The build's leased agents may run its queued jobs too."""
-    for agent in AgentLease.objects.filter(build_id=build_id).values_list("agent__name", flat=True):
-        pull_jobs(agent, build_id)
+    leased = AgentLease.objects.filter(build_id=build_id)
+    for agent, labels in leased.values_list("agent__name", "agent__labels"):
+        pull_jobs(agent, build_id, labels)
 
 
 def place_on_agent(job: JobRun) -> str | None:

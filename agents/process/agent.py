@@ -48,13 +48,13 @@ class AgentProcess:
         self.step_user = step_user  # agents.process.step_user.StepUser, or None: the agent's
         self.hostname = socket.gethostname()
         self.opener = sealing.Opener()  # secrets are sealed to this process's key
-        self.nodename = node_name(name, self.hostname)
         self.pool_queues = [retry_queue(label) for label in labels]
         self.pool_queues += [job_queue(label) for label in labels]
         self.workspace_root = Path(settings.AGENT_WORKSPACE_ROOT) / name
         # How its steps' processes are held (found out in run()).
         self.containment = containment.ProcessGroups("an agent that was not started")
         self.consuming = True  # the shared (label and retry) queues
+        self.consumer = None  # the worker's consumer, once it is ready (see run)
         # Set while an operator has disabled (drained) this agent: it finishes what it runs
         # and takes no new job from the shared queues.
         self.draining = threading.Event()
@@ -163,9 +163,13 @@ class AgentProcess:
             holder = services.leased_to(self.name)
             self.draining.set() if status == AgentStatus.DISABLED else self.draining.clear()
             wanted = status != AgentStatus.DISABLED and holder is None
-            command = app.control.add_consumer if wanted else app.control.cancel_consumer
+            # What Celery's add_consumer and cancel_consumer commands do, called here rather
+            # than sent through the broker to this very worker (a round trip each, and a
+            # message every worker on the broker has to read).
+            consumer = self.consumer
+            command = consumer.add_task_queue if wanted else consumer.cancel_task_queue
             for queue in self.pool_queues:
-                command(queue, destination=[self.nodename])
+                consumer.call_soon(command, queue)
             if wanted != self.consuming:
                 self.consuming = wanted
                 log.info(
@@ -300,7 +304,8 @@ class AgentProcess:
         queues = [agent_queue(self.name), *self.pool_queues]
 
         @worker_ready.connect(weak=False)
-        def start_heartbeats(**kwargs):  # once the worker hears control commands
+        def start_heartbeats(sender, **kwargs):  # once the worker hears control commands
+            self.consumer = sender
             self.upkeep.start()
             self.renewed_at = time.monotonic()  # registered just now
             self.beats.start()

@@ -1,11 +1,12 @@
 """Running jobs and steps: what the agents call, fenced by attempt numbers."""
 
+import contextlib
 import logging
 from datetime import timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import DurationField, Exists, ExpressionWrapper, F, OuterRef
+from django.db.models import Case, Exists, F, Q, Value, When
 from django.db.models.functions import Now
 from django.utils import timezone
 
@@ -47,44 +48,56 @@ class HandBack(Exception):  # an outcome, not an error: no "Error" in its name
     job takes a lease another build holds): it goes back to the queue for another agent."""
 
 
+_RUNNING = (
+    "EXISTS (SELECT 1 FROM builds_build b WHERE b.id = j.build_id AND b.status = %(running)s)"
+)
+_CLEANING = (
+    "EXISTS (SELECT 1 FROM builds_build b WHERE b.id = j.build_id AND b.status = %(cancelling)s"
+    " AND b.cancel_forced_at IS NULL)"
+)
+# QUEUED -> RUNNING while the build runs, or while its cancel lets the job's cleanup run (the
+# job then keeps its cleanup_deadline: how long it has, by the database's clock, returned as
+# cleanup_left). The build's status as correlated subqueries, as in _build_running.
+_START = f"""
+UPDATE builds_jobrun j SET status = %(running)s, agent = %(agent)s, reason = '',
+    started_at = %(now)s, kept_workspace_on = '',
+    cleanup_deadline = CASE WHEN {_RUNNING} THEN NULL ELSE j.cleanup_deadline END
+WHERE j.id = %(id)s AND j.attempt = %(attempt)s AND j.status = %(queued)s
+    AND ({_RUNNING} OR ({_CLEANING} AND j.cleanup_deadline > statement_timestamp()))
+RETURNING j.*, j.cleanup_deadline - statement_timestamp() AS cleanup_left
+"""
+
+
 def start_job(job_id: int, attempt: int, agent: str, draining=False) -> JobRun | None:
     """QUEUED -> RUNNING for this attempt on `agent`. Returns the job, or None if the message
     is stale; raises HandBack if this agent may not run it now."""
     with transaction.atomic():
-        job = JobRun.objects.filter(pk=job_id, attempt=attempt)
-        job = job.only("build_id", "takes_lease", "reuse_of", "agent").first()
+        job = JobRun.objects.filter(pk=job_id, attempt=attempt).select_related("build").first()
         if job is None:
             return None
         if draining and not job.bound:  # a bound job was sent here on purpose
             raise HandBack
-        leases.lock_agent(agent)  # its lease is decided by one start (or release) at a time
-        if leases.holder(agent) not in (None, job.build_id):
+        # Its lease is decided by one start (or release) at a time: the agent's row locked.
+        held_by, labels = leases.lock_for_start(agent)
+        if held_by not in (None, job.build_id):
             raise HandBack
         if job.takes_lease:
-            if not leases.acquire(agent, job.build_id):
+            if held_by is None and not leases.acquire(agent, job.build_id):
                 raise HandBack
-            leases.pull_jobs(agent, job.build_id)
+            leases.pull_jobs(agent, job.build_id, labels)
         # QUEUED only: a job is sent once its stage is queued, so a message for a PENDING job
         # (a duplicate, sent early) must not start it before the stages ahead of it end.
-        queued = JobRun.objects.filter(pk=job_id, attempt=attempt, status=RunStatus.QUEUED)
-        started = {
-            "status": RunStatus.RUNNING,
-            "agent": agent,
-            "reason": "",
-            "started_at": timezone.now(),
-            "kept_workspace_on": "",  # it works in it again, or elsewhere from its first step
-        }
-        updated = queued.filter(_build_running(OuterRef("build_id"))).update(
-            **started, cleanup_deadline=None
-        ) or queued.filter(  # a job that runs after its build's cancel, until its deadline
-            _build_cleaning(OuterRef("build_id")), cleanup_deadline__gt=Now()
-        ).update(**started)
-        if not updated:
+        params = {
+            "id": job_id, "attempt": attempt, "agent": agent, "now": timezone.now(),
+            "queued": RunStatus.QUEUED, "running": RunStatus.RUNNING,
+            "cancelling": BuildStatus.CANCELLING,
+        }  # fmt: skip
+        started = list(JobRun.objects.raw(_START, params))
+        if not started:
             transaction.set_rollback(True)  # and with it any lease taken above
             return None
-    # A job that runs after the cancel: how long it has, by the database's clock.
-    left = ExpressionWrapper(F("cleanup_deadline") - Now(), output_field=DurationField())
-    return JobRun.objects.select_related("build").annotate(cleanup_left=left).get(pk=job_id)
+    started[0].build = job.build  # read in this transaction; nothing of it a start changes
+    return started[0]
 
 
 def start_step(step: StepRun, cleanup: bool = False) -> bool:
@@ -212,19 +225,44 @@ def next_attempt(step: StepRun) -> bool:
     return bool(updated)
 
 
+# While its build is CANCELLING, whatever ends is recorded CANCELED (the own ending of a
+# cleanup step, or of a job run after the cancel, counts unless the cancel was forced). The
+# build row lock orders this against the cancel request: what ends after it is cancelled.
+_CANCEL_WINS = (
+    "SELECT status = %(cancelling)s AND NOT (%(cleanup)s AND cancel_forced_at IS NULL) AS wins"
+    " FROM builds_build WHERE id = %(build)s FOR NO KEY UPDATE"
+)
+
+
+def _cancel_wins_params(build_id: int, cleanup: bool) -> dict:
+    return {"build": build_id, "cleanup": cleanup, "cancelling": BuildStatus.CANCELLING}
+
+
 def _cancel_wins(build_id: int, status: str, cleanup: bool = False) -> str:
-    """While its build is CANCELLING, whatever ends is recorded CANCELED (the own ending of
-    a cleanup step, or of a job run after the cancel, counts unless the cancel was forced).
-    The build row lock orders this against the cancel request: a step that ends after it is
-    cancelled."""
-    build_status, forced = (
-        Build.objects.select_for_update(no_key=True)
-        .values_list("status", "cancel_forced_at")
-        .get(pk=build_id)
-    )
-    if build_status != BuildStatus.CANCELLING or (cleanup and forced is None):
-        return status
-    return RunStatus.CANCELED
+    """The status to record for an ending of `status` (see _CANCEL_WINS), the build locked."""
+    with connection.cursor() as cursor:
+        cursor.execute(_CANCEL_WINS, _cancel_wins_params(build_id, cleanup))
+        row = cursor.fetchone()
+    if row is None:
+        raise Build.DoesNotExist(f"build {build_id}")
+    return RunStatus.CANCELED if row[0] else status
+
+
+# finish_step's compare-and-set in one statement, the build's row locked first.
+_FINISH_STEP = f"""
+WITH b AS ({_CANCEL_WINS}), updated AS (
+    UPDATE builds_steprun s
+    SET status = CASE WHEN b.wins THEN %(canceled)s ELSE %(status)s END,
+        exit_code = %(exit_code)s, finished_at = %(now)s
+    FROM b
+    WHERE s.id = %(id)s AND s.attempt = %(attempt)s
+        AND s.status = ANY(
+            CASE WHEN b.wins THEN %(from_canceled)s::text[] ELSE %(from_status)s::text[] END
+        )
+    RETURNING s.status
+)
+SELECT b.wins, (SELECT status FROM updated) FROM b
+"""
 
 
 def finish_step(
@@ -234,15 +272,21 @@ def finish_step(
     step's). Returns the status recorded, or None if the attempt is no longer the step's
     (stale). The same result sent again (its first commit went through, the answer was
     lost) is recorded already: that status is returned."""
-    with transaction.atomic():
-        build = step.job.build
-        result = status
-        status = _cancel_wins(build.pk, status, cleanup)
-        variables = {} if cleanup else variables
-        updated = StepRun.objects.filter(
-            pk=step.pk, attempt=attempt, status__in=run_allowed_from(status)
-        ).update(status=status, exit_code=exit_code, finished_at=timezone.now())
-        if not updated:
+    build = step.job.build
+    variables = {} if cleanup else variables
+    params = _cancel_wins_params(build.pk, cleanup) | {
+        "id": step.pk, "attempt": attempt, "status": status, "exit_code": exit_code,
+        "now": timezone.now(), "canceled": RunStatus.CANCELED,
+        "from_status": list(run_allowed_from(status)),
+        "from_canceled": list(run_allowed_from(RunStatus.CANCELED)),
+    }  # fmt: skip
+    # One statement, its own transaction, unless variables are written with it.
+    with transaction.atomic() if variables else contextlib.nullcontext():
+        with connection.cursor() as cursor:
+            cursor.execute(_FINISH_STEP, params)
+            cancel_wins, recorded = cursor.fetchone() or (False, None)
+        result, status = status, RunStatus.CANCELED if cancel_wins else status
+        if recorded is None:
             recorded = StepRun.objects.filter(pk=step.pk, attempt=attempt)
             recorded = recorded.values_list("status", "exit_code").first()
             return recorded[0] if recorded in {(result, exit_code), (status, exit_code)} else None
@@ -298,15 +342,18 @@ def finish_job(job: JobRun, status: str, reason: str = "", after_cancel: bool = 
             recorded = JobRun.objects.filter(pk=job.pk, attempt=job.attempt)
             recorded = recorded.values_list("status", "reason").first()
             return recorded in {result, (status, reason)}
-        # What never ran is SKIPPED, or CANCELED with the job.
-        leftover = RunStatus.CANCELED if status == RunStatus.CANCELED else RunStatus.SKIPPED
-        StepRun.objects.filter(job=job, status__in=(RunStatus.PENDING, RunStatus.QUEUED)).update(
-            status=leftover
-        )
-        # A step still RUNNING here was cut short by an error on the agent.
-        StepRun.objects.filter(job=job, status=RunStatus.RUNNING).update(
-            status=RunStatus.CANCELED if status == RunStatus.CANCELED else RunStatus.FAILED,
-            finished_at=now,
+        # What never ran is SKIPPED, or CANCELED with the job; a step still RUNNING here was
+        # cut short by an error on the agent. One statement for both.
+        cancelled = status == RunStatus.CANCELED
+        cut_short = Q(status=RunStatus.RUNNING)
+        StepRun.objects.filter(
+            job=job, status__in=(RunStatus.PENDING, RunStatus.QUEUED, RunStatus.RUNNING)
+        ).update(
+            status=Case(
+                When(cut_short, then=Value(RunStatus.CANCELED if cancelled else RunStatus.FAILED)),
+                default=Value(RunStatus.CANCELED if cancelled else RunStatus.SKIPPED),
+            ),
+            finished_at=Case(When(cut_short, then=Value(now)), default=F("finished_at")),
         )
         messages.advance_build(job.build_id)
     return True

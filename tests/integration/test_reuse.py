@@ -93,7 +93,10 @@ def test_a_retry_of_a_reusing_job_runs_the_job_it_reuses_again_and_stale_message
     assert "no out.txt" not in log_of(build, "use")
     agent = use.agent
 
-    stale = app.send_task("agents.tasks.run_job", args=(use.pk, 1), queue=agent_queue(agent))
+    # run_job stores no result on success (ciproject.celery.ERRORS_ONLY): this message asks.
+    stale = app.send_task(
+        "agents.tasks.run_job", args=(use.pk, 1), queue=agent_queue(agent), ignore_result=False
+    )
     assert stale.get(timeout=20) is None  # attempt 1 is over: the message is fenced off
     use.refresh_from_db()
     assert (use.status, use.attempt) == ("SUCCEEDED", 2)
