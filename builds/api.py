@@ -221,7 +221,8 @@ class PipelineViewSet(
     def get_queryset(self):
         if self.action == "list":
             return access.pipelines_for(self.request.user, access.VIEW_PIPELINE)
-        return super().get_queryset().prefetch_related("teams")
+        queryset = super().get_queryset()
+        return queryset if self.action == "builds" else queryset.prefetch_related("teams")
 
     def get_object(self):
         pipeline = super().get_object()

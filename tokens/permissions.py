@@ -81,7 +81,9 @@ class TokenScope(permissions.BasePermission):
         token = request_token(request)
         if token is None:
             return True
-        action, pipeline = token_action(request, view), pipeline_of(view)
+        action = token_action(request, view)
+        # Which pipeline the URL names matters only to a token limited to some.
+        pipeline = pipeline_of(view) if token.pipeline_ids() else None
         if token.allows(action, pipeline):
             return True
         if pipeline is not None and token.allows(action):  # outside its pipelines

@@ -152,7 +152,7 @@ def test_people_list_and_download_a_builds_artifacts_with_view_build(build, admi
     make = running_job(build, "make")
     assert put(agent_client(make), "dist/app.whl", WHEEL).status_code == 201
     artifact = Artifact.objects.get()
-    assert client_for().get(f"/api/builds/{build.pk}/artifacts/").status_code == 403
+    assert client_for().get(f"/api/builds/{build.pk}/artifacts/").status_code == 404  # unseen
     reader = client_for("builds.view_build")
     [listed] = reader.get(f"/api/builds/{build.pk}/artifacts/").json()
     assert (listed["path"], listed["size"]) == ("dist/app.whl", len(WHEEL))

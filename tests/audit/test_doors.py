@@ -80,7 +80,7 @@ def test_a_trigger_is_recorded_once_with_names_never_values(pipeline):
         action="build.trigger",
         actor=user,
         username=user.username,
-        token_name="token",  # DRF's tokens have no name
+        token_name="test-0",  # tests.support.api_token's name for a user's first token
         via="api",
         address="127.0.0.1",
         target_type="builds.build",

@@ -92,10 +92,10 @@ class Row:
         return 403
 
     def permits(self, role: str) -> bool:
-        """Whether `role` may do what the row does (an `unlike` answer may say so too)."""
-        return self.expected(role) == self.ok or (
-            role in self.unlike and self.allows(ROLES[role][1])
-        )
+        """Whether `role` may do what the row does: its answer is the row's, or an `unlike`
+        answer that is not a refusal (the admin's index after an add)."""
+        answer = self.expected(role)
+        return answer == self.ok or (role in self.unlike and answer == GONE)
 
     def allows(self, perms: frozenset) -> bool:
         if self.need in ("", "-") or perms is EVERYTHING:
