@@ -165,9 +165,7 @@ def test_a_user_without_the_permission_is_refused(cictl):
     reader = make_user("reader", ["view_pipeline", "view_build"])
     result = cictl("trigger", "hello", CICTL_TOKEN=reader)
     assert (result.code, result.out) == (3, "")
-    assert result.err == (
-        "error PERMISSION_DENIED: You do not have permission to perform this action.\n"
-    )
+    assert result.err == ("error PERMISSION_DENIED: you may not trigger here\n")
     assert not Build.objects.exists()
 
 

@@ -6,7 +6,7 @@ import signal
 import time
 
 import pytest
-from django.contrib.auth.models import User
+from django.contrib.auth.models import Permission, User
 from rest_framework.test import APIClient
 
 from builds import services
@@ -132,7 +132,12 @@ def test_cancel_racing_with_completion_ends_consistently():
 def test_cancel_requires_the_cancel_permission(tmp_path):
     build = services.trigger_build(make_pipeline("perm", one_step("true")))
     client = APIClient()
-    client.force_authenticate(User.objects.create_user("viewer"))
+    viewer = User.objects.create_user("viewer")
+    client.force_authenticate(viewer)
+    response = client.post(f"/api/builds/{build.pk}/cancel/")
+    assert (response.status_code, response.json()["code"]) == (404, "NOT_FOUND")  # unseen
+    viewer.user_permissions.add(Permission.objects.get(codename="view_build"))
+    client.force_authenticate(User.objects.get(pk=viewer.pk))
     response = client.post(f"/api/builds/{build.pk}/cancel/")
     assert (response.status_code, response.json()["code"]) == (403, "PERMISSION_DENIED")
     assert APIClient().post(f"/api/builds/{build.pk}/cancel/").status_code == 401

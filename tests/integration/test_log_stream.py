@@ -128,10 +128,12 @@ def test_the_stream_answers_as_the_log_does_to_who_may_not_read(worker_env):
     build = services.trigger_build(make_pipeline("guarded-stream", SLOW))
     step = first_step(build)
     url = url_of(server, step)
-    nobody = token_of()  # a user without view_build
+    nobody = token_of()  # a user who sees nothing of the pipeline
+    viewer = token_of("builds.view_pipeline")  # sees it, may not read its builds' logs
     for headers, expected in (
         ({}, 401),
-        ({"Authorization": f"Token {nobody}"}, 403),
+        ({"Authorization": f"Token {nobody}"}, 404),
+        ({"Authorization": f"Token {viewer}"}, 403),
         ({"Authorization": "Token not-a-token"}, 401),
     ):
         answer = httpx.get(url, params={"follow": 1}, headers=headers, timeout=10)
