@@ -164,6 +164,17 @@ def has_role_in_a_team(user, role: Role = Role.VIEWER) -> bool:
     return Membership.objects.filter(user=user, role__gte=role).exists()
 
 
+def may_somewhere(user, action: Action) -> bool:
+    """Whether `user` may do `action` to some pipeline: then a door offers it (each pipeline
+    is asked again when it acts)."""
+    return everywhere(user, action) or has_role_in_a_team(user, action.role)
+
+
+def may_create_pipelines(user) -> bool:
+    """Staff with add_pipeline, or a team's maintainer (for their team)."""
+    return user.has_perm("builds.add_pipeline") or has_role_in_a_team(user, Role.MAINTAINER)
+
+
 def may_use_policy(user, policy) -> bool:
     """Policies are staff's: who may change policies may attach any; a team's maintainers
     may attach the ones opened to their team."""

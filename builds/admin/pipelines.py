@@ -15,7 +15,7 @@ from django.utils.html import format_html
 
 from access import rules as access
 from access.admin_mixins import PipelineScoped
-from access.models import Role, Team
+from access.models import Team
 from audit.admin_mixins import AuditedAdmin
 from builds import services
 from builds.definition import parse_assignments, parse_definition
@@ -200,9 +200,7 @@ class PipelineAdmin(AuditedAdmin, PipelineScoped, admin.ModelAdmin):
 
     def has_add_permission(self, request):
         # A team's maintainer makes pipelines for their team (the form asks which).
-        return super().has_add_permission(request) or access.has_role_in_a_team(
-            request.user, Role.MAINTAINER
-        )
+        return access.may_create_pipelines(request.user)
 
     def get_readonly_fields(self, request, obj=None):
         shown = ["last_build_number", "builds_count", "created_at", "updated_at", "team_names"]
