@@ -17,9 +17,7 @@ class Action(models.TextChoices):
     POLICY_DELETE = "policy.delete"
     SECRET_SET = "secret.set"
     SECRET_DELETE = "secret.delete"
-    # For the tokens app's service, in the transaction that makes or revokes the token:
-    # audit.record("token.create", token). The label is str(token): make it the token's name,
-    # never its key (or pass label=token.name).
+    # Labelled with the token's name, never its prefix or value (tokens.services).
     TOKEN_CREATE = "token.create"
     TOKEN_REVOKE = "token.revoke"
     AGENT_DRAIN = "agent.drain"

@@ -10,6 +10,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 from knox.models import get_digest_token
 
+import audit
 from builds.models import Pipeline
 from tokens.errors import InvalidToken, TokenAlreadyRevoked, TokenBeyondScope, TokenNameTaken
 from tokens.models import ACTIONS, PREFIX_LENGTH, ApiToken, Kind
@@ -109,6 +110,16 @@ def create_token(
     except IntegrityError as exc:  # the same name, made at the same moment
         raise TokenNameTaken(f"{owner} already has a token named {name!r}") from exc
     token.pipelines.set(pipelines)
+    audit.record(
+        "token.create",
+        token,
+        label=token.name,
+        owner=owner.get_username(),
+        actions=actions,
+        pipelines=pipelines,
+        expires=token.expiry.isoformat(),
+        kind=kind,
+    )
     return token, value
 
 
@@ -122,6 +133,7 @@ def revoke_token(token: ApiToken, by) -> ApiToken:
     ):
         raise TokenAlreadyRevoked(f"the token {token.name!r} was already revoked")
     token.revoked_at, token.revoked_by = now, by
+    audit.record("token.revoke", token, label=token.name, owner=token.user.get_username())
     return token
 
 

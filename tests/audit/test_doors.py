@@ -21,6 +21,7 @@ from builds.models import Build, JobRun, StepRun
 from concurrency.models import ConcurrencyPolicy
 from forge.models import Schedule
 from tests.support import PARALLEL, client_for, fail_fast_job, one_step
+from tokens.models import ApiToken
 from vault.models import SecretScope
 
 pytestmark = pytest.mark.django_db
@@ -355,3 +356,49 @@ def test_a_command_acts_as_the_operator(pipeline):
     call_command("cancel", str(build.pk), stdout=io.StringIO())
     event = the_event(action="build.cancel", actor=None, via="cli", token_name="", address=None)
     assert event.username.startswith("os:")
+
+
+def test_tokens_made_rotated_and_revoked_are_recorded_by_name_never_value():
+    api, user = person()
+    made = api.post("/api/tokens/", {"name": "deploy", "actions": ["trigger"]}, format="json")
+    assert made.status_code == 201, made.content
+    first = made.json()
+    rotated = api.post(f"/api/tokens/{first['id']}/rotate/", {}, format="json")
+    assert rotated.status_code == 201, rotated.content
+    assert api.delete(f"/api/tokens/{rotated.json()['id']}/").status_code == 204
+    events = list(AuditEvent.objects.order_by("id"))
+    assert [(e.action, e.target_label, e.target_id) for e in events] == [
+        ("token.create", "deploy", str(first["id"])),
+        ("token.revoke", "deploy", str(first["id"])),
+        ("token.create", "deploy", str(rotated.json()["id"])),
+        ("token.revoke", "deploy", str(rotated.json()["id"])),
+    ]
+    assert {(e.actor, e.via, e.token_name) for e in events} == {(user, "api", "test-0")}
+    assert events[0].details == {
+        "owner": user.username,
+        "actions": ["read", "trigger"],
+        "pipelines": [],
+        "expires": ApiToken.objects.get(pk=first["id"]).expiry.isoformat(),
+        "kind": "personal",
+    }
+    with connection.cursor() as cursor:  # neither value, nor their prefixes
+        cursor.execute("SELECT details::text, target_label FROM audit_auditevent")
+        trail = repr(cursor.fetchall())
+    for value in (first["token"], rotated.json()["token"]):
+        assert value[:8] not in trail
+
+
+def test_createtoken_is_the_operators(pipeline):
+    User.objects.create_user("ci-bot")
+    call_command(
+        "createtoken",
+        "--user",
+        "ci-bot",
+        "--name",
+        "bot",
+        stdout=io.StringIO(),
+        stderr=io.StringIO(),
+    )
+    event = the_event(action="token.create", actor=None, via="cli", target_label="bot")
+    assert event.username.startswith("os:")
+    assert event.details["owner"] == "ci-bot"

@@ -1,6 +1,7 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 
+import audit
 from tokens import services
 
 
@@ -20,7 +21,8 @@ class Command(BaseCommand):
         user.is_staff = user.is_superuser = True
         user.set_password(password)
         user.save()
-        token, value = services.issue_token(user, "ensureadmin")
+        with audit.acting_as(via="cli"):  # the operator, in the trail
+            token, value = services.issue_token(user, "ensureadmin")
         verb = "created" if created else "updated"
         self.stdout.write(f"admin user {verb}: username {username!r}, password {password!r}")
         self.stdout.write(

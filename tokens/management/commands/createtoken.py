@@ -1,6 +1,7 @@
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+import audit
 from ciproject.commands import reporting_errors
 from tokens import services
 from tokens.models import ACTIONS, Kind
@@ -32,7 +33,7 @@ class Command(BaseCommand):
             owner = users.create_user(user)  # create_user with no password: unusable
         if owner is None:
             raise CommandError(f"no user {user!r} (--service makes a service account)")
-        with reporting_errors():
+        with reporting_errors(), audit.acting_as(via="cli"):  # the operator, in the trail
             token, value = services.create_token(
                 owner,
                 name,
