@@ -86,6 +86,11 @@ app.conf.beat_schedule = {
         "schedule": 3600.0,
         "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
     },
+    "purge-dead-tokens": {
+        "task": "tokens.tasks.purge_tokens",
+        "schedule": 3600.0,
+        "options": {"queue": CONTROLLER_QUEUE, "expires": 3600},
+    },
     "deliver-commit-statuses": {
         "task": "forge.tasks.deliver_statuses",
         "schedule": 2.0,

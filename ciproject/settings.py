@@ -160,6 +160,9 @@ REST_KNOX = {"TOKEN_PREFIX": "cip_", "AUTH_HEADER_PREFIX": "Token", "TOKEN_MODEL
 MIGRATION_MODULES = {"knox": None}
 API_TOKEN_DEFAULT_DAYS = env_int("API_TOKEN_DEFAULT_DAYS", 90)
 API_TOKEN_MAX_DAYS = env_int("API_TOKEN_MAX_DAYS", 365)
+# A token revoked or expired more than this many days ago is deleted (tokens.retention);
+# 0 keeps them for ever.
+API_TOKEN_KEEP_DAYS = env_int("API_TOKEN_KEEP_DAYS", 30)
 # An API request body above this is refused with 413 REQUEST_TOO_LARGE. DRF reads JSON
 # through request.body, where Django's DATA_UPLOAD_MAX_MEMORY_SIZE (also the admin's form
 # limit, default 2.5 MB) applies first; keep it no lower so this is the limit that holds.
