@@ -62,8 +62,11 @@ socat:
 	@command -v socat >/dev/null || { $(SUDO) apt-get update && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends socat; }
 
+# In parallel (pytest-xdist): each worker has its own test database, Redis database, VAR_DIR
+# and real workers; the fault stack's tests keep to one worker (tests/faults/conftest.py).
+TEST_WORKERS ?= 2
 test: lint chromium socat
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(BIN)/pytest -o addopts="-p no:cacheprovider" tests/bench -s -q

@@ -14,6 +14,10 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 # Where this instance keeps its files (static files, workspaces, the beat schedule): a second
 # stack on the same machine gets its own.
 VAR_DIR = Path(os.environ.get("VAR_DIR", BASE_DIR / "var")).resolve()
+# Each worker of a parallel test run (pytest-xdist, `make test`) is a stack of its own, with
+# its own metrics files and caches; what it starts inherits the name, so agrees on the folder.
+if _test_worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    VAR_DIR = VAR_DIR / _test_worker
 
 
 def env_bool(name: str, default: bool) -> bool:

@@ -5,6 +5,7 @@ as separate processes on the test database."""
 import os
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -21,7 +22,22 @@ from ciproject.celery import app
 from tests.processes import Workers, free_port
 from tests.support import raw_connection, wait_until
 
-TEST_BROKER_URL = os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15")
+
+
+def _broker_url() -> str:
+    """The suite's Redis database; in a parallel run (pytest-xdist), worker gwN takes the Nth
+    below it (the database names are made apart by pytest-django, VAR_DIR by the settings).
+    Written back to the environment, for the tests that choose a database beside it."""
+    url = urlsplit(os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    number = int(url.path.strip("/") or 0) - int(worker.removeprefix("gw"))
+    if number < 0:
+        raise RuntimeError(f"TEST_BROKER_URL's database number is too low for worker {worker}")
+    os.environ["TEST_BROKER_URL"] = urlunsplit(url._replace(path=f"/{number}"))
+    return os.environ["TEST_BROKER_URL"]
+
+
+TEST_BROKER_URL = _broker_url()
 AGENTS = {"agent-1": "linux,default", "agent-2": "linux,default,big"}
 
 

@@ -342,7 +342,8 @@ def test_one_purge_at_a_time(settings):
             assert name in partitions.detached_leftovers()  # left to the first
         first.join(timeout=30)
         (advisory,) = watcher.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database ="
+            " (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
     assert elapsed < 2, f"the second purge took {elapsed:.1f} s to give way"
     assert output == "dropped 0 partition(s)\nstopped: another purge is running\n"

@@ -4,6 +4,7 @@ controller and agents) with a user's API token."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -65,6 +66,9 @@ class Cictl:
             stderr=subprocess.PIPE,
             text=True,
             cwd=self.home,
+            # Ctrl-C as in a terminal, even when the suite itself runs in the background
+            # (a shell's background job ignores SIGINT, and so would cictl, inheriting it).
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         return Running(proc)
 

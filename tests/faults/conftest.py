@@ -33,3 +33,15 @@ def runs(tmp_path):
     path = tmp_path / "runs.log"
     path.touch()
     return path
+
+
+STACK_FIXTURES = {"postgres", "broker", "stack"}
+
+
+def pytest_collection_modifyitems(items):
+    """In a parallel run (`make test`: pytest-xdist, --dist loadgroup) the tests on the fault
+    stack run on one worker, one after the other: they share the package's stack (one per
+    worker that ran any), and some stop the machine's RabbitMQ node for everyone."""
+    for item in items:
+        if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("fault-stack"))

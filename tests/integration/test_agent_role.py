@@ -15,7 +15,9 @@ from tests.support import make_pipeline, one_step, wait_for_build, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-ROLE, PASSWORD = "ciagent_test", "agent-role-password"
+# Roles are the server's, not a database's: each worker of a parallel run has its own.
+ROLE = f"ciagent_test_{os.environ.get('PYTEST_XDIST_WORKER', 'gw0')}"
+PASSWORD = "agent-role-password"
 
 LEASED = """
 stages:

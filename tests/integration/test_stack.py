@@ -30,6 +30,7 @@ import redis
 from django.conf import settings
 from psycopg import sql
 
+from tests.conftest import TEST_BROKER_URL
 from tests.support import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,11 +79,13 @@ def _admin_connection():
 
 
 def _broker_url() -> str:
-    """The suite's Redis server, another database number than the suite's (15 by default)."""
+    """The suite's Redis server, a database number below those of all the suite's workers
+    (the conftest gives worker gwN the Nth below TEST_BROKER_URL's, 15 by default)."""
     if os.environ.get("STACK_TEST_BROKER_URL"):
         return os.environ["STACK_TEST_BROKER_URL"]
-    suite = urlsplit(os.environ.get("TEST_BROKER_URL", "redis://127.0.0.1:6379/15"))
-    number = 12 if suite.path.strip("/") == "13" else 13
+    suite = urlsplit(TEST_BROKER_URL)
+    number = int(suite.path.strip("/")) - int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))
+    assert number >= 0, "TEST_BROKER_URL's database number is too low for the stack's"
     return urlunsplit(suite._replace(path=f"/{number}"))
 
 
