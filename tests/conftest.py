@@ -23,7 +23,6 @@ from tests.processes import Workers, free_port
 from tests.support import raw_connection, wait_until
 
 
-
 def _broker_url() -> str:
     """The suite's Redis database; in a parallel run (pytest-xdist), worker gwN takes the Nth
     below it (the database names are made apart by pytest-django, VAR_DIR by the settings).
