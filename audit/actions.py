@@ -17,6 +17,7 @@ class Action(models.TextChoices):
     POLICY_DELETE = "policy.delete"
     SECRET_SET = "secret.set"
     SECRET_DELETE = "secret.delete"
+    SECRET_ROTATE = "secret.rotate"  # re-encrypted under the first key (`secret rotate`)
     # Labelled with the token's name, never its prefix or value (tokens.services).
     TOKEN_CREATE = "token.create"
     TOKEN_REVOKE = "token.revoke"
@@ -33,3 +34,7 @@ class Action(models.TextChoices):
     SCOPE_CREATE = "scope.create"
     SCOPE_EDIT = "scope.edit"
     SCOPE_DELETE = "scope.delete"
+    # Build-variable partitions made ahead or dropped by a person (`partitions` command);
+    # beat's own upkeep is the system's.
+    PARTITION_CREATE = "partition.create"
+    PARTITION_DROP = "partition.drop"

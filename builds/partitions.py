@@ -32,6 +32,7 @@ from django.conf import settings
 from django.db import OperationalError, connection, transaction
 from django.utils import timezone
 
+import audit
 from builds.errors import PurgeBeforeTooLate
 from builds.models import PartitionState, VariablePartition
 from ciproject import metrics
@@ -150,6 +151,8 @@ def ensure(now: datetime | None = None, ahead: int | None = None) -> list[str]:
             log.info("variable partition %s created [%s, %s)", name, start, end)
         start = end
     reconcile()
+    for name in created:
+        audit.record("partition.create", VariablePartition.objects.filter(name=name).first)
     return created
 
 
@@ -271,6 +274,7 @@ def _dropped(name: str, by: str) -> None:
         state=PartitionState.DROPPED, dropped_at=timezone.now(), dropped_by=by
     )
     log.info("variable partition %s dropped by %s", name, by)
+    audit.record("partition.drop", VariablePartition.objects.filter(name=name).first)
 
 
 def _mark(name: str, state: str) -> None:

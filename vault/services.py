@@ -140,6 +140,7 @@ def rotate_all() -> int:
             secret.ciphertext = crypto.rotate(secret.ciphertext)
             secret.save(update_fields=["ciphertext"])
             _record(SecretEvent.Action.ROTATED, secret, None, "cli")
+            audit.record("secret.rotate", secret)
             count += 1
     return count
 

@@ -22,6 +22,7 @@ from agents import services as agents
 from agents.process.agent import AgentProcess
 from builds import partitions, services
 from builds.errors import PurgeBeforeTooLate, RetryWindowExpired, VariablePartitionMissing
+from audit.models import AuditEvent
 from builds.management.commands.partitions import parse_date
 from builds.models import (
     Build,
@@ -212,6 +213,7 @@ def test_purge_drops_exactly_the_expired_partitions_and_dry_run_changes_nothing(
     row = VariablePartition.objects.get(name=expired_name)
     assert (row.state, row.dropped_by) == ("dropped", "test")
     assert partitions.purge().dropped == []  # nothing left to do
+    assert not AuditEvent.objects.exists()  # the system's own upkeep
 
 
 @pytest.mark.django_db(transaction=True)
@@ -386,8 +388,25 @@ def test_the_purge_command_parses_dates_dry_runs_and_refuses_a_late_before():
             assert str(refused.value).startswith("PURGE_BEFORE_TOO_LATE: Cannot purge")
             assert f"give a date on or before {cutoff:%Y-%m-%d}" in str(refused.value)
     assert state() == unchanged
+    assert not AuditEvent.objects.exists()  # refusals and dry runs change nothing
     assert purge_command("--before", f"{end:%Y-%m-%d}") == f"dropped 1 partition(s)\n  {older}\n"
     assert purge_command() == f"dropped 1 partition(s)\n  {old}\n"
+    # Each drop is the operator's, in the trail; beat's own (test_purge_drops_...) is not.
+    events = AuditEvent.objects.order_by("pk").values_list("action", "target_label", "via")
+    assert list(events) == [("partition.drop", older, "cli"), ("partition.drop", old, "cli")]
+    assert {e.username.startswith("os:") for e in AuditEvent.objects.all()} == {True}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_partitions_made_ahead_by_the_command_are_the_operators():
+    out = StringIO()
+    call_command("partitions", "ensure", "--ahead", "9", stdout=out)
+    made = out.getvalue().split()[3:]
+    assert len(made) == 2, out.getvalue()  # migrate made 7 ahead
+    events = AuditEvent.objects.order_by("pk").values_list("action", "target_label", "via")
+    assert list(events) == [("partition.create", name, "cli") for name in made]
+    call_command("partitions", "ensure", "--ahead", "9", stdout=StringIO())  # nothing to make
+    assert AuditEvent.objects.count() == 2
 
 
 @pytest.mark.django_db(transaction=True)

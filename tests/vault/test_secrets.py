@@ -14,6 +14,7 @@ from django.db import connection
 from django.urls import reverse
 
 from agents.services import register_agent
+from audit.models import AuditEvent
 from builds import services as builds
 from builds.errors import InvalidPipeline
 from builds.models import JobRun, Pipeline
@@ -139,6 +140,12 @@ def test_the_key_is_its_own_and_rotates(pipeline, key, settings):
     out = io.StringIO()
     call_command("secret", "rotate", stdout=out)
     assert out.getvalue().strip() == "1 secrets re-encrypted under the first key"
+    rotated = AuditEvent.objects.get()  # the operator's, by name
+    assert (rotated.action, rotated.target_label, rotated.via) == (
+        "secret.rotate",
+        "TOKEN (pipeline web)",
+        "cli",
+    )
     settings.SECRETS_KEYS = [newer]  # the old key dropped
     assert services.values_for(pipeline, ["TOKEN"]) == {"TOKEN": VALUE}
 

@@ -3,6 +3,7 @@ from datetime import UTC, datetime
 
 from django.core.management.base import BaseCommand
 
+import audit
 from builds import partitions
 from ciproject.commands import reporting_errors
 from ciproject.services_check import check_database
@@ -41,6 +42,10 @@ class Command(BaseCommand):
 
     def handle(self, *args, action, **options):
         check_database()  # one clear message naming a service that is down
+        with audit.acting_as(via="cli"):  # the operator, in the trail
+            self._act(action, options)
+
+    def _act(self, action, options):
         if action == "ensure":
             created = partitions.ensure(ahead=options["ahead"])
             self.stdout.write(f"created {len(created)} partition(s)")
