@@ -59,3 +59,49 @@ class PipelineScoped:
     def may_somewhere(self, request, action) -> bool:
         """Whether the page may offer `action` (each object is asked again when it acts)."""
         return access.may_somewhere(request.user, action)
+
+
+class PipelineSettings(PipelineScoped):
+    """A pipeline's settings (its secrets, repository, schedules): a team's maintainers manage
+    them for the pipelines of their teams, by the API's rule (access.rules); Django's model
+    permissions still reach every object, those of no pipeline too (a shared scope's
+    secrets). Mix in before admin.ModelAdmin."""
+
+    delete_action = None  # None: change_action
+
+    def _django(self, what: str, request, obj=None) -> bool:
+        """Django's own answer: the model permission, on every object."""
+        return getattr(super(PipelineScoped, self), f"has_{what}_permission")(request, obj)
+
+    def _by_role(self, request, obj, actions) -> bool:
+        if obj is None:
+            return any(self.may_somewhere(request, action) for action in actions)
+        pipeline = self.pipeline_of(obj)
+        return pipeline is not None and any(self.may(request, action, obj) for action in actions)
+
+    def has_view_permission(self, request, obj=None):
+        return self._django("view", request, obj) or self._by_role(request, obj, self._actions())
+
+    def has_change_permission(self, request, obj=None):
+        return self._django("change", request, obj) or self._by_role(
+            request, obj, [self.change_action]
+        )
+
+    def has_delete_permission(self, request, obj=None):
+        return self._django("delete", request, obj) or self._by_role(
+            request, obj, [self.delete_action or self.change_action]
+        )
+
+    def has_add_permission(self, request):
+        return super(PipelineScoped, self).has_add_permission(request) or self.may_somewhere(
+            request, self.change_action
+        )
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        # A form offers the pipelines one may set this on (and validates against them).
+        everywhere = self._django("change", request) or super(
+            PipelineScoped, self
+        ).has_add_permission(request)
+        if db_field.name == "pipeline" and not everywhere:
+            kwargs["queryset"] = access.pipelines_for(request.user, self.change_action)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)

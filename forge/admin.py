@@ -6,6 +6,7 @@ import uuid
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseNotAllowed
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -14,6 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from access import rules as access
+from access.admin_mixins import PipelineSettings
 from audit.admin_mixins import AuditedAdmin
 from ciproject.admin_mixins import ReadOnlyAdmin
 from ciproject.errors import CIError
@@ -54,8 +56,10 @@ def _show_secret(modeladmin, request, repository: Repository, secret: str) -> No
 
 
 @admin.register(Repository)
-class RepositoryAdmin(admin.ModelAdmin):
+class RepositoryAdmin(PipelineSettings, admin.ModelAdmin):
     form = RepositoryForm
+    view_actions = (access.VIEW_REPOSITORY,)
+    change_action = access.EDIT_REPOSITORY
     list_display = ["pipeline", "forge", "clone_url", "default_branch", "webhook_secret_set_at"]
     readonly_fields = ["webhook_urls", "webhook_secret_set_at", "run_now_link"]
     actions = ["rotate_webhook_secret"]
@@ -89,9 +93,15 @@ class RepositoryAdmin(admin.ModelAdmin):
         for repository in queryset.select_related("pipeline"):
             repositories.delete_repository(repository)
 
-    @admin.action(description="Rotate the webhook secret (the old one stops working)")
+    @admin.action(
+        description="Rotate the webhook secret (the old one stops working)",
+        permissions=["change"],
+    )
     def rotate_webhook_secret(self, request, queryset):
-        for repository in queryset.select_related("pipeline"):
+        chosen = list(queryset.select_related("pipeline"))
+        if not all(self.has_change_permission(request, repository) for repository in chosen):
+            raise PermissionDenied("you may not rotate the secret of some of these")
+        for repository in chosen:
             _show_secret(self, request, repository, repositories.rotate_webhook_secret(repository))
 
     def run_view(self, request, repository_id):
@@ -161,8 +171,10 @@ class ScheduleForm(forms.ModelForm):
 
 
 @admin.register(Schedule)
-class ScheduleAdmin(AuditedAdmin, admin.ModelAdmin):
+class ScheduleAdmin(AuditedAdmin, PipelineSettings, admin.ModelAdmin):
     form = ScheduleForm
+    view_actions = (access.VIEW_PIPELINE,)  # a schedule is part of its pipeline
+    change_action = access.EDIT
     audit_kind = "schedule"  # those of the YAML change with their pipeline's edits
     list_display = ["pipeline", "cron", "timezone", "branch", "enabled", "from_definition"]
     list_display += ["next_tick", "last_tick", "last_build", "last_error"]

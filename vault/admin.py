@@ -4,6 +4,8 @@ see who set which secret when, and the trail; scopes and the pipelines they are 
 from django import forms
 from django.contrib import admin
 
+from access import rules as access
+from access.admin_mixins import PipelineSettings
 from audit.admin_mixins import AuditedAdmin
 from ciproject.admin_mixins import ReadOnlyAdmin
 from vault import services
@@ -41,8 +43,14 @@ class SecretForm(forms.ModelForm):
 
 
 @admin.register(Secret)
-class SecretAdmin(admin.ModelAdmin):
+class SecretAdmin(PipelineSettings, admin.ModelAdmin):
+    """A team's maintainers set and delete their pipelines' secrets; a shared scope's are
+    staff's (the model permissions)."""
+
     form = SecretForm
+    view_actions = (access.VIEW_SECRETS,)
+    change_action = access.SET_SECRET
+    delete_action = access.DELETE_SECRET
     list_display = ["name", "owner", "updated_by", "updated_at"]
     list_filter = ["scope"]
     search_fields = ["name", "pipeline__name", "scope__name"]
@@ -51,6 +59,14 @@ class SecretAdmin(admin.ModelAdmin):
 
     def get_readonly_fields(self, request, obj=None):
         return ["pipeline", "scope", "name", "updated_by", "updated_at"] if obj else []
+
+    def get_list_filter(self, request):
+        return self.list_filter if self._django("view", request) else []  # scopes are staff's
+
+    def formfield_for_foreignkey(self, db_field, request, **kwargs):
+        if db_field.name == "scope" and not self._django("change", request):
+            kwargs["queryset"] = SecretScope.objects.none()
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def save_model(self, request, obj, form, change):
         value = form.cleaned_data.get("value")

@@ -21,9 +21,11 @@ from access.models import Membership, Role, Team
 from audit.models import AuditEvent
 from builds import services
 from builds.models import Build, JobRun, Pipeline, StepRun
+from forge.models import Repository, Schedule
 from forge.services import repositories
 from tests.support import PARALLEL, api_token, fail_fast_job
-from vault.models import Secret
+from vault import services as vault
+from vault.models import Secret, SecretScope
 
 pytestmark = pytest.mark.django_db
 
@@ -43,12 +45,17 @@ class Cell:
     ok: int
     body: dict | None = None
     acts: bool = False
-    door: str = "api"  # api | admin (its own views) | form (Django's change form)
+    # api | admin (its own views) | form (Django's object pages) | page (Django's pages of
+    # no one object, an add form: the pipeline is a field of the form)
+    door: str = "api"
+    elsewhere: int = 200  # a page's answer to who may act on other pipelines only
 
     def expected(self, level: int, best: int) -> int | str:
         """To a person of role `level` in the target's teams, and `best` in any team."""
         if level >= self.role:
             return self.ok
+        if self.door == "page":  # the form again, its pipeline "not one of the choices"
+            return self.elsewhere if best >= self.role else 403
         if level >= Role.VIEWER:
             return 403
         if self.door == "form":  # Django's page: 403 unless the person may do it somewhere
@@ -57,11 +64,13 @@ class Cell:
 
 
 def a_target(team: Team) -> dict:
-    """A pipeline of `team` with a repository, a running build whose job `fast` failed (its
-    job `slow` queued), and a failed build."""
+    """A pipeline of `team` with a repository, a secret, a schedule, a running build whose
+    job `fast` failed (its job `slow` queued), and a failed build."""
     pipeline = services.save_pipeline(f"p{next(serial)}", PARALLEL)
     team.pipelines.add(pipeline)
-    repositories.set_repository(pipeline, REPOSITORY)
+    repository, _ = repositories.set_repository(pipeline, REPOSITORY)
+    vault.set_secret(pipeline, "KEPT", "kept-value")
+    schedule = Schedule.objects.create(pipeline=pipeline, cron="0 3 * * *")
     running = services.trigger_build(pipeline)
     step = fail_fast_job(running)
     failed = services.trigger_build(pipeline)
@@ -69,7 +78,13 @@ def a_target(team: Team) -> dict:
     JobRun.objects.filter(build=failed).update(status="FAILED", started_at=now)
     StepRun.objects.filter(job__build=failed).update(status="FAILED", started_at=now)
     services.advance_build(failed.pk)
-    return {"p": pipeline.pk, "name": pipeline.name, "b": running.pk, "s": step.pk, "f": failed.pk}
+    ids = {"p": pipeline.pk, "name": pipeline.name, "b": running.pk, "s": step.pk, "f": failed.pk}
+    secret = pipeline.secrets.get().pk
+    return ids | {"r": repository.pk, "secret": secret, "sc": schedule.pk}
+
+
+def schedule_form(t, cron="0 4 * * *"):
+    return {"pipeline": t["p"], "cron": cron, "timezone": "UTC", "variables": "{}"}
 
 
 def edit(t):
@@ -169,6 +184,87 @@ CELLS = [
         acts=True,
         door="admin",
     ),
+    # A pipeline's settings in the admin: its maintainers' (schedules seen by its viewers).
+    Cell("GET", "/admin/vault/secret/{secret}/change/", Role.MAINTAINER, 200, door="form"),
+    Cell(
+        "POST",
+        "/admin/vault/secret/{secret}/change/",
+        Role.MAINTAINER,
+        302,
+        lambda t: {"value": "new-value"},
+        acts=True,
+        door="form",
+    ),
+    Cell(
+        "POST",
+        "/admin/vault/secret/{secret}/delete/",
+        Role.MAINTAINER,
+        302,
+        lambda t: {"post": "yes"},
+        acts=True,
+        door="form",
+    ),
+    Cell(
+        "POST",
+        "/admin/vault/secret/add/",
+        Role.MAINTAINER,
+        302,
+        lambda t: {"pipeline": t["p"], "name": "ADDED", "value": "added-value"},
+        acts=True,
+        door="page",
+    ),
+    Cell("GET", "/admin/forge/repository/{r}/change/", Role.MAINTAINER, 200, door="form"),
+    Cell(
+        "POST",
+        "/admin/forge/repository/{r}/change/",
+        Role.MAINTAINER,
+        302,
+        lambda t: {
+            **REPOSITORY,
+            "clone_url": "https://forge.example/o/moved.git",
+            "default_branch": "main",
+        },
+        acts=True,
+        door="form",
+    ),
+    Cell(
+        "POST",
+        "/admin/forge/repository/",
+        Role.MAINTAINER,
+        302,
+        lambda t: {"action": "rotate_webhook_secret", "_selected_action": [t["r"]]},
+        acts=True,
+        door="page",
+        elsewhere=302,  # back to the list: none of those selected is on it
+    ),
+    Cell("GET", "/admin/forge/schedule/{sc}/change/", Role.VIEWER, 200, door="form"),
+    Cell(
+        "POST",
+        "/admin/forge/schedule/{sc}/change/",
+        Role.MAINTAINER,
+        302,
+        schedule_form,
+        acts=True,
+        door="form",
+    ),
+    Cell(
+        "POST",
+        "/admin/forge/schedule/{sc}/delete/",
+        Role.MAINTAINER,
+        302,
+        lambda t: {"post": "yes"},
+        acts=True,
+        door="form",
+    ),
+    Cell(
+        "POST",
+        "/admin/forge/schedule/add/",
+        Role.MAINTAINER,
+        302,
+        schedule_form,
+        acts=True,
+        door="page",
+    ),  # fmt: skip
 ]
 ALPHA_ID = None  # the alpha team's id, for the admin form's `teams` (set by the fixture)
 
@@ -178,9 +274,10 @@ def state() -> list:
         list(Pipeline.objects.order_by("pk").values_list("pk", "definition")),
         list(Build.objects.order_by("pk").values_list("pk", "status", "attempt")),
         list(StepRun.objects.order_by("pk").values_list("pk", "status", "attempt")),
-        list(Secret.objects.order_by("pk").values_list("pk", "name")),
-        list(Pipeline.objects.filter(repository__isnull=False).values_list(
-            "repository__webhook_secret_set_at", flat=True).order_by("pk")),
+        list(Secret.objects.order_by("pk").values_list("pk", "name", "updated_at")),
+        list(Repository.objects.order_by("pk").values_list(
+            "pk", "clone_url", "webhook_secret_set_at")),
+        list(Schedule.objects.order_by("pk").values_list("pk", "cron")),
     ]  # fmt: skip
 
 
@@ -220,7 +317,7 @@ def answer(response) -> int | str:
 @pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.method} {c.path}")
 def test_cell(cell, teams):
     alpha, beta, people = teams
-    got, expected, changed_wrongly, audited = {}, {}, [], {}
+    got, expected, changed_wrongly, audited, acted = {}, {}, [], {}, {}
     targets = {team: a_target(team) for team in (alpha, beta)}
     for name, user in people.items():
         client = client_of(user, cell.door)
@@ -228,6 +325,7 @@ def test_cell(cell, teams):
             level = ROLES[name] if team == alpha else NONE
             key = f"{name} on {team.name}'s"
             expected[key] = cell.expected(level, best=ROLES[name])
+            acted[key] = int(cell.acts and level >= cell.role)
             before, events = state(), AuditEvent.objects.count()
             body = cell.body(target) if cell.body else None
             send = {"format": "json"} if cell.door == "api" and body is not None else {}
@@ -236,13 +334,12 @@ def test_cell(cell, teams):
             )
             got[key] = answer(response)
             audited[key] = AuditEvent.objects.count() - events
-            if (state() != before) != (cell.acts and expected[key] == cell.ok):
+            if (state() != before) != bool(acted[key]):
                 changed_wrongly.append(key)
             if state() != before:  # the next person acts on objects of their own
                 targets[team] = a_target(team)
     assert got == expected
     assert changed_wrongly == []
-    acted = {key: int(cell.acts and expected[key] == cell.ok) for key in expected}
     assert audited == acted
 
 
@@ -271,3 +368,29 @@ def test_admin_lists_show_what_each_role_sees(teams):
         assert shown == {ours["p"]}, name
         builds = client_of(user, "admin").get("/admin/builds/build/").context["cl"].result_list
         assert set(builds.values_list("pk", flat=True)) == {ours["b"], ours["f"]}, name
+
+
+# A pipeline's settings in the admin: (list, the least role that sees it, the target's key)
+SETTINGS_LISTS = [
+    ("/admin/vault/secret/", Role.MAINTAINER, "secret"),
+    ("/admin/forge/repository/", Role.MAINTAINER, "r"),
+    ("/admin/forge/schedule/", Role.VIEWER, "sc"),
+]
+
+
+@pytest.mark.parametrize(("path", "role", "key"), SETTINGS_LISTS)
+def test_admin_settings_lists_show_what_each_role_sees(teams, path, role, key):
+    alpha, beta, people = teams
+    ours, _ = a_target(alpha), a_target(beta)
+    shared = vault.set_secret(SecretScope.objects.create(name="shared"), "SHARED", "shared-v")
+    assert shared is False  # made, not replaced: a scope's secret, staff's only
+    for name, user in people.items():
+        page = client_of(user, "admin").get(path)
+        if ROLES[name] < role:
+            assert page.status_code == 403, name
+            continue
+        assert page.status_code == 200, name
+        shown = set(page.context["cl"].result_list.values_list("pk", flat=True))
+        assert shown == {ours[key]}, name
+        if path == "/admin/vault/secret/":  # nor are the scopes named in a filter
+            assert "shared" not in page.text, name

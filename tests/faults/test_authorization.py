@@ -437,8 +437,10 @@ ROWS = [
     Row("POST", "/admin/agents/agent/{a}/change/", CA, 302, "agent", disable, acts=True),
     Row("POST", "/admin/agents/agent/{a}/drain/", CA, 302, "agent", dict, acts=True),
     Row("POST", "/admin/agents/agent/{a}/undrain/", CA, 302, "drained_agent", dict, acts=True),
-    Row("GET", "/admin/forge/repository/", f"{VR}|{CR}", 200, "repository"),
-    Row("GET", "/admin/forge/repository/{r}/change/", f"{VR}|{CR}", 200, "repository"),
+    # A pipeline's settings: the model permissions, or the rule of the API's door
+    # (access.rules: view_pipeline reads a repository everywhere, change_pipeline edits it).
+    Row("GET", "/admin/forge/repository/", f"{VR}|{CR}|{VP}", 200, "repository"),
+    Row("GET", "/admin/forge/repository/{r}/change/", f"{VR}|{CR}|{VP}", 200, "repository"),
     Row("GET", "/admin/forge/repository/{r}/run/", AB, 200, "repository", refused="object"),
     Row(
         "POST",
@@ -452,7 +454,7 @@ ROWS = [
     ),
     Row("GET", "/admin/tokens/apitoken/", "", 200),  # one's own; view_apitoken: everyone's
     Row("GET", "/admin/tokens/apitoken/add/", "", 200),
-    Row("GET", "/admin/forge/schedule/", VS, 200),
+    Row("GET", "/admin/forge/schedule/", f"{VS}|{VP}|{CP}", 200),
     Row("GET", "/admin/forge/commitstatus/", VCS, 200),
     # The audit trail: read only, for whoever has its view permission (superusers too).
     Row("GET", "/admin/audit/auditevent/", VE, 200, "event"),
