@@ -66,9 +66,10 @@ class RunAnswerSerializer(serializers.ModelSerializer):
 class RepositoryViewSet(viewsets.ViewSet):
     permission_classes = PIPELINE_DOOR  # and access.rules, pipeline by pipeline
 
+    needs = dict.fromkeys(["put", "delete", "rotate_secret"], access.EDIT_REPOSITORY)
+
     def _pipeline(self) -> Pipeline:
-        safe = self.request.method in permissions.SAFE_METHODS
-        needed = access.VIEW_REPOSITORY if safe else access.EDIT_REPOSITORY
+        needed = self.needs.get(self.action, access.VIEW_REPOSITORY)
         return access.pipeline_for(self.request.user, needed, self.kwargs["pipeline_id"])
 
     @extend_schema(parameters=[PIPELINE_ID], responses=RepositorySerializer, summary="Repository")
@@ -141,6 +142,7 @@ class WebhookView(APIView):
 
 class RunView(APIView):
     permission_classes = PIPELINE_DOOR  # and access.rules, pipeline by pipeline
+    needs = {"post": access.TRIGGER}
 
     @extend_schema(
         parameters=[PIPELINE_ID],
@@ -156,7 +158,7 @@ class RunView(APIView):
         body = RunSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         build, replayed = runs.run_now(
-            access.pipeline_for(request.user, access.TRIGGER, pipeline_id),
+            access.pipeline_for(request.user, self.needs["post"], pipeline_id),
             body.validated_data["branch"],
             body.validated_data["commit"],
             body.validated_data["variables"],

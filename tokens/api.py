@@ -75,6 +75,9 @@ class TokenViewSet(
 ):
     # No model permission: everyone signed in keeps tokens of their own.
     permission_classes = [permissions.IsAuthenticated, TokenScope]
+    # One's own tokens, no pipeline's (tokens.services keeps a token from making a wider
+    # one; another's token, staff only).
+    needs = dict.fromkeys(["create", "destroy", "rotate"], "edit")
     serializer_class = TokenSerializer
     lookup_value_regex = r"[0-9]+"
 

@@ -1,7 +1,10 @@
 """What an API token's scope lets a request do, route by route, before a view looks anything
-up (access.rules.may asks the token again for the one pipeline it decides on, by its
-Action.scope). The table below maps each API route to a token action; ApiToken.allows is
-the only check.
+up (access.rules.may asks the token again for the one pipeline it decides on). A view's
+`needs` is the one table: {its action (an APIView's: the method): the access.rules Action
+it needs}, whose `scope` is the token action; for what is no pipeline's (one's own tokens),
+the token action itself. Safe methods need "read"; an unsafe action a view does not list
+needs "staff": what is new is refused to scoped tokens until someone maps it
+(tests/tokens/test_scope.py checks every route is). ApiToken.allows is the only check.
 
 TokenScope is in DEFAULT_PERMISSION_CLASSES, and ciproject.permissions.requires (the
 permission of every view that names its own) includes it. A token limited to pipelines
@@ -16,25 +19,6 @@ from builds.models import Build, Pipeline
 from tokens.errors import TokenScope as TokenScopeRefused
 from tokens.models import ApiToken
 
-# view (module.Class): {view action: token action}, for the unsafe methods; safe methods
-# need "read". An unsafe action not listed here needs "staff": what is new is refused to
-# scoped tokens until someone maps it (tests/tokens/test_scope.py checks every route is).
-# Agents, concurrency policies and partitions change in the admin only today: "staff".
-UNSAFE_ACTIONS = {
-    "builds.api.PipelineViewSet": {
-        "create": "edit",
-        "update": "edit",
-        "partial_update": "edit",
-        "builds": "trigger",  # POST: trigger a build
-    },
-    "builds.api.BuildViewSet": {"cancel": "cancel", "retry": "retry", "retry_step": "retry"},
-    "forge.api.RunView": {None: "trigger"},  # run now
-    "forge.api.RepositoryViewSet": {"put": "edit", "delete": "edit", "rotate_secret": "edit"},
-    "vault.api.SecretViewSet": {"update": "edit", "destroy": "edit"},
-    # One's own tokens: create, revoke, rotate (tokens.services keeps a token from making a
-    # wider one; another's token, staff only).
-    "tokens.api.TokenViewSet": {"create": "edit", "destroy": "edit", "rotate": "edit"},
-}
 STAFF = "staff"
 
 # view: (URL keyword, what it names) for views whose object is a pipeline's but whose URL
@@ -52,10 +36,16 @@ def _name(view) -> str:
     return f"{type(view).__module__}.{type(view).__qualname__}"
 
 
+def scope_needed(view, action: str) -> str:
+    """The token action an unsafe `action` of `view` (a view or its class) needs."""
+    needed = getattr(view, "needs", {}).get(action)
+    return getattr(needed, "scope", needed) or STAFF
+
+
 def token_action(request, view) -> str:
     if request.method in permissions.SAFE_METHODS:
         return "read"
-    return UNSAFE_ACTIONS.get(_name(view), {}).get(getattr(view, "action", None), STAFF)
+    return scope_needed(view, getattr(view, "action", None) or request.method.lower())
 
 
 def pipeline_of(view) -> int | None:

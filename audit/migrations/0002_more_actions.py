@@ -4,15 +4,47 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('audit', '0001_initial'),
+        ("audit", "0001_initial"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='auditevent',
-            name='action',
-            field=models.CharField(choices=[('build.trigger', 'Build Trigger'), ('build.cancel', 'Build Cancel'), ('build.retry', 'Build Retry'), ('step.retry', 'Step Retry'), ('pipeline.create', 'Pipeline Create'), ('pipeline.edit', 'Pipeline Edit'), ('pipeline.delete', 'Pipeline Delete'), ('policy.create', 'Policy Create'), ('policy.edit', 'Policy Edit'), ('policy.delete', 'Policy Delete'), ('secret.set', 'Secret Set'), ('secret.delete', 'Secret Delete'), ('secret.rotate', 'Secret Rotate'), ('token.create', 'Token Create'), ('token.revoke', 'Token Revoke'), ('agent.drain', 'Agent Drain'), ('agent.undrain', 'Agent Undrain'), ('repository.create', 'Repository Create'), ('repository.edit', 'Repository Edit'), ('repository.delete', 'Repository Delete'), ('repository.rotate_secret', 'Repository Rotate Secret'), ('schedule.create', 'Schedule Create'), ('schedule.edit', 'Schedule Edit'), ('schedule.delete', 'Schedule Delete'), ('scope.create', 'Scope Create'), ('scope.edit', 'Scope Edit'), ('scope.delete', 'Scope Delete'), ('partition.create', 'Partition Create'), ('partition.drop', 'Partition Drop')], max_length=40),
+            model_name="auditevent",
+            name="action",
+            field=models.CharField(
+                choices=[
+                    ("build.trigger", "Build Trigger"),
+                    ("build.cancel", "Build Cancel"),
+                    ("build.retry", "Build Retry"),
+                    ("step.retry", "Step Retry"),
+                    ("pipeline.create", "Pipeline Create"),
+                    ("pipeline.edit", "Pipeline Edit"),
+                    ("pipeline.delete", "Pipeline Delete"),
+                    ("policy.create", "Policy Create"),
+                    ("policy.edit", "Policy Edit"),
+                    ("policy.delete", "Policy Delete"),
+                    ("secret.set", "Secret Set"),
+                    ("secret.delete", "Secret Delete"),
+                    ("secret.rotate", "Secret Rotate"),
+                    ("token.create", "Token Create"),
+                    ("token.revoke", "Token Revoke"),
+                    ("agent.drain", "Agent Drain"),
+                    ("agent.undrain", "Agent Undrain"),
+                    ("repository.create", "Repository Create"),
+                    ("repository.edit", "Repository Edit"),
+                    ("repository.delete", "Repository Delete"),
+                    ("repository.rotate_secret", "Repository Rotate Secret"),
+                    ("schedule.create", "Schedule Create"),
+                    ("schedule.edit", "Schedule Edit"),
+                    ("schedule.delete", "Schedule Delete"),
+                    ("scope.create", "Scope Create"),
+                    ("scope.edit", "Scope Edit"),
+                    ("scope.delete", "Scope Delete"),
+                    ("partition.create", "Partition Create"),
+                    ("partition.drop", "Partition Drop"),
+                ],
+                max_length=40,
+            ),
         ),
     ]

@@ -264,7 +264,7 @@ CELLS = [
         schedule_form,
         acts=True,
         door="page",
-    ),  # fmt: skip
+    ),
 ]
 ALPHA_ID = None  # the alpha team's id, for the admin form's `teams` (set by the fixture)
 

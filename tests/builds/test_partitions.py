@@ -20,9 +20,9 @@ from django.utils import timezone
 
 from agents import services as agents
 from agents.process.agent import AgentProcess
+from audit.models import AuditEvent
 from builds import partitions, services
 from builds.errors import PurgeBeforeTooLate, RetryWindowExpired, VariablePartitionMissing
-from audit.models import AuditEvent
 from builds.management.commands.partitions import parse_date
 from builds.models import (
     Build,
