@@ -8,6 +8,8 @@ access rules can ask `user.api_token.allows(...)` without knowing how the user c
 import binascii
 from hmac import compare_digest
 
+from django.contrib.postgres.aggregates import ArrayAgg
+from django.db.models import Q
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from knox import auth
@@ -30,11 +32,13 @@ class ApiTokenAuthentication(auth.TokenAuthentication):
         # The readable prefix finds the candidates; the digests are compared in constant
         # time, so the answer's timing says nothing of how much of a guess was right.
         found = None
-        for candidate in ApiToken.objects.filter(token_key=value[:PREFIX_LENGTH]).select_related(
-            "user"
-        ):
+        candidates = ApiToken.objects.filter(token_key=value[:PREFIX_LENGTH])
+        # Its pipelines in the same statement: every request asks them (access.rules).
+        limited = ArrayAgg("pipelines", filter=Q(pipelines__isnull=False), default=[])
+        for candidate in candidates.select_related("user").annotate(limited=limited):
             if compare_digest(digest, candidate.digest):
                 found = candidate
+                found.pipeline_ids_are(candidate.limited)
         if found is None:
             raise exceptions.AuthenticationFailed(INVALID)
         now = timezone.now()

@@ -104,6 +104,10 @@ class ApiToken(AbstractAuthToken):
             self._pipeline_ids = frozenset(self.pipelines.values_list("pk", flat=True))
         return self._pipeline_ids
 
+    def pipeline_ids_are(self, ids) -> None:
+        """pipeline_ids() as read with the token (tokens.authentication)."""
+        self._pipeline_ids = frozenset(ids)
+
     def allows(self, action: str, pipeline_id: int | None = None) -> bool:
         """The one scope check: whether this token may do `action` (one of ACTIONS) on the
         pipeline `pipeline_id`, or on none in particular. It says nothing of the owner's

@@ -46,28 +46,34 @@ def advance_after_commit(build_id: int) -> None:
     transaction.on_commit(lambda: advance_build(build_id))
 
 
-def advance_locked(build: Build) -> str:
+def advance_locked(build: Build, made: list[JobRun] | None = None) -> str:
     """advance_build's decision, on a locked build; then the agent leases it no longer needs
-    are released."""
-    status = _decide(build)
+    are released. `made`: the jobs of a build made in this transaction (a trigger's), which
+    are its runs as they stand, and no agent is leased to it yet: that spares their reads."""
+    status = _decide(build, made)
     build.status = status if status in BUILD_FINAL else build.status
-    leases.release_if_done(build)
+    if made is None:
+        leases.release_if_done(build)
     return status
 
 
-def _decide(build: Build) -> str:
+def _decide(build: Build, made: list[JobRun] | None = None) -> str:
     cancelling = build.status == BuildStatus.CANCELLING
     if cancelling and not _cleans_up(build):
         cancel_waiting_jobs(build.pk)
         return _cancelled_when_idle(build)
-    runs = runs_of(build.pk)
+    if made is None:
+        runs = runs_of(build.pk)
+    else:
+        runs = [_run(j.key, j.matrix_of, j.stage_index, j.status, j.needs, j.condition, j.matrix)
+                for j in made]  # fmt: skip
     plan = dag.plan(runs, _matrix_rules(build.spec), lambda: _variables(build), cancelling)
     if plan.cancel:
         _cancel_runs(build.pk, plan.cancel)
     for reason, keys in _by_reason(plan.skip).items():
         _skip_runs(build.pk, keys, reason)
     if plan.start:
-        queue_jobs(build.pk, plan.start)
+        queue_jobs(build.pk, plan.start, leased=made is None)
     if cancelling:
         _give_cleanup_time(build.pk, plan.start + plan.clean)
         return _cancelled_when_idle(build)
@@ -105,10 +111,11 @@ def runs_of(build_id: int) -> list[dag.Run]:
     rows = JobRun.objects.filter(build_id=build_id).values_list(
         "key", "matrix_of", "stage_index", "status", "needs", "condition", "matrix"
     )
-    return [
-        dag.Run(key, of or key, stage, status, _tuple(needs), condition, values or {})
-        for key, of, stage, status, needs, condition, values in rows
-    ]
+    return [_run(*row) for row in rows]
+
+
+def _run(key, matrix_of, stage, status, needs, condition, matrix) -> dag.Run:
+    return dag.Run(key, matrix_of or key, stage, status, _tuple(needs), condition, matrix or {})
 
 
 def _tuple(needs: list[str] | None) -> tuple[str, ...] | None:
@@ -189,9 +196,9 @@ def cancel_waiting_jobs(build_id: int, reason: str = "", keys: list[str] | None 
     return len(cancelled)
 
 
-def queue_jobs(build_id: int, keys: list[str]) -> None:
+def queue_jobs(build_id: int, keys: list[str], leased: bool = True) -> None:
     """PENDING -> QUEUED for these jobs, placed on agents once the transaction commits; the
-    build's leased agents may run them too."""
+    build's leased agents (unless it has none: `leased` off) may run them too."""
     with connection.cursor() as cursor:
         cursor.execute(
             "UPDATE builds_jobrun SET status = %s, queued_at = %s"
@@ -202,7 +209,8 @@ def queue_jobs(build_id: int, keys: list[str]) -> None:
         columns = [column.name for column in cursor.description]
         jobs = [JobRun(build_id=build_id, **dict(zip(columns, row, strict=True))) for row in cursor]
     _place(jobs)
-    leases.pull_to_leased_agents(build_id)
+    if leased:
+        leases.pull_to_leased_agents(build_id)
 
 
 def requeue_job(job_id: int, attempt: int) -> None:

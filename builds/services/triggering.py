@@ -140,12 +140,12 @@ def _trigger(
         with log_context(build_id=build.pk):
             _store_variables(build, defaults, "pipeline", skip=overrides)
             _store_variables(build, overrides, "trigger")
-            _create_tree(build, spec)
+            made = _create_tree(build, spec)
             audit.record("build.trigger", build, variables=sorted(overrides), priority=priority)
             if on_created:
                 on_created(build)
             if build.status == BuildStatus.RUNNING:
-                advance_locked(build)
+                advance_locked(build, made)
     return Triggered(build, replayed=False)
 
 
@@ -235,7 +235,7 @@ def _store_variables(build: Build, variables: dict, source: str, skip=()) -> Non
     )
 
 
-def _create_tree(build: Build, spec: dict) -> None:
+def _create_tree(build: Build, spec: dict) -> list[JobRun]:
     jobs, steps = [], []
     reuse = {j["id"]: j.get("reuse") for stage in spec["stages"] for j in stage["jobs"]}
 
@@ -285,3 +285,4 @@ def _create_tree(build: Build, spec: dict) -> None:
         )
         for job, index, s in steps
     )
+    return jobs
