@@ -315,6 +315,8 @@ class BuildViewSet(viewsets.ReadOnlyModelViewSet):
         if self.action == "list":
             visible = access.pipelines_for(self.request.user, access.VIEW_BUILDS)
             queryset = queryset.filter(pipeline__in=visible)
+        if self.action in self.needs:  # the build is asked only who may act on it
+            queryset = queryset.only("pipeline__id")
         if self.action == "retrieve":
             jobs = JobRun.objects.order_by("stage_index", "id").prefetch_related("steps")
             queryset = queryset.prefetch_related(Prefetch("jobs", jobs), "variables")

@@ -69,7 +69,9 @@ def request_cancel(build_id: int, user=None) -> str:
 
 
 def _build(build_id: int) -> Build:  # what the trail names, read only when a person acts
-    return Build.objects.select_related("pipeline").get(pk=build_id)
+    return (
+        Build.objects.select_related("pipeline").only("number", "pipeline__name").get(pk=build_id)
+    )
 
 
 def cancel_at_once(build: Build, reason: str) -> bool:
