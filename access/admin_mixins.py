@@ -71,7 +71,10 @@ class PipelineSettings(PipelineScoped):
 
     def _django(self, what: str, request, obj=None) -> bool:
         """Django's own answer: the model permission, on every object."""
-        return getattr(super(PipelineScoped, self), f"has_{what}_permission")(request, obj)
+        django = super(PipelineScoped, self)
+        if what == "add":
+            return django.has_add_permission(request)
+        return getattr(django, f"has_{what}_permission")(request, obj)
 
     def _by_role(self, request, obj, actions) -> bool:
         if obj is None:
@@ -93,15 +96,11 @@ class PipelineSettings(PipelineScoped):
         )
 
     def has_add_permission(self, request):
-        return super(PipelineScoped, self).has_add_permission(request) or self.may_somewhere(
-            request, self.change_action
-        )
+        return self._django("add", request) or self.may_somewhere(request, self.change_action)
 
     def formfield_for_foreignkey(self, db_field, request, **kwargs):
         # A form offers the pipelines one may set this on (and validates against them).
-        everywhere = self._django("change", request) or super(
-            PipelineScoped, self
-        ).has_add_permission(request)
+        everywhere = self._django("add", request) or self._django("change", request)
         if db_field.name == "pipeline" and not everywhere:
             kwargs["queryset"] = access.pipelines_for(request.user, self.change_action)
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
