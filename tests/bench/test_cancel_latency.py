@@ -1,6 +1,8 @@
 """Cancellation figures (`make bench`): the cancel request's latency for builds of 1 and 200
 jobs (it must not grow with the build), and cancel-to-CANCELED for a running step that exits
-on SIGTERM. Targets: request p99 under 50 ms; stop-to-CANCELED under 1 s."""
+on SIGTERM. Targets (issue 18): request p99 <= 20 ms for 200-job builds one at a time, the
+batched finish of the burst's builds <= 2 s after the last request; stop-to-CANCELED under
+1 s."""
 
 import statistics
 import time
