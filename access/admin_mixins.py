@@ -41,17 +41,20 @@ class PipelineScoped:
         return super().has_module_permission(request) or access.has_role_in_a_team(request.user)
 
     def has_view_permission(self, request, obj=None):
-        if obj is None:
-            return any(self.may_somewhere(request, action) for action in self._actions())
-        pipeline = self.pipeline_of(obj)
-        return any(access.may(request.user, action, pipeline) for action in self._actions())
+        return self._by_role(request, obj, self._actions())
 
     def has_change_permission(self, request, obj=None):
-        if self.change_action is None:
-            return False
+        return self.change_action is not None and self._by_role(request, obj, [self.change_action])
+
+    def _by_role(self, request, obj, actions) -> bool:
+        """Whether the user may do one of `actions` to `obj`'s pipeline (to some pipeline,
+        for the page itself); an object of no pipeline is no team's."""
         if obj is None:
-            return self.may_somewhere(request, self.change_action)
-        return access.may(request.user, self.change_action, self.pipeline_of(obj))
+            return any(self.may_somewhere(request, action) for action in actions)
+        pipeline = self.pipeline_of(obj)
+        return pipeline is not None and any(
+            access.may(request.user, action, pipeline) for action in actions
+        )
 
     def may(self, request, action, obj) -> bool:
         return access.may(request.user, action, self.pipeline_of(obj))
@@ -75,12 +78,6 @@ class PipelineSettings(PipelineScoped):
         if what == "add":
             return django.has_add_permission(request)
         return getattr(django, f"has_{what}_permission")(request, obj)
-
-    def _by_role(self, request, obj, actions) -> bool:
-        if obj is None:
-            return any(self.may_somewhere(request, action) for action in actions)
-        pipeline = self.pipeline_of(obj)
-        return pipeline is not None and any(self.may(request, action, obj) for action in actions)
 
     def has_view_permission(self, request, obj=None):
         return self._django("view", request, obj) or self._by_role(request, obj, self._actions())

@@ -65,8 +65,7 @@ def _decide(build: Build, made: list[JobRun] | None = None) -> str:
     if made is None:
         runs = runs_of(build.pk)
     else:
-        runs = [_run(j.key, j.matrix_of, j.stage_index, j.status, j.needs, j.condition, j.matrix)
-                for j in made]  # fmt: skip
+        runs = [_run(*(getattr(job, name) for name in RUN_FIELDS)) for job in made]
     plan = dag.plan(runs, _matrix_rules(build.spec), lambda: _variables(build), cancelling)
     if plan.cancel:
         _cancel_runs(build.pk, plan.cancel)
@@ -106,11 +105,12 @@ def _give_cleanup_time(build_id: int, keys: list[str]) -> None:
         ).update(cleanup_deadline=cleanup_deadline())
 
 
+RUN_FIELDS = ("key", "matrix_of", "stage_index", "status", "needs", "condition", "matrix")
+
+
 def runs_of(build_id: int) -> list[dag.Run]:
     """The build's jobs as builds.dag sees them."""
-    rows = JobRun.objects.filter(build_id=build_id).values_list(
-        "key", "matrix_of", "stage_index", "status", "needs", "condition", "matrix"
-    )
+    rows = JobRun.objects.filter(build_id=build_id).values_list(*RUN_FIELDS)
     return [_run(*row) for row in rows]
 
 
