@@ -187,6 +187,9 @@ stages:
     assert services.build_variables(build.pk)["VERSION"] == "1.1"
 
 
+LEFT_FIELDS = ("build__number", "build__status", "status", "agent", "reason", "queued_at")
+
+
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_triggers_get_distinct_numbers():
     pipeline = make_pipeline("busy", one_step("true"))
@@ -202,9 +205,13 @@ def test_concurrent_triggers_get_distinct_numbers():
     assert sorted(numbers) == list(range(1, 51))
     builds = Build.objects.filter(pipeline=pipeline)
     assert builds.count() == 50
-    wait_until(
-        lambda: not builds.exclude(status="SUCCEEDED").exists(), timeout=90, message="50 builds"
-    )
+    unfinished = builds.exclude(status="SUCCEEDED")
+
+    def left() -> str:  # the state a timeout leaves, to tell a lost job from a slow machine
+        jobs = JobRun.objects.filter(build__in=unfinished)
+        return f"50 builds to succeed; left: {list(jobs.values_list(*LEFT_FIELDS))}"
+
+    wait_until(lambda: not unfinished.exists(), timeout=90, message=left)
 
 
 @pytest.mark.django_db(transaction=True)
