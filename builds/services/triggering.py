@@ -112,7 +112,7 @@ def _trigger(
     with transaction.atomic():
         if key and (earlier := _earlier_trigger(pipeline.pk, key, fingerprint)):
             return Triggered(earlier, replayed=True)
-        number, spec, policy_id = _next_build_number(pipeline.pk)
+        number, spec, policy = _next_build_number(pipeline.pk)
         defaults = parameters.bind(spec, overrides)  # refused: rolled back, number and all
         priority = _priority(spec, priority)
         now = timezone.now()
@@ -130,8 +130,8 @@ def _trigger(
             untrusted=spec.get("untrusted", False) or bool(source and source.fork),
             source=source.as_dict() if source else {},
         )
-        if policy_id is not None:
-            _admit(build, policy_id, {**defaults, **overrides, **server})
+        if policy is not None:
+            _admit(build, policy, {**defaults, **overrides, **server})
         if build.status == BuildStatus.RUNNING:
             build.started_at = now
         else:
@@ -187,21 +187,32 @@ def _earlier_trigger(pipeline_id: int, key: str, fingerprint: str) -> Build | No
     return build
 
 
-def _next_build_number(pipeline_id: int) -> tuple[int, dict, int | None]:
+def _next_build_number(pipeline_id: int) -> tuple[int, dict, ConcurrencyPolicy | None]:
     # The UPDATE row-locks the pipeline until commit, so concurrent triggers are serialized
-    # here, and the spec and policy are read in the same statement.
+    # here, and the spec and policy are read in the same statement. The join reads the
+    # policy as of the statement's start: a policy made and given to the pipeline while the
+    # UPDATE waited for the lock is not in it yet, and is read apart.
+    fields = ConcurrencyPolicy._meta.concrete_fields
+    columns = ", ".join(f"p.{f.column}" for f in fields)
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE builds_pipeline SET last_build_number = last_build_number + 1"
-            " WHERE id = %s RETURNING last_build_number, spec, policy_id",
+            "WITH numbered AS (UPDATE builds_pipeline SET last_build_number = last_build_number"
+            " + 1 WHERE id = %s RETURNING last_build_number, spec, policy_id)"
+            f" SELECT last_build_number, spec, policy_id, {columns}"
+            " FROM numbered LEFT JOIN concurrency_concurrencypolicy p ON p.id = policy_id",
             [pipeline_id],
         )
-        number, spec, policy_id = cursor.fetchone()
-    return number, json.loads(spec) if isinstance(spec, str) else spec, policy_id
+        number, spec, policy_id, *policy = cursor.fetchone()
+    if policy_id is None:
+        policy = None
+    elif policy[0] is None:
+        policy = ConcurrencyPolicy.objects.get(pk=policy_id)
+    else:
+        policy = ConcurrencyPolicy.from_db(connection.alias, [f.attname for f in fields], policy)
+    return number, json.loads(spec) if isinstance(spec, str) else spec, policy
 
 
-def _admit(build: Build, policy_id: int, variables: dict[str, str]) -> None:
-    policy = ConcurrencyPolicy.objects.get(pk=policy_id)
+def _admit(build: Build, policy: ConcurrencyPolicy, variables: dict[str, str]) -> None:
     build.policy = policy
     build.concurrency_group = concurrency.group_key(policy, build.pipeline, variables)
     concurrency.lock_group(build.concurrency_group)

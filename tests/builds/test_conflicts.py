@@ -38,36 +38,74 @@ def test_a_trigger_aborted_by_a_deadlock_is_run_again():
         answers.append(api.post(f"/api/pipelines/{pipeline.pk}/builds/", {}, format="json"))
         connection.close()
 
-    with raw_connection() as group, raw_connection() as policies, raw_connection() as watcher:
+    update_pipeline = "UPDATE builds_pipeline SET updated_at = updated_at WHERE id = %s"
+    with raw_connection() as group, raw_connection() as holder, raw_connection() as watcher:
         group.execute("SET deadlock_timeout = '10s'")
         group.execute("BEGIN")
         group.execute(
             "SELECT 1 FROM concurrency_concurrencygroup WHERE key = %s FOR UPDATE",
             [str(pipeline.pk)],
         )
-        # Holds the trigger between its numbering (the pipeline row) and its group's lock.
-        policies.execute("BEGIN")
-        policies.execute("LOCK TABLE concurrency_concurrencypolicy IN ACCESS EXCLUSIVE MODE")
+        # The trigger and then `group` queue for the pipeline's row, which `holder` has:
+        # when it lets go, the trigger numbers its build and waits for the group's lock,
+        # the last of the two to wait, so it is the one that finds the deadlock.
+        holder.execute("BEGIN")
+        holder.execute(update_pipeline, [pipeline.pk])
         triggering = threading.Thread(target=trigger)
         triggering.start()
         wait_until(lambda: trigger_pid and waiting_for_a_lock(watcher, trigger_pid[0]), timeout=10)
         group_pid = group.info.backend_pid
-        blocked = threading.Thread(
-            target=group.execute,
-            args=(
-                "UPDATE builds_pipeline SET updated_at = updated_at WHERE id = %s",
-                [pipeline.pk],
-            ),
-        )
-        blocked.start()  # waits for the trigger's row lock on the pipeline
+        went_through = []
+
+        def update_the_pipeline():
+            group.execute(update_pipeline, [pipeline.pk])
+            went_through.append(True)
+
+        blocked = threading.Thread(target=update_the_pipeline)
+        blocked.start()
         wait_until(lambda: waiting_for_a_lock(watcher, group_pid), timeout=10)
-        policies.rollback()  # the trigger goes on to the group's lock: a deadlock
+        holder.rollback()
         blocked.join(timeout=10)  # the trigger was its victim; this one goes through
         group.rollback()
         triggering.join(timeout=20)
+    assert went_through, "the other transaction was the deadlock's victim, not the trigger"
     (answer,) = answers
     assert answer.status_code == 201, answer.content
     assert Build.objects.filter(pipeline=pipeline).count() == 2
+
+
+def test_a_policy_given_while_a_trigger_waits_for_its_number_governs_that_build():
+    """The trigger reads its pipeline's policy in the statement that numbers the build, as
+    of that statement's start: a policy made and given to the pipeline while it waited for
+    the pipeline's row is read once it has the row, never taken for none."""
+    pipeline = make_pipeline("given-a-policy", PARALLEL)
+    triggered, trigger_pid = [], []
+
+    def trigger():
+        connection.ensure_connection()  # (this thread's own)
+        trigger_pid.append(connection.connection.info.backend_pid)
+        triggered.append(services.trigger_build(pipeline))
+        connection.close()
+
+    with raw_connection() as editor, raw_connection() as watcher:
+        editor.execute("BEGIN")
+        editor.execute("SELECT 1 FROM builds_pipeline WHERE id = %s FOR UPDATE", [pipeline.pk])
+        triggering = threading.Thread(target=trigger)
+        triggering.start()
+        wait_until(lambda: trigger_pid and waiting_for_a_lock(watcher, trigger_pid[0]), timeout=10)
+        (policy_id,) = editor.execute(
+            "INSERT INTO concurrency_concurrencypolicy (name, group_key, max_running,"
+            " queue_length, queue_timeout, on_queue_full, cancel_in_progress)"
+            " VALUES ('late', 'late', 1, 5, 60, 'reject', false) RETURNING id"
+        ).fetchone()
+        editor.execute(
+            "UPDATE builds_pipeline SET policy_id = %s WHERE id = %s", [policy_id, pipeline.pk]
+        )
+        editor.commit()
+        triggering.join(timeout=20)
+    (build,) = triggered
+    build.refresh_from_db()
+    assert (build.policy_id, build.concurrency_group) == (policy_id, "late")
 
 
 def test_an_advance_aborted_by_a_deadlock_is_run_again():
