@@ -1,7 +1,7 @@
 from django.conf import settings
 from django.db import models
 
-from builds.statuses import KEEPS_WORKSPACE, BuildStatus, RunStatus
+from builds.statuses import BUILD_LIVE, KEEPS_WORKSPACE, BuildStatus, RunStatus
 
 
 class Pipeline(models.Model):
@@ -92,6 +92,15 @@ class Build(models.Model):
                 fields=["pipeline", "idempotency_key"],
                 condition=~models.Q(idempotency_key=""),
                 name="build_idempotency_key_unique",
+            ),
+        ]
+        indexes = [
+            # A group's live builds, which admission counts with the group locked: the
+            # finished ones, its whole history, are not in it.
+            models.Index(
+                fields=["concurrency_group", "status"],
+                condition=models.Q(status__in=BUILD_LIVE),
+                name="build_live_in_group",
             ),
         ]
         permissions = [

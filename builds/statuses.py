@@ -34,6 +34,8 @@ class RunStatus(models.TextChoices):
 B, R = BuildStatus, RunStatus
 
 BUILD_FINAL = frozenset({B.SUCCEEDED, B.FAILED, B.CANCELED, B.QUEUE_TIMEOUT})
+# The builds a concurrency group's admission counts: a few, however long its history.
+BUILD_LIVE = (B.QUEUED, B.RUNNING, B.CANCELLING)
 RUN_FINAL = frozenset({R.SUCCEEDED, R.FAILED, R.TIMED_OUT, R.CANCELED, R.SKIPPED})
 RUN_FAILED = frozenset({R.FAILED, R.TIMED_OUT, R.CANCELED})
 # A job that ends so keeps its workspace on its agent for a while, for its step retry.

@@ -17,13 +17,11 @@ from django.utils import timezone
 from audit.admin_mixins import AuditedAdmin
 from builds.admin.cancelling import CancelsBuilds
 from builds.models import Build
-from builds.statuses import BuildStatus
+from builds.statuses import BUILD_LIVE, BuildStatus
 from ciproject.admin_mixins import ReadOnlyAdmin
 from ciproject.formatting import human_duration
 from concurrency.models import ConcurrencyGroup, ConcurrencyPolicy
 from concurrency.services import LIVE_RUNNING, group_overview, group_queue, occupying
-
-LIVE = (*LIVE_RUNNING, BuildStatus.QUEUED)
 
 
 class ConcurrencyPolicyForm(forms.ModelForm):
@@ -66,7 +64,7 @@ class ConcurrencyPolicyAdmin(AuditedAdmin, CancelsBuilds, admin.ModelAdmin):
     def get_queryset(self, request):
         # The join only takes live builds (the condition is in its ON clause), so a policy's
         # finished history is never scanned for the counts.
-        live = FilteredRelation("build", condition=Q(build__status__in=LIVE))
+        live = FilteredRelation("build", condition=Q(build__status__in=BUILD_LIVE))
         return (
             super()
             .get_queryset(request)

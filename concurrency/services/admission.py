@@ -10,7 +10,7 @@ from django.db.models import Count, F, Q
 from django.utils import timezone
 
 from builds.models import Build
-from builds.statuses import BuildStatus
+from builds.statuses import BUILD_LIVE, BuildStatus
 from ciproject import metrics
 from concurrency import keys
 from concurrency.errors import PipelineQueueFull
@@ -77,7 +77,9 @@ def admit(build: Build, policy: ConcurrencyPolicy, on_evict) -> str:
     else QUEUED if the queue has room, else the policy's on_queue_full: PipelineQueueFull
     (the caller's transaction then rolls back: nothing is created), or the oldest queued
     build is evicted (`on_evict(build)` ends it). Returns the status."""
-    group = Build.objects.filter(concurrency_group=build.concurrency_group).exclude(pk=build.pk)
+    group = Build.objects.filter(
+        concurrency_group=build.concurrency_group, status__in=BUILD_LIVE
+    ).exclude(pk=build.pk)
     queued = group.filter(status=BuildStatus.QUEUED)
     counts = group.aggregate(
         running=Count("pk", filter=occupying()),
@@ -154,7 +156,7 @@ def group_overview(policy: ConcurrencyPolicy) -> list[dict]:
     """Per group of the policy: running and queued builds (in order, with waiting time)."""
     now = timezone.now()
     groups = []
-    live = Build.objects.filter(policy=policy, status__in=(*LIVE_RUNNING, BuildStatus.QUEUED))
+    live = Build.objects.filter(policy=policy, status__in=BUILD_LIVE)
     for key in (
         live.order_by("concurrency_group").values_list("concurrency_group", flat=True).distinct()
     ):
