@@ -187,28 +187,32 @@ def _earlier_trigger(pipeline_id: int, key: str, fingerprint: str) -> Build | No
     return build
 
 
+# The number's UPDATE joined to the pipeline's policy (its columns as the model has them).
+_POLICY_FIELDS = ConcurrencyPolicy._meta.concrete_fields
+_POLICY_COLUMNS = ", ".join(f"p.{f.column}" for f in _POLICY_FIELDS)
+_POLICY_NAMES = [f.attname for f in _POLICY_FIELDS]
+_NUMBER_AND_POLICY = (
+    "WITH numbered AS (UPDATE builds_pipeline SET last_build_number = last_build_number + 1"
+    " WHERE id = %s RETURNING last_build_number, spec, policy_id)"
+    f" SELECT last_build_number, spec, policy_id, {_POLICY_COLUMNS}"
+    " FROM numbered LEFT JOIN concurrency_concurrencypolicy p ON p.id = policy_id"
+)
+
+
 def _next_build_number(pipeline_id: int) -> tuple[int, dict, ConcurrencyPolicy | None]:
     # The UPDATE row-locks the pipeline until commit, so concurrent triggers are serialized
     # here, and the spec and policy are read in the same statement. The join reads the
     # policy as of the statement's start: a policy made and given to the pipeline while the
     # UPDATE waited for the lock is not in it yet, and is read apart.
-    fields = ConcurrencyPolicy._meta.concrete_fields
-    columns = ", ".join(f"p.{f.column}" for f in fields)
     with connection.cursor() as cursor:
-        cursor.execute(
-            "WITH numbered AS (UPDATE builds_pipeline SET last_build_number = last_build_number"
-            " + 1 WHERE id = %s RETURNING last_build_number, spec, policy_id)"
-            f" SELECT last_build_number, spec, policy_id, {columns}"
-            " FROM numbered LEFT JOIN concurrency_concurrencypolicy p ON p.id = policy_id",
-            [pipeline_id],
-        )
-        number, spec, policy_id, *policy = cursor.fetchone()
+        cursor.execute(_NUMBER_AND_POLICY, [pipeline_id])
+        number, spec, policy_id, *policy_row = cursor.fetchone()
     if policy_id is None:
         policy = None
-    elif policy[0] is None:
+    elif policy_row[0] is None:
         policy = ConcurrencyPolicy.objects.get(pk=policy_id)
     else:
-        policy = ConcurrencyPolicy.from_db(connection.alias, [f.attname for f in fields], policy)
+        policy = ConcurrencyPolicy.from_db(connection.alias, _POLICY_NAMES, policy_row)
     return number, json.loads(spec) if isinstance(spec, str) else spec, policy
 
 
