@@ -37,7 +37,16 @@ def _broker_url() -> str:
 
 
 TEST_BROKER_URL = _broker_url()
+
 AGENTS = {"agent-1": "linux,default", "agent-2": "linux,default,big"}
+
+
+def pytest_configure(config):
+    """The settings of a parallel run's controller set PROMETHEUS_MULTIPROC_DIR (for
+    prometheus_client, at var/metrics); its workers must not inherit it, but each take its
+    own under its VAR_DIR: else one worker's metrics test counts the other's builds."""
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput"):
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 @pytest.fixture(scope="session", autouse=True)
