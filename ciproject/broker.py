@@ -1,4 +1,4 @@
-"""kombu's Redis transport, with one fix (settings use it for redis:// brokers).
+"""kombu's Redis transport, with two fixes (settings use it for redis:// brokers).
 
 When the connection to Redis is lost while tasks run (acks_late: their messages are not yet
 acknowledged), the worker closes the channel, and the channel tries to put those messages
@@ -51,7 +51,36 @@ class QoS(redis.QoS):
 
 
 class Channel(redis.Channel):
+    """Consumes a queue added, and stops consuming one cancelled, at once. kombu polls with
+    one BRPOP over the consumed queues at a time, and one sent before the change waits on the
+    old set for up to brpop_timeout (1 s): an agent freed by its build's lease came back to
+    the shared queues a second late, the most of a build's time in a busy pool. Ending that
+    BRPOP with CLIENT UNBLOCK answers it as a timeout, with no message (Redis pops none from
+    an unblocked client), and kombu sends the next one over the new set."""
+
     QoS = QoS
+
+    def basic_consume(self, queue, *args, **kwargs):
+        tag = super().basic_consume(queue, *args, **kwargs)
+        self._end_brpop()
+        return tag
+
+    def _basic_cancel(self, consumer_tag):  # (basic_cancel defers this past a read)
+        ret = super()._basic_cancel(consumer_tag)
+        self._end_brpop()
+        return ret
+
+    def _end_brpop(self) -> None:
+        blocked = self._in_poll  # the connection a BRPOP is outstanding on, if any
+        # Its id is in the HELLO answer (RESP3, redis-py's default); without it, the wait.
+        client_id = blocked and (blocked.handshake_metadata or {}).get(b"id")
+        if not client_id:
+            return
+        try:
+            with self.conn_or_acquire() as client:  # a pool connection, not the blocked one
+                client.client_unblock(client_id)
+        except self.connection_errors:  # the BRPOP ends by its timeout, as before
+            log.debug("could not end the pending BRPOP early", exc_info=True)
 
 
 class Transport(redis.Transport):
