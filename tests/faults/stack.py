@@ -128,6 +128,10 @@ class RabbitBroker:
     def __init__(self):
         self.vhost = f"ciproject-faults-{os.getpid()}"
         self.url = f"amqp://guest:guest@127.0.0.1:5672/{self.vhost}"
+        # The node may be up with its app still stopped or starting (a restart test before
+        # this one, on a busy machine): add_vhost would refuse ("the 'rabbit' app ... not
+        # running"), as it did once in CI.
+        self.start()
         self._ctl("delete_vhost", self.vhost, check=False)  # a leftover of a killed run
         self._ctl("add_vhost", self.vhost)
         self._ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
