@@ -54,11 +54,12 @@ class Channel(redis.Channel):
     """Consumes a queue added, and stops consuming one cancelled, at once. kombu polls with
     one BRPOP over the consumed queues at a time, and one sent before the change waits on the
     old set for up to brpop_timeout (1 s): an agent freed by its build's lease came back to
-    the shared queues a second late, the most of a build's time in a busy pool. Ending that
+    the shared queues a second late, most of a build's time in a busy pool. Ending that
     BRPOP with CLIENT UNBLOCK answers it as a timeout, with no message (Redis pops none from
     an unblocked client), and kombu sends the next one over the new set."""
 
     QoS = QoS
+    _ended_brpop = None  # when the BRPOP this channel last ended was sent (kombu's stamp)
 
     def basic_consume(self, queue, *args, **kwargs):
         tag = super().basic_consume(queue, *args, **kwargs)
@@ -74,11 +75,13 @@ class Channel(redis.Channel):
         blocked = self._in_poll  # the connection a BRPOP is outstanding on, if any
         # Its id is in the HELLO answer (RESP3, redis-py's default); without it, the wait.
         client_id = blocked and (blocked.handshake_metadata or {}).get(b"id")
-        if not client_id:
+        # Changing several queues at once (an agent's label and retry queues) ends it once.
+        if not client_id or self._ended_brpop == self._brpop_sent_at:
             return
         try:
             with self.conn_or_acquire() as client:  # a pool connection, not the blocked one
                 client.client_unblock(client_id)
+            self._ended_brpop = self._brpop_sent_at
         except self.connection_errors:  # the BRPOP ends by its timeout, as before
             log.debug("could not end the pending BRPOP early", exc_info=True)
 
