@@ -220,7 +220,7 @@ class PipelineViewSet(
     def get_queryset(self):
         if self.action == "list":
             return access.pipelines_for(self.request.user, access.VIEW_PIPELINE)
-        queryset = super().get_queryset()
+        queryset = access.with_team_ids(super().get_queryset())
         return queryset if self.action == "builds" else queryset.prefetch_related("teams")
 
     # What each unsafe action needs (POST builds/: a trigger); reads, what get_object says.

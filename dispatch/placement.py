@@ -6,7 +6,7 @@ from collections import Counter
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -52,15 +52,22 @@ def _keeper_for(job: JobRun) -> str | None:
     return None
 
 
+# One statement for all the jobs placed: the check is the UPDATE's own, so the usual case (an
+# agent has the label) costs no round trip more. (Labels are plain words: %L quotes as repr.)
+_EXPLAIN_WAITS = (
+    "UPDATE builds_jobrun j"
+    " SET reason = format('waiting: no online agent has the label %%L', j.runs_on)"
+    " WHERE j.id = ANY(%s) AND NOT EXISTS (SELECT FROM agents_agent a"
+    "  WHERE a.status = %s AND a.labels @> jsonb_build_array(j.runs_on))"
+)
+
+
 def _explain_waits(jobs: list[JobRun]) -> None:
     """A job whose label no online agent has waits QUEUED, saying so (until an agent comes,
     or JOB_WAIT_TIMEOUT_SECONDS pass)."""
-    for label in {job.runs_on for job in jobs}:
-        if not online_agents_with_label(label):
-            ids = [job.pk for job in jobs if job.runs_on == label]
-            JobRun.objects.filter(pk__in=ids).update(
-                reason=f"waiting: no online agent has the label {label!r}"
-            )
+    if jobs:
+        with connection.cursor() as cursor:
+            cursor.execute(_EXPLAIN_WAITS, [[job.pk for job in jobs], AgentStatus.ONLINE])
 
 
 def online_agents_with_label(label: str) -> bool:

@@ -38,10 +38,12 @@ def runs(tmp_path):
 STACK_FIXTURES = {"postgres", "broker", "stack"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's, which reads the group into the id
 def pytest_collection_modifyitems(items):
     """In a parallel run (`make test`: pytest-xdist, --dist loadgroup) the tests on the fault
     stack run on one worker, one after the other: they share the package's stack (one per
-    worker that ran any), and some stop the machine's RabbitMQ node for everyone."""
+    worker that ran any), and some stop the machine's RabbitMQ node for everyone.
+    (test_grouping.py checks that they do.)"""
     for item in items:
         if STACK_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.xdist_group("fault-stack"))

@@ -11,7 +11,8 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from tests.support import api_token, user_with
+from access.models import Membership, Role, Team
+from tests.support import api_token, make_pipeline, one_step, user_with
 from tokens import services
 from tokens.models import ApiToken
 
@@ -121,3 +122,26 @@ def test_the_user_carries_its_token_for_the_access_rules():
     assert not token.allows("trigger")
     services.revoke_token(token, user)
     assert not token.allows("read")
+
+
+def test_a_tokens_user_is_decided_by_the_memberships_read_with_it():
+    """The token's statement brings its owner's memberships, and the pipeline is read with
+    its teams: the role is decided without a query of its own, and a role changed between two
+    requests holds on the second."""
+    pipeline = make_pipeline("roles", one_step("true"))
+    team = Team.objects.create(name="roles")
+    team.pipelines.add(pipeline)
+    owner = User.objects.create_user("dev")
+    membership = Membership.objects.create(team=team, user=owner, role=Role.DEVELOPER)
+    client = client_with(api_token(owner))
+    path = f"/api/pipelines/{pipeline.pk}/builds/"
+    with CaptureQueriesContext(connection) as queries:
+        assert client.post(path, {}, format="json").status_code == 201
+    asked = [q["sql"] for q in queries if "access_membership" in q["sql"]]
+    assert len(asked) == 1, asked
+    assert "FROM tokens_apitoken" in asked[0]
+    Membership.objects.filter(pk=membership.pk).update(role=Role.VIEWER)
+    refused = client.post(path, {}, format="json")
+    assert refused.status_code == 403, refused.content
+    membership.delete()
+    assert client.post(path, {}, format="json").status_code == 404  # sees it no more
