@@ -39,6 +39,8 @@ SECRETS_WAIT_SECONDS = 30
 SECRETS_POLL_SECONDS = 0.02
 SECRETS_ASK_AGAIN_SECONDS = 1
 
+WAITING = (RunStatus.PENDING, RunStatus.QUEUED)  # a step's statuses before it starts
+
 
 def persist(write, *args):
     """Run a database write, retrying while PostgreSQL is unreachable (a restart, a failover)
@@ -206,7 +208,7 @@ class JobExecution:
                 self.deadline_cause = f"its cleanup-timeout of {job.cleanup_timeout} s ran out"
         # What the job's steps see: the build's variables when the job starts, plus what its
         # own steps set. Never what a parallel job happens to have set meanwhile.
-        self.variables = services.build_variables(job.build_id)
+        self.variables = services.build_variables(job.build)
         # The secrets it names, in its steps' environment only, masked in their logs; and
         # the attempt's token for web (its artifacts), both sealed to this agent process.
         self.opener, self.secrets, self.masker, self.token = agent.opener, {}, Masker(), ""
@@ -240,6 +242,9 @@ class JobExecution:
     def _run(self) -> tuple[str, str]:
         # Never run a step in a workspace that silently lacks what it should hold.
         fresh = False  # a workspace of its own, from nothing: the cache's to fill
+        # Read once: whether a step is kept from an earlier attempt, and which are left to
+        # run. What changes them meanwhile (a cancel) also makes their start refused.
+        steps = list(self.job.steps.all())
         if self.job.reuse_of:
             if not workspaces.claim(self.workspace):  # gone with the build's lease
                 return RunStatus.FAILED, (
@@ -247,13 +252,14 @@ class JobExecution:
                     " kept on its agent for AGENT_KEEP_FAILED_WORKSPACE_SECONDS): a failed-only"
                     " build retry runs that job again"
                 )
-        elif self.fresh_start():  # a first run or a full job retry: a clean workspace
+        elif all(step.status in WAITING for step in steps):
+            # A first run or a full job retry: a clean workspace.
             fresh = True
             workspaces.remove(self.workspace)  # (what a failed attempt left here is not wanted)
         elif not workspaces.claim(self.workspace):  # a step retry, its workspace gone
             if not persist(services.rerun_from_first_step, self.job, RERUN_NOTE):
                 return RunStatus.CANCELED, "stopped: the build is no longer running"
-            fresh = True
+            fresh, steps = True, list(self.job.steps.all())  # each to run again
         workspaces.make(self.workspace, self.step_user)
         takes = artifacts.takes_artifacts(self.job)
         checks_out = fresh and self.checkout_spec is not None
@@ -270,7 +276,7 @@ class JobExecution:
         if fresh and self.cache_spec:
             self.restore_cache()
         failure = None  # the first failed step's ending: the job's
-        for step in self.job.steps.filter(status__in=(RunStatus.PENDING, RunStatus.QUEUED)):
+        for step in (step for step in steps if step.status in WAITING):
             step.job = self.job
             if self.stop.is_set():
                 return self.clean_up(failed=failure is not None)
@@ -492,10 +498,6 @@ class JobExecution:
             workspaces.keep(self.workspace, settings.AGENT_KEEP_FAILED_WORKSPACE_SECONDS)
         else:
             workspaces.remove(self.workspace)
-
-    def fresh_start(self) -> bool:
-        """No step of this job is kept from an earlier attempt (not a step retry)."""
-        return not self.job.steps.exclude(status__in=(RunStatus.PENDING, RunStatus.QUEUED)).exists()
 
     def run_step(self, step: StepRun) -> str | None:
         """Run a step, retrying it automatically up to its `retry` count. Returns the status

@@ -375,26 +375,24 @@ def lease_workspaces_wanted(build_id: int, agent: str) -> bool:
     )
 
 
-def build_variables(build_id: int) -> dict[str, str]:
-    """The build's variables. Raises BuildVariablesMissing when its partition is gone: a
-    job never runs with its variables silently missing."""
+def build_variables(build: Build | int) -> dict[str, str]:
+    """The build's variables (of a Build as read, or of an id). Raises BuildVariablesMissing
+    when its partition is gone: a job never runs with its variables silently missing."""
+    if not isinstance(build, Build):
+        build = Build.objects.only("number", "created_at").get(pk=build)
     # Filtered by the partition key too, so PostgreSQL reads one partition only.
-    created_at = Build.objects.filter(pk=build_id).values("created_at")[:1]
     variables = dict(
-        BuildVariable.objects.filter(build_created_at=created_at, build_id=build_id)
+        BuildVariable.objects.filter(build_created_at=build.created_at, build_id=build.pk)
         .order_by("name")
         .values_list("name", "value")
     )
-    if variables:  # the usual case: one query
-        return variables
     # No row may mean no variable, or no partition: only then is the catalog asked.
-    build = Build.objects.only("number", "created_at").get(pk=build_id)
-    if not partitions.partition_exists_for(build.created_at):
-        raise BuildVariablesMissing(
-            f"the variables of build #{build.number} are gone: the partition holding builds"
-            f" created on {build.created_at:%Y-%m-%d} was purged (VARIABLE_RETENTION_DAYS)"
-        )
-    return variables
+    if variables or partitions.partition_exists_for(build.created_at):
+        return variables
+    raise BuildVariablesMissing(
+        f"the variables of build #{build.number} are gone: the partition holding builds"
+        f" created on {build.created_at:%Y-%m-%d} was purged (VARIABLE_RETENTION_DAYS)"
+    )
 
 
 def end_untracked_jobs(agent: str, tracked: set[tuple[int, int]], started_before) -> list[int]:

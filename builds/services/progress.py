@@ -134,7 +134,7 @@ def _matrix_rules(spec: dict) -> dict[str, dag.MatrixRule]:
 def _variables(build: Build) -> dict[str, str]:
     """The build's variables as they are now, for its jobs' conditions."""
     try:
-        return build_variables(build.pk)
+        return build_variables(build)
     except BuildVariablesMissing as exc:
         raise dag.VariablesUnavailable(exc.detail) from None
 
