@@ -27,6 +27,7 @@ INVALID = "Invalid token."
 
 User = get_user_model()
 _TOKEN_FIELDS, _USER_FIELDS = ApiToken._meta.concrete_fields, User._meta.concrete_fields
+_TOKEN_NAMES, _USER_NAMES = [f.attname for f in _TOKEN_FIELDS], [f.attname for f in _USER_FIELDS]
 _LIMITED = ApiToken.pipelines.through._meta.db_table
 # Every request asks it, so it is built once: the candidates by their readable prefix, each
 # with its owner, its pipelines and its owner's memberships (what access.rules asks).
@@ -49,12 +50,8 @@ def _candidates(prefix: str):
         rows = cursor.fetchall()
     split = len(_TOKEN_FIELDS)
     for *values, pipelines, memberships in rows:
-        token = ApiToken.from_db(
-            connection.alias, [f.attname for f in _TOKEN_FIELDS], values[:split]
-        )
-        token.user = User.from_db(
-            connection.alias, [f.attname for f in _USER_FIELDS], values[split:]
-        )
+        token = ApiToken.from_db(connection.alias, _TOKEN_NAMES, values[:split])
+        token.user = User.from_db(connection.alias, _USER_NAMES, values[split:])
         yield token, pipelines, dict(memberships)
 
 
